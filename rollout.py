@@ -1,0 +1,322 @@
+"""Batched sampling with a KV cache, written by hand: the engine behind every training sample.
+
+GRPO and BuPO (arXiv 2512.19673, Sec. 3) spend most of their time sampling groups of
+responses. This file does it without `model.generate`: a left-padded prefill that
+unembeds only the last position, then one token per step against a cache allocated
+once, attending only over its filled part; finished sequences are dropped from the
+batch (compaction) so they stop costing compute. The decoder layers' own modules
+(projections, norms, rotary embedding, MLP) do the math; only the loop is ours.
+Sampling follows verl/vLLM: the returned log-prob of a token is under the distribution
+it was sampled from after temperature and before top-k/top-p truncation.
+
+    python rollout.py --bench [--model M]     # ours vs HF generate, same weights and prompts
+"""
+import argparse
+import copy
+import inspect
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from decompose import is_sandwich, load_model, unembed
+
+
+@dataclass
+class Rollout:
+    tokens: torch.Tensor    # (B, N) sampled ids, pad_token_id after the end
+    logprobs: torch.Tensor  # (B, N) log-prob of each token under the sampling distribution, 0 after the end
+    lengths: torch.Tensor   # (B,) tokens generated, the EOS token included
+    finished: torch.Tensor  # (B,) True where EOS was hit
+
+
+def chat_prompts(tokenizer, problems):
+    """Token ids of each problem's chat messages plus the assistant generation prompt (paper's format)."""
+    return [tokenizer.apply_chat_template(list(p["messages"]), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            for p in problems]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Mask to -inf all but the top_k logits, then all outside the smallest set of mass >= top_p."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass strictly before this token already reaches top_p
+        drop[..., 0] = False
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def sample(logits, temperature, top_k, top_p, generator):
+    """Next tokens (B,) and their log-probs (B,) under softmax(logits / temperature)."""
+    logits = logits.float()
+    if temperature == 0:  # greedy; log-probs reported at temperature 1
+        tok = logits.argmax(-1)
+        return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+    logp = (logits / temperature).log_softmax(-1)  # (B, V)
+    probs = filter_logits(logp, top_k, top_p).softmax(-1) if top_k or top_p < 1 else logp.exp()
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # (B, 1)
+    tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)  # inverse CDF: zero-mass tokens never hit
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+# ----------------------------------------------------------------------------- the forward pass
+
+def _rope(model, x, pos):
+    """cos/sin per layer type (Gemma 3 has local and global rotary bases), each (B, T, hd)."""
+    rot, types = model.model.rotary_emb, getattr(model.config, "layer_types", None)
+    if types and "layer_type" in inspect.signature(rot.forward).parameters:
+        return {t: rot(x, pos, t) for t in set(types)}
+    cs = rot(x, pos)
+    return {t: cs for t in set(types or ["full_attention"])}
+
+
+def _attend(layer, h, cos_sin, kv, start, key_ok):
+    """Self-attention of h (B, T, D) at cache slots start..start+T-1, writing its K/V into kv."""
+    a = layer.self_attn
+    B, T, _ = h.shape
+    q = a.q_proj(h).view(B, T, -1, a.head_dim).transpose(1, 2)  # (B, H, T, hd)
+    k = a.k_proj(h).view(B, T, -1, a.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+    v = a.v_proj(h).view(B, T, -1, a.head_dim).transpose(1, 2)
+    if hasattr(a, "q_norm"):  # Qwen3, Gemma3
+        q, k = a.q_norm(q), a.k_norm(k)
+    cos, sin = cos_sin
+    q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    K, V = kv
+    K[:B, :, start:start + T] = k
+    V[:B, :, start:start + T] = v
+    end = start + T
+    mask = key_ok[:, None, :, :end]  # (B, 1, T, S_filled)
+    window = getattr(a, "sliding_window", None)
+    if window:  # cache slots and positions differ by a per-row constant, so the window is on slots
+        q_slot = torch.arange(start, end, device=h.device)[:, None]
+        mask = mask & (torch.arange(end, device=h.device)[None, :] > q_slot - window)
+    o = _gqa_attention(q, K[:B, :, :end], V[:B, :, :end], mask, a.scaling)  # (B, H, T, hd)
+    return a.o_proj(o.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+def _gqa_attention(q, K, V, mask, scale):
+    """softmax(q K^T * scale + mask) V with each K/V head shared by a group of query heads.
+
+    Written out because the fused CPU kernel copies the strided cache views; here the
+    group is folded into the query length, so K and V are read in place.
+    """
+    B, H, T, hd = q.shape
+    Hkv = K.shape[1]
+    qg = q.reshape(B, Hkv, (H // Hkv) * T, hd)  # (B, Hkv, g*T, hd): heads of a group share K, V
+    s = (qg @ K.transpose(-1, -2)) * scale  # (B, Hkv, g*T, S)
+    s = s.view(B, Hkv, H // Hkv, T, -1).masked_fill(~mask[:, :, None], float("-inf"))  # mask: (B, 1, T, S)
+    p = s.float().softmax(-1).to(q.dtype).view(B, Hkv, (H // Hkv) * T, -1)
+    return (p @ V).view(B, H, T, hd)
+
+
+def _apply_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]  # cos: (B, T, hd) -> (B, 1, T, hd)
+
+
+def forward(model, ids, pos, cache, start, key_ok):
+    """Run the decoder on ids (B, T) at cache slots start.., return the last position's logits (B, V)."""
+    x = model.model.embed_tokens(ids)  # (B, T, D), Gemma's scaling included
+    rope = _rope(model, x, pos)
+    types = getattr(model.config, "layer_types", None)
+    for l, layer in enumerate(model.model.layers):
+        cs = rope[types[l] if types else "full_attention"]
+        a = _attend(layer, layer.input_layernorm(x), cs, cache[l], start, key_ok)
+        if is_sandwich(layer):
+            x = x + layer.post_attention_layernorm(a)
+            x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+        else:
+            x = x + a
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return unembed(model, x[:, -1], final_norm=True)  # logits only where we sample
+
+
+# ----------------------------------------------------------------------------- generate
+
+def check_args(model, prompts, max_new_tokens, temperature, top_p, top_k):
+    if not prompts:
+        raise ValueError("prompts is empty: pass a list of token-id lists")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError(f"prompt {[len(p) for p in prompts].index(0)} is empty: every prompt needs at least one token")
+    n_ctx = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts)
+    if n_ctx and longest + max_new_tokens > n_ctx:
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"context of {n_ctx}; shorten the prompt or lower max_new_tokens")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if getattr(model.config, "attn_logit_softcapping", None):
+        raise NotImplementedError("attention logit soft-capping (Gemma 2) is not supported by rollout.py")
+
+
+def _left_pad(prompts, pad_token_id, device):
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_token_id, dtype=torch.long)
+    ok = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        ok[i, P - len(p):] = True
+    return ids.to(device), ok.to(device)  # (B, P) each
+
+
+@torch.no_grad()
+def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+             eos_token_id=None, pad_token_id=0, seed=None, dtype=None):
+    """Sample a response for each prompt (a list of token-id lists of any lengths).
+
+    dtype: cast a copy of the weights for sampling (e.g. torch.bfloat16) while the
+    caller keeps training in float32; None samples with the model as it is.
+    Returns a Rollout with tensors on the model's device.
+    """
+    check_args(model, prompts, max_new_tokens, temperature, top_p, top_k)
+    if dtype is not None and dtype != model.dtype:
+        model = copy.deepcopy(model).to(dtype)
+    dev, B, N = model.device, len(prompts), max_new_tokens
+    eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
+    gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
+
+    # 1. prefill: left-padded prompts, positions counted from each row's first real token
+    ids, ok = _left_pad(prompts, pad_token_id, dev)  # (B, P)
+    P, S = ids.shape[1], ids.shape[1] + N
+    key_ok = torch.ones(B, S, dtype=torch.bool, device=dev)
+    key_ok[:, :P] = ok
+    pos = (ok.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    a = model.model.layers[0].self_attn
+    kv_shape = (B, model.config.num_key_value_heads, S, a.head_dim)
+    cache = [(torch.empty(kv_shape, dtype=model.dtype, device=dev), torch.empty(kv_shape, dtype=model.dtype, device=dev))
+             for _ in model.model.layers]
+    causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+    prefill_ok = (key_ok[:, None, :P] & causal) | torch.eye(P, dtype=torch.bool, device=dev)  # pad rows see themselves: no NaN
+    logits = forward(model, ids, pos, cache, 0, prefill_ok)  # (B, V)
+
+    # 2. decode: one token per step; rows[i] is the original index of active row i
+    tokens = torch.full((B, N), pad_token_id, dtype=torch.long, device=dev)
+    logprobs = torch.zeros(B, N, device=dev)
+    lengths = torch.full((B,), N, dtype=torch.long, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    rows, alive, next_pos = torch.arange(B, device=dev), torch.ones(B, dtype=torch.bool, device=dev), pos[:, -1] + 1
+    for t in range(N):
+        tok, lp = sample(logits, temperature, top_k, top_p, gen)  # (n,), (n,)
+        tokens[rows[alive], t], logprobs[rows[alive], t] = tok[alive], lp[alive]
+        done = alive & torch.isin(tok, eos)
+        finished[rows[done]], lengths[rows[done]] = True, t + 1
+        alive = alive & ~done
+        n_alive = int(alive.sum())  # the one host sync per step
+        if n_alive == 0 or t == N - 1:
+            break
+        if (len(rows) - n_alive) * 8 >= len(rows):  # compact: drop finished rows once they are 1/8 of the batch
+            keep = alive.nonzero()[:, 0]
+            for K, V in cache:
+                K[:n_alive, :, :P + t] = K[keep, :, :P + t]
+                V[:n_alive, :, :P + t] = V[keep, :, :P + t]
+            rows, tok, next_pos, key_ok = rows[keep], tok[keep], next_pos[keep], key_ok[keep]
+            alive = torch.ones(n_alive, dtype=torch.bool, device=dev)
+        logits = forward(model, tok[:, None], next_pos[:, None], cache, P + t, key_ok[:, None, :])
+        next_pos = next_pos + 1
+    return Rollout(tokens, logprobs, lengths, finished)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def _time(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def bench_fixed(model, batch, new_tokens, dtype):
+    """Fixed-length decode (EOS ignored by both): tokens/s of HF generate and of ours."""
+    torch.manual_seed(0)
+    prompts = [torch.randint(100, 1000, (32,)).tolist() for _ in range(batch)]
+    ids = torch.tensor(prompts, device=model.device)
+    hf_kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    _, t_hf = _time(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **hf_kw))
+    _, t_us = _time(lambda: generate(model, prompts, max_new_tokens=new_tokens, seed=0))
+    n = batch * new_tokens
+    return n / t_hf, n / t_us
+
+
+def bench_grpo(model, tok, n_prompts=16, group=8, new_tokens=256):
+    """The GRPO workload: math prompts x group samples, T=1, stop at EOS; count tokens up to each EOS."""
+    from evaluate import load_problems
+    problems = load_problems("math500")[:n_prompts]
+    prompts = [p for p in chat_prompts(tok, problems) for _ in range(group)]
+    eos = tok.eos_token_id
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in prompts], device=model.device)
+    mask = (torch.arange(P)[None, :] >= torch.tensor([P - len(p) for p in prompts])[:, None]).long().to(model.device)
+    torch.manual_seed(0)
+    out, t_hf = _time(lambda: model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                             max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id))
+    new = out[:, P:]
+    is_eos = (new == eos)
+    n_hf = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], new.shape[1], dtype=torch.long)).sum().item()
+    r, t_us = _time(lambda: generate(model, prompts, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id, seed=0))
+    return n_hf / t_hf, r.lengths.sum().item() / t_us
+
+
+def bench(args):
+    model, tok = load_model(args.model)
+    torch.set_grad_enabled(False)
+    print(f"device {model.device}, dtype {model.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{'case':<34}{'HF tok/s':>10}{'ours tok/s':>12}{'ratio':>8}")
+    for batch in args.batches:
+        hf, us = bench_fixed(model, batch, args.new_tokens, model.dtype)
+        print(f"{f'fixed length, batch {batch}, {args.new_tokens} new':<34}{hf:>10.1f}{us:>12.1f}{us / hf:>7.2f}x", flush=True)
+    hf, us = bench_grpo(model, tok)
+    print(f"{'GRPO workload, 16x8, <=256, EOS':<34}{hf:>10.1f}{us:>12.1f}{us / hf:>7.2f}x", flush=True)
+    bf = copy.deepcopy(model).to(torch.bfloat16)
+    hf, us = bench_fixed(bf, args.batches[-1], args.new_tokens, torch.bfloat16)
+    print(f"{f'bf16 both, batch {args.batches[-1]}':<34}{hf:>10.1f}{us:>12.1f}{us / hf:>7.2f}x", flush=True)
+    print_bf16_drift(model, tok)
+
+
+def print_bf16_drift(model, tok):
+    """How far bf16 rollout log-probs drift from the float32 policy's on the same sampled tokens."""
+    from evaluate import load_problems
+    prompts = chat_prompts(tok, load_problems("math500")[:8])
+    r = generate(model, prompts, max_new_tokens=64, seed=0, dtype=torch.bfloat16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    diffs = []
+    for i, p in enumerate(prompts):
+        resp = r.tokens[i, :r.lengths[i]]
+        ids = torch.tensor(p + resp.tolist())[None]
+        lp = model(ids).logits[0, len(p) - 1:-1].float().log_softmax(-1).gather(-1, resp[:, None])[:, 0]
+        diffs.append((lp - r.logprobs[i, :r.lengths[i]]).abs())
+    d = torch.cat(diffs)
+    print(f"bf16 rollout log-probs vs float32 policy on {len(d)} tokens: mean |diff| {d.mean():.4f}, max {d.max():.4f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description="Batched KV-cache sampling; --bench compares with HF generate.")
+    p.add_argument("--bench", action="store_true", help="run the benchmark against HF generate")
+    p.add_argument("--model", default=None, help="HF checkpoint dir or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64], help="batch sizes of the fixed-length case")
+    p.add_argument("--new-tokens", type=int, default=128, help="new tokens in the fixed-length case")
+    p.add_argument("--prompt", default="What is 12 + 7?", help="without --bench: a user turn to answer")
+    args = p.parse_args()
+    if args.bench:
+        return bench(args)
+    model, tok = load_model(args.model)
+    prompts = chat_prompts(tok, [{"messages": [{"role": "user", "content": args.prompt}]}])
+    r = generate(model, prompts, max_new_tokens=128, temperature=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    print(tok.decode(r.tokens[0, :r.lengths[0]], skip_special_tokens=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

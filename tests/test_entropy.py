@@ -1,0 +1,98 @@
+"""entropy.py: analytic entropies, the streamed analysis against a direct one, the EIC rule."""
+import math
+
+import pytest
+import torch
+
+import entropy as E
+from conftest import tiny_model
+from decompose import decompose, unembed
+
+
+def test_entropy_analytic():
+    V = 1000
+    assert E.entropy(torch.zeros(V)).item() == pytest.approx(math.log(V), rel=1e-6)
+    one_hot = torch.full((V,), float("-inf"))
+    one_hot[3] = 0.0
+    assert E.entropy(one_hot).item() == 0.0
+    two = torch.tensor([0.0, 0.0, float("-inf"), float("-inf")])
+    assert E.entropy(two).item() == pytest.approx(math.log(2))
+    bf = torch.randn(4, 50).to(torch.bfloat16)
+    h = E.entropy(bf)
+    assert h.dtype == torch.float32 and torch.isfinite(h).all()
+    torch.testing.assert_close(h, E.entropy(bf.float()))
+    assert torch.isfinite(E.entropy(torch.tensor([[1e4, -1e4, float("-inf")]]))).all()
+
+
+def direct(model, ids, resp, mask, final_norm):
+    """Unstreamed reference: decompose, unembed every quantity in full, average over response positions."""
+    L = model.config.num_hidden_layers
+    pos = torch.zeros_like(resp, dtype=torch.bool)
+    pos[:, :-1] = resp[:, 1:].bool()
+    H = lambda x, fn=final_norm: E.entropy(unembed(model, x, fn))[pos].mean().item()
+    d = decompose(model, ids, mask)
+    store = {"attn_in": [], "ffn_in": []}
+    hooks = [layer.input_layernorm.register_forward_hook(lambda m, a, o: store["attn_in"].append(o)) for layer in model.model.layers]
+    hooks += [layer.mlp.register_forward_pre_hook(lambda m, a: store["ffn_in"].append(a[0])) for layer in model.model.layers]
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    return {"layer": [H(d.hidden(l), final_norm or l == L) for l in range(L + 1)],
+            "attn_in": [H(x) for x in store["attn_in"]], "attn_out": [H(x) for x in d.attn],
+            "ffn_in": [H(x) for x in store["ffn_in"]], "ffn_out": [H(x) for x in d.ffn]}
+
+
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_streamed_equals_direct(arch, final_norm, monkeypatch):
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 97, (3, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 12:] = 0  # right padding
+    resp = torch.zeros_like(ids)
+    resp[:, 9:] = 1
+    resp[2, 12:] = 0
+    calls = []
+    real = E.unembed
+    monkeypatch.setattr(E, "unembed", lambda m, x, fn: calls.append(x.shape[0]) or real(m, x, fn))
+    monkeypatch.setattr(E, "CHUNK_ELEMENTS", 4 * 97)  # 4 rows of logits at a time
+    got = E.internal_entropy(model, ids, resp, final_norm=final_norm, attention_mask=mask)
+    want = direct(model, ids, resp, mask, final_norm)
+    for k, v in want.items():
+        torch.testing.assert_close(torch.tensor(got[k]), torch.tensor(v), atol=1e-5, rtol=1e-5)
+    assert got["dH_ffn"] == [o - i for o, i in zip(got["ffn_out"], got["ffn_in"])]
+    assert max(calls) <= 4  # streamed: never more than one chunk of logits at once
+
+
+def test_response_mask_is_respected():
+    """Only positions predicting a response token count: changing a token never read by them changes nothing."""
+    model = tiny_model("qwen3")
+    ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(1))
+    last = torch.zeros_like(ids)
+    last[:, 11:] = 1  # scores position 10 only, the policy that produced token 11
+    x = E.internal_entropy(model, ids, last)
+    y = E.internal_entropy(model, torch.cat([ids[:, :11], (ids[:, 11:] + 5) % 97], 1), last)
+    for k in x:
+        torch.testing.assert_close(torch.tensor(x[k]), torch.tensor(y[k]))
+    wider = torch.zeros_like(ids)
+    wider[:, 8:] = 1
+    assert E.internal_entropy(model, ids, wider)["layer"] != x["layer"]
+
+
+def test_bad_masks():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 97, (1, 6))
+    with pytest.raises(ValueError, match="response_mask shape"):
+        E.internal_entropy(model, ids, torch.ones(1, 5))
+    with pytest.raises(ValueError, match="no token"):
+        E.internal_entropy(model, ids, torch.zeros(1, 6))
+
+
+def test_eic_stages_rule():
+    s = E.eic_stages([0.5, 0.4, 0.02, -0.01, 0.03, -0.6, -0.8])
+    assert s == {"exploration": [0, 1], "integration": [2, 4], "convergence": [5, 6], "suggested_layer": 1}
+    s = E.eic_stages([0.01, 0.02, -0.01, -2.0, -3.0])  # Llama-like: flat, then abrupt convergence
+    assert s["exploration"] is None and s["convergence"] == [3, 4] and s["suggested_layer"] == 0
+    s = E.eic_stages([1.0, 1.0, 1.0, 1.0])  # all exploring: k stays an internal layer
+    assert s["exploration"] == [0, 3] and s["suggested_layer"] == 2

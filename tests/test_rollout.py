@@ -1,0 +1,118 @@
+"""rollout.generate against Hugging Face generate and a teacher-forced forward pass."""
+import pytest
+import torch
+
+from conftest import tiny_model
+from rollout import filter_logits, generate, sample
+
+PROMPT_LENGTHS = (5, 9, 3, 12, 7)
+
+
+def prompts_for(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 97, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def hf_greedy(model, prompt, n, eos=None):
+    ids = torch.tensor([prompt])
+    kw = dict(eos_token_id=eos) if eos is not None else dict(min_new_tokens=n, eos_token_id=None)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, pad_token_id=0, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3_text"])
+def test_greedy_matches_hf_generate_one_by_one(arch):
+    model, prompts = tiny_model(arch), prompts_for()
+    r = generate(model, prompts, max_new_tokens=12, temperature=0)
+    for i, p in enumerate(prompts):  # gemma3: prompt + response spans its sliding window of 6
+        assert r.tokens[i].tolist() == hf_greedy(model, p, 12)
+    assert r.lengths.tolist() == [12] * len(prompts) and not r.finished.any()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 0.9)])
+def test_logprobs_equal_teacher_forcing(arch, temperature, top_k, top_p):
+    model, prompts = tiny_model(arch), prompts_for()
+    r = generate(model, prompts, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, seed=3, eos_token_id=[5, 6, 7, 8])
+    for i, p in enumerate(prompts):
+        n = r.lengths[i].item()
+        resp = r.tokens[i, :n]
+        logits = model(torch.tensor([p + resp.tolist()])).logits[0, len(p) - 1:-1] / temperature  # (n, V)
+        want = logits.log_softmax(-1).gather(-1, resp[:, None])[:, 0]
+        torch.testing.assert_close(r.logprobs[i, :n], want, atol=1e-4, rtol=0)
+        assert (r.logprobs[i, n:] == 0).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_eos_lengths_padding_and_compaction(arch):
+    """Greedy with several EOS ids: rows end at different steps, the batch is compacted; each row equals HF's."""
+    model, prompts = tiny_model(arch), prompts_for(2) * 3  # 15 rows
+    first = [hf_greedy(model, p, 20) for p in prompts]
+    never = set(first[2])  # rows of prompt 2 must run to the end
+    eos = sorted(({first[0][2], first[1][5], first[3][9], first[4][14]} - never) or {96})  # rows end at different steps
+    r = generate(model, prompts, max_new_tokens=20, temperature=0, eos_token_id=eos, pad_token_id=0)
+    assert r.finished.any() and not r.finished.all() and len(set(r.lengths.tolist())) > 2
+    for i, p in enumerate(prompts):
+        want = hf_greedy(model, p, 20, eos=eos)
+        n = r.lengths[i].item()
+        assert r.tokens[i, :n].tolist() == want[:n]
+        assert (r.tokens[i, n:] == 0).all()
+        assert r.finished[i].item() == (r.tokens[i, n - 1].item() in eos)
+        assert not any(t in eos for t in r.tokens[i, :n - 1].tolist())
+
+
+def test_seed_reproducible():
+    model, prompts = tiny_model("qwen3"), prompts_for()
+    a = generate(model, prompts, max_new_tokens=16, seed=7)
+    b = generate(model, prompts, max_new_tokens=16, seed=7)
+    c = generate(model, prompts, max_new_tokens=16, seed=8)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_top_k_top_p_keep_exactly_the_right_tokens():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True, True]]
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])  # sorted: 0.5, 0.3, 0.15, 0.05
+    keep = lambda p: (~torch.isinf(filter_logits(probs.log(), top_p=p))).tolist()[0]
+    assert keep(0.4) == [False, True, False, False]
+    assert keep(0.75) == [False, True, False, True]
+    assert keep(0.85) == [False, True, True, True]
+    assert keep(1.0) == [True, True, True, True]
+    assert (~torch.isinf(filter_logits(probs.log(), top_k=3, top_p=0.75))).tolist()[0] == [False, True, False, True]
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -30.0]]).repeat(20000, 1)
+    tok, lp = sample(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tok, minlength=4).float() / len(tok)
+    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.015, rtol=0)
+    assert (tok != 3).all()
+    tok, _ = sample(logits[:100], 1.0, 2, 1.0, torch.Generator().manual_seed(0))
+    assert set(tok.tolist()) <= {1, 2}
+
+
+def test_bad_inputs():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, [], max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[5], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="context"):
+        generate(model, [[5] * 250], max_new_tokens=10)  # context is 256
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, [[5]], max_new_tokens=4, temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[5]], max_new_tokens=4, top_p=0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[5]], max_new_tokens=4, top_p=1.5)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, [[5]], max_new_tokens=4, top_k=-1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [[5]], max_new_tokens=0)
+
+
+def test_bf16_rollout_copy_keeps_the_model():
+    model, prompts = tiny_model("qwen3"), prompts_for()
+    r = generate(model, prompts, max_new_tokens=6, seed=0, dtype=torch.bfloat16)
+    assert model.dtype == torch.float32 and r.tokens.shape == (len(prompts), 6)
