@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from decompose import capture, check_inputs, load_model, unembed
 
-CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB of float32
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MB of float32, below glibc's mmap threshold, so buffers are reused
 KEYS = {"attn_in": "attn_in", "attn": "attn_out", "ffn_in": "ffn_in", "ffn": "ffn_out"}
 
 

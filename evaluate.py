@@ -47,19 +47,24 @@ def load_problems(name_or_path):
              "source": source or row.get("data_source") or "data", "id": i} for i, row in enumerate(ds)]
 
 
-def arithmetic_problems(n, seed=0, low=1, high=20, ops="+"):
+def arithmetic_problems(n, seed=0, low=1, high=20, ops="+", split=None):
     """n two-operand arithmetic questions with exact integer answers, in load_problems' format.
 
     The default CPU task: easy enough that the 135M default model solves some and can
     improve within minutes. Measured on SmolLM2-135M-Instruct at temperature 1.0: it
     almost never writes \\boxed{} (reward ~0 under the strict rule, no signal to learn
     from) but its last number is right ~15% of the time; so these problems are graded
-    with the last-number fallback of math_reward ("last_number": True).
+    with the last-number fallback of math_reward ("last_number": True). split="train" or
+    "test" keeps only the operand pairs of that side of a fixed 80/20 split, so a
+    held-out set never repeats a training question.
     """
     rng = random.Random(seed)
     problems = []
-    for i in range(n):
+    while len(problems) < n:
         a, b, op = rng.randint(low, high), rng.randint(low, high), rng.choice(ops)
+        if split is not None and ((a * 7 + b) % 5 == 0) != (split == "test"):
+            continue
+        i = len(problems)
         answer = a + b if op == "+" else a - b if op == "-" else a * b
         user = f"What is {a} {op} {b}? Put the final answer within \\boxed{{}}."
         problems.append({"messages": [{"role": "user", "content": user}], "answer": str(answer),

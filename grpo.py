@@ -1,0 +1,515 @@
+"""GRPO: group-relative advantages, the clipped policy loss and the training loop.
+
+The baseline of BuPO (Tan et al., arXiv 2512.19673, Sec. 3) and the trainer that bupo.py
+extends. GRPO (Shao et al. 2024, DeepSeekMath) samples a group of responses per prompt,
+scores them, and uses the group-normalized reward as every token's advantage in a PPO
+clipped objective. The loss is verl's vanilla policy loss: asymmetric clipping, the dual
+clip (Ye et al. 2020) for negative advantages, and token-mean aggregation over the whole
+mini-batch. The policy whose log-probs are optimized is a parameter of the update, so
+bupo.py can swap in an internal layer policy without copying the loop.
+
+    python grpo.py                        # CPU preset: default model, arithmetic task, ~10 min
+    python grpo.py --preset paper --model Qwen/Qwen3-4B --task deepmath   # the paper's setting
+"""
+import argparse
+import copy
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from decompose import load_model, unembed
+from evaluate import arithmetic_problems, evaluate, load_problems, problem_reward
+from rollout import chat_prompts, generate
+
+LOGIT_CHUNK_ELEMENTS = 1 << 22  # logits materialized at once when computing token log-probs (16 MB fp32)
+
+
+# ----------------------------------------------------------------------------- the math
+
+def group_advantages(rewards, group_size, eps=1e-6, scale=True):
+    """(r - mean_group) / (std_group + eps), unbiased std as verl; scale=False gives r - mean (Dr. GRPO).
+
+    rewards: (N,) with the group_size samples of each prompt adjacent. A group of equal
+    rewards gets advantage 0. A group of one sample has no baseline: advantage 0.
+    """
+    r = rewards.float().view(-1, group_size)  # (prompts, G)
+    centered = r - r.mean(1, keepdim=True)
+    if scale and group_size > 1:
+        centered = centered / (r.std(1, keepdim=True) + eps)
+    return centered.view(-1) if group_size > 1 else torch.zeros_like(rewards, dtype=torch.float)
+
+
+def aggregate(loss, mask, agg="token-mean", n_seqs=None, n_tokens=None, max_len=None):
+    """Reduce per-token losses (B, T) with mask (B, T) as verl's agg_loss.
+
+    token-mean: sum / tokens; seq-mean-token-mean: mean over sequences of each one's token
+    mean; seq-mean-token-sum: mean over sequences of token sums; seq-mean-token-sum-norm
+    (Dr. GRPO): token sum / max_len. n_seqs / n_tokens override the denominators so that
+    micro-batches add up to the mini-batch's value (gradient accumulation).
+    """
+    mask = mask.to(loss.dtype)
+    if agg == "token-mean":
+        return (loss * mask).sum() / (n_tokens if n_tokens is not None else mask.sum().clamp(min=1))
+    n_seqs = n_seqs if n_seqs is not None else loss.shape[0]
+    if agg == "seq-mean-token-mean":
+        return ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    if agg == "seq-mean-token-sum":
+        return (loss * mask).sum() / n_seqs
+    if agg == "seq-mean-token-sum-norm":
+        return (loss * mask).sum() / (max_len if max_len is not None else loss.shape[1]) / n_seqs
+    raise ValueError(f"unknown loss aggregation '{agg}': use token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm")
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, clip_c=10.0, agg="token-mean", **agg_kw):
+    """verl's vanilla PPO loss with dual clip (PAPER.md Sec. 3). Returns (loss, stats).
+
+    logp, old_logp, mask: (B, T); advantages: (B,) or (B, T). Per token, r = exp(logp - old):
+    L1 = -A r, L2 = -A clip(r, 1-clip_low, 1+clip_high), Lc = max(L1, L2);
+    for A < 0 the dual clip bounds it: min(-A c, Lc).
+    """
+    adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(logp)  # (B, T)
+    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)  # as verl: keeps exp finite
+    ratio = log_ratio.exp()
+    l1, l2 = -adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    clipped = torch.maximum(l1, l2)
+    dual = torch.minimum(-adv * clip_c, clipped)
+    per_token = torch.where(adv < 0, dual, clipped)
+    loss = aggregate(per_token, mask, agg, **agg_kw)
+    with torch.no_grad():
+        m = mask.bool()
+        n = m.sum().clamp(min=1)
+        stats = {"clip_frac_upper": ((ratio > 1 + clip_high) & (adv > 0) & m).sum() / n,
+                 "clip_frac_lower": ((ratio < 1 - clip_low) & (adv < 0) & m).sum() / n,
+                 "dual_clip_frac": ((-adv * clip_c < clipped) & (adv < 0) & m).sum() / n,
+                 "approx_kl": ((-log_ratio) * m).sum() / n}  # k1 estimate of KL(old || new) on the samples
+    return loss, stats
+
+
+def kl_penalty(logp, ref_logp, kind="k3"):
+    """Per-token KL(pi || ref) estimate on samples of pi: k1 = log r, k3 = r - 1 - log r with r = ref/pi (Schulman 2020)."""
+    d = ref_logp - logp
+    if kind == "k1":
+        return -d
+    if kind == "k3":
+        return d.clamp(-20, 20).exp() - 1 - d
+    raise ValueError(f"unknown KL estimator '{kind}': use k1 or k3")
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def _chunk_logprobs(model, h, targets, temperature, final_norm):
+    logits = unembed(model, h, final_norm).float() / temperature  # (c, V)
+    logp = logits.log_softmax(-1)
+    ent = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)  # (c,)
+    return logp.gather(-1, targets[:, None])[:, 0], ent
+
+
+def logprobs_from_hidden(model, h, input_ids, temperature=1.0, final_norm=False):
+    """Log-probs (B, T-1) of input_ids[:, 1:] and entropies (B, T-1) of pi(h) at each position.
+
+    h: residuals (B, T, D), unembedded as decompose.unembed(h, final_norm). Chunked over
+    positions, each chunk under activation checkpointing, so at most one (chunk, V) block
+    of logits exists at a time, in the forward and in the backward pass.
+    """
+    B, T, D = h.shape
+    flat, targets = h[:, :-1].reshape(-1, D), input_ids[:, 1:].reshape(-1)  # (B*(T-1), D), (B*(T-1),)
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // model.config.vocab_size)
+    outs = []
+    for i in range(0, flat.shape[0], chunk):
+        args = (model, flat[i:i + chunk], targets[i:i + chunk], temperature, final_norm)
+        outs.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logprobs(*args))
+    logp, ent = (torch.cat(x).view(B, T - 1) for x in zip(*outs))
+    return logp, ent
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature=1.0):
+    """Log-probs and entropies (B, T-1) of input_ids[:, 1:] under the model's output policy.
+
+    verl divides the logits by the rollout temperature here too, so that old and new
+    log-probs are those of the distribution the tokens were sampled from.
+    """
+    h = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, D), final-normed
+    return logprobs_from_hidden(model, h, input_ids, temperature, final_norm=False)
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class GRPOConfig:
+    """Defaults are the paper's (PAPER.md Sec. 3); PRESETS["cpu"] fits a 2-core CPU."""
+    model: str = None                  # HF checkpoint dir or hub id; None: embedded SmolLM2-135M-Instruct
+    task: str = "deepmath"             # training problems: arithmetic, deepmath, math500, ... or a parquet path
+    eval_data: str = "aime24,aime25,amc23,math500"  # held-out sets (comma list; "arithmetic" = held-out arithmetic)
+    eval_limit: int = 0                # first N problems of each held-out set (0 = all)
+    eval_every: int = 10               # evaluate every N steps (and before the first, after the last; 0 = never)
+    eval_max_new_tokens: int = 8192    # response limit of the evaluation
+    steps: int = 300                   # training steps
+    prompts_per_step: int = 128        # prompts per step (the paper's batch)
+    group_size: int = 8                # responses per prompt
+    mini_batch_prompts: int = 32       # prompts per PPO update (128 / 32 = 4 updates a step)
+    micro_batch: int = 8               # sequences per forward/backward (gradient accumulation)
+    max_new_tokens: int = 8192         # response limit of the rollouts
+    temperature: float = 1.0           # rollout temperature (also divides the training logits, as verl)
+    top_p: float = 1.0                 # rollout nucleus
+    rollout_dtype: str = ""            # sample with a copy of the weights in this dtype (e.g. bfloat16); "" = the model's
+    lr: float = 1e-6                   # AdamW learning rate (constant)
+    weight_decay: float = 0.01         # AdamW weight decay (verl's default)
+    grad_clip: float = 1.0             # max gradient norm
+    clip_low: float = 0.2              # PPO ratio clip below 1
+    clip_high: float = 0.2             # PPO ratio clip above 1
+    clip_c: float = 10.0               # dual clip for negative advantages
+    loss_agg: str = "token-mean"       # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    scale_adv: bool = True             # divide by the group std (False: Dr. GRPO)
+    kl_coef: float = 0.0               # KL penalty to the frozen initial policy (0 = off, as the paper)
+    kl_estimator: str = "k3"           # k1 | k3
+    entropy_coef: float = 0.0          # entropy bonus (0 = off, as the paper)
+    max_nonfinite: int = 3             # stop after this many non-finite updates in a row
+    save_every: int = 10               # checkpoint every N steps
+    seed: int = 0                      # data order, sampling and mini-batch shuffles
+    out: str = "runs/grpo"             # output dir: metrics.jsonl, checkpoint/, curves.png
+    resume: bool = False               # continue from out/checkpoint
+
+
+PRESETS = {
+    "paper": {},
+    "cpu": dict(task="arithmetic", eval_data="arithmetic", eval_limit=64, eval_every=10, eval_max_new_tokens=64,
+                steps=20, prompts_per_step=4, group_size=8, mini_batch_prompts=2, micro_batch=16,
+                max_new_tokens=64, lr=2e-5, save_every=5),
+}
+
+
+def parse_config(cls=None, argv=None, description=None, presets=None):
+    """A config from --preset (default cpu) plus --flag overrides, one per dataclass field."""
+    cls, presets = cls or GRPOConfig, presets or PRESETS
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="cpu", choices=sorted(presets), help="cpu: minutes on a laptop CPU; paper: the authors' settings")
+    known, _ = pre.parse_known_args(argv)
+    base = cls(**presets[known.preset])
+    p = argparse.ArgumentParser(description=description, parents=[pre])
+    src = "".join(inspect.getsource(c) for c in cls.__mro__ if c is not object)  # help = the comment beside each field
+    for f in fields(cls):
+        help_text = next((line.split("#", 1)[1].strip() for line in src.splitlines() if line.strip().startswith(f"{f.name}:")), "")
+        default = getattr(base, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool) or f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            typ = {int: int, float: float}.get(type(default), str)
+            p.add_argument(flag, type=typ, default=default, help=f"{help_text} (default: {default})")
+    args = p.parse_args(argv)
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def task_problems(name, n, seed, split):
+    """Problems of a task: generated arithmetic (train/test split) or a data set, shuffled by seed."""
+    if name == "arithmetic":
+        return arithmetic_problems(n, seed=seed + (0 if split == "train" else 10_000), split=split)
+    problems = load_problems(name)
+    if split == "train":
+        random.Random(seed).shuffle(problems)
+    return problems[:n] if n else problems
+
+
+# ----------------------------------------------------------------------------- one step
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # (N, T) prompt + response, right-padded
+    attention_mask: torch.Tensor  # (N, T)
+    response_mask: torch.Tensor   # (N, T-1) True where input_ids[:, 1:] is a response token
+    advantages: torch.Tensor      # (N,)
+
+
+def make_batch(prompts, rollout, pad_id, advantages):
+    """Right-padded training batch of prompt + response rows."""
+    rows = [p + rollout.tokens[i, :rollout.lengths[i]].tolist() for i, p in enumerate(prompts)]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    att = torch.zeros(len(rows), T, dtype=torch.long)
+    resp = torch.zeros(len(rows), T - 1, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        ids[i, :len(r)], att[i, :len(r)] = torch.tensor(r), 1
+        resp[i, len(p) - 1:len(r) - 1] = True  # position t predicts token t+1
+    dev = rollout.tokens.device
+    return Batch(ids.to(dev), att.to(dev), resp.to(dev), advantages.to(dev))
+
+
+def full_policy(model, input_ids, attention_mask, temperature):
+    """The policy GRPO optimizes: the model's output distribution."""
+    return token_logprobs(model, input_ids, attention_mask, temperature)
+
+
+def micro_slices(batch, idx, size):
+    """Micro-batches of rows idx, each trimmed to its longest row: (ids, att, resp, adv)."""
+    for i in range(0, len(idx), size):
+        j = idx[i:i + size]
+        T = int(batch.attention_mask[j].sum(1).max())
+        yield j, batch.input_ids[j, :T], batch.attention_mask[j, :T], batch.response_mask[j, :T - 1], batch.advantages[j]
+
+
+@torch.no_grad()
+def policy_logprobs(policy, model, batch, cfg):
+    """Log-probs and entropies (N, T-1) of the batch under `policy`, micro-batch by micro-batch."""
+    N, T = batch.input_ids.shape
+    logp = torch.zeros(N, T - 1, device=batch.input_ids.device)
+    ent = torch.zeros_like(logp)
+    for j, ids, att, _, _ in micro_slices(batch, torch.arange(N), cfg.micro_batch):
+        lp, en = policy(model, ids, att, cfg.temperature)
+        logp[j, :lp.shape[1]], ent[j, :lp.shape[1]] = lp, en
+    return logp, ent
+
+
+def ppo_update(model, optimizer, policy, batch, old_logp, ref_logp, cfg, gen):
+    """PPO epochs of one step: shuffled mini-batches of whole groups, micro-batch accumulation."""
+    n_prompts = batch.input_ids.shape[0] // cfg.group_size
+    order = torch.randperm(n_prompts, generator=gen)
+    stats, skipped = [], 0
+    for m in range(0, n_prompts, cfg.mini_batch_prompts):
+        prompts = order[m:m + cfg.mini_batch_prompts]
+        idx = (prompts[:, None] * cfg.group_size + torch.arange(cfg.group_size)).view(-1)  # (n_mb,) rows of whole groups
+        agg_kw = dict(n_tokens=batch.response_mask[idx].sum().clamp(min=1), n_seqs=len(idx), max_len=batch.response_mask.shape[1])
+        total, parts = 0.0, []
+        for j, ids, att, resp, adv in micro_slices(batch, idx, cfg.micro_batch):
+            logp, ent = policy(model, ids, att, cfg.temperature)
+            loss, st = policy_loss(logp, old_logp[j, :logp.shape[1]], adv, resp, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.loss_agg, **agg_kw)
+            st["pg_loss"] = loss.detach()
+            if cfg.kl_coef:
+                kl = aggregate(kl_penalty(logp, ref_logp[j, :logp.shape[1]], cfg.kl_estimator), resp, cfg.loss_agg, **agg_kw)
+                loss, st["kl"] = loss + cfg.kl_coef * kl, kl.detach()
+            if cfg.entropy_coef:
+                loss = loss - cfg.entropy_coef * aggregate(ent, resp, cfg.loss_agg, **agg_kw)
+            loss.backward()
+            total += loss.item()
+            parts.append({k: float(v) for k, v in st.items()})
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        if not (math.isfinite(total) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)  # skip: never step on a NaN/inf
+            skipped += 1
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats.append({**{k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if k != "pg_loss"},
+                      "pg_loss": sum(p["pg_loss"] for p in parts), "grad_norm": grad_norm})
+    out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if stats else {}
+    return {**out, "updates": len(stats), "skipped_updates": skipped}
+
+
+def rollout_step(model, tok, problems, cfg, step):
+    """Sample the groups, reward them, compute advantages. Returns (batch, metrics)."""
+    prompts = [p for p in chat_prompts(tok, problems) for _ in range(cfg.group_size)]
+    r = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=cfg.seed * 1_000_003 + step,
+                 dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None)
+    texts = tok.batch_decode([t[:n] for t, n in zip(r.tokens.tolist(), r.lengths.tolist())], skip_special_tokens=True)
+    rewards = torch.tensor([problem_reward(t, problems[i // cfg.group_size]) for i, t in enumerate(texts)])
+    adv = group_advantages(rewards, cfg.group_size, scale=cfg.scale_adv)
+    groups = rewards.view(-1, cfg.group_size)
+    lengths = r.lengths.float()
+    metrics = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+               "accuracy": (rewards == 1).float().mean().item(), "zero_std_groups": (groups.std(1) == 0).float().mean().item() if cfg.group_size > 1 else 1.0,
+               "response_len_mean": lengths.mean().item(), "response_len_max": lengths.max().item(),
+               "truncated": (~r.finished).float().mean().item()}
+    return make_batch(prompts, r, tok.pad_token_id, adv), metrics, texts
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(out, model, tok, optimizer, step, cfg):
+    """out/checkpoint: the model in HF format, optimizer, RNG states and the next step (atomic)."""
+    final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, f"checkpoint.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(os.path.join(tmp, "model"))
+    tok.save_pretrained(os.path.join(tmp, "model"))
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, os.path.join(tmp, "trainer.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def load_checkpoint(out, optimizer_fn, device):
+    """(model, tok, optimizer, next step) from out/checkpoint."""
+    path = os.path.join(out, "checkpoint")
+    if not os.path.exists(os.path.join(path, "trainer.pt")):
+        raise FileNotFoundError(f"--resume: no checkpoint in {path}; run without --resume to start afresh")
+    model, tok = load_model(os.path.join(path, "model"), dtype=torch.float32, device=device)
+    state = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+    optimizer = optimizer_fn(model)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return model, tok, optimizer, state["step"]
+
+
+def read_metrics(path, before_step):
+    """Logged steps < before_step (a resumed run rewrites what followed its checkpoint)."""
+    if not os.path.exists(path):
+        return []
+    return [m for m in map(json.loads, open(path)) if m["step"] < before_step]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class StopRequest:
+    """Ctrl-C sets a flag; the loop saves a checkpoint at the end of the step and exits. A second Ctrl-C kills."""
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        import signal
+        self.old = signal.signal(signal.SIGINT, self.handle) if _main_thread() else None
+        return self
+
+    def handle(self, *_):
+        import signal
+        self.requested = True
+        signal.signal(signal.SIGINT, self.old)
+        tqdm.write("Ctrl-C: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        import signal
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+
+
+def _main_thread():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def run_eval(model, tok, cfg, step):
+    """Held-out accuracy (greedy, one sample) per set, as metrics."""
+    problems = [p for name in cfg.eval_data.split(",") for p in task_problems(name, cfg.eval_limit, cfg.seed, "test")]
+    summary, _ = evaluate(model, tok, problems, k=1, max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0, progress=False)
+    out = {f"eval/{src}": s["avg@1"] for src, s in summary.items()}
+    out["eval/avg"] = sum(out.values()) / len(out)
+    return out
+
+
+def make_optimizer(cfg):
+    return lambda model: torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="GRPO"):
+    """The GRPO loop; returns (metrics of every step, model, tokenizer).
+
+    policy_for_step(step) -> the policy fn whose log-probs the update uses (default: the
+    full output policy); on_step(step, model, batch, metrics) may add metrics.
+    """
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    json.dump(asdict(cfg), open(os.path.join(cfg.out, "config.json"), "w"), indent=1)
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    if cfg.resume:
+        model, tok, optimizer, start = load_checkpoint(cfg.out, make_optimizer(cfg), model.device if model is not None else None)
+    else:
+        if model is None:
+            model, tok = load_model(cfg.model, dtype=torch.float32)
+        optimizer, start = make_optimizer(cfg)(model), 0
+    model.train()
+    check_config(cfg, model)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef else None
+    problems = task_problems(cfg.task, cfg.steps * cfg.prompts_per_step if cfg.task == "arithmetic" else 0, cfg.seed, "train")
+    history = read_metrics(metrics_path, start)
+    with open(metrics_path, "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in history)
+    bad_in_a_row = 0
+    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
+    with StopRequest() as stop, open(metrics_path, "a") as log:
+        for step in bar:
+            m = {"step": step}
+            if cfg.eval_every and step == 0:
+                m.update({f"{k}_before": v for k, v in run_eval(model, tok, cfg, step).items()})
+            t0 = time.perf_counter()
+            batch_problems = [problems[(step * cfg.prompts_per_step + i) % len(problems)] for i in range(cfg.prompts_per_step)]
+            batch, roll, _ = rollout_step(model, tok, batch_problems, cfg, step)
+            t1 = time.perf_counter()
+            policy = policy_for_step(step) if policy_for_step else full_policy
+            old_logp, ent = policy_logprobs(policy, model, batch, cfg)
+            ref_logp = policy_logprobs(policy, ref, batch, cfg)[0] if ref is not None else None
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+            upd = ppo_update(model, optimizer, policy, batch, old_logp, ref_logp, cfg, gen)
+            t2 = time.perf_counter()
+            resp = batch.response_mask
+            m.update(roll, **upd, entropy=((ent * resp).sum() / resp.sum().clamp(min=1)).item(), lr=cfg.lr,
+                     time_rollout=t1 - t0, time_update=t2 - t1)
+            if on_step:
+                on_step(step, model, batch, m)
+            bad_in_a_row = bad_in_a_row + 1 if upd["skipped_updates"] and not upd["updates"] else 0
+            if upd["skipped_updates"]:
+                tqdm.write(f"step {step}: {upd['skipped_updates']} update(s) skipped, non-finite loss or gradient")
+            last = step == cfg.steps - 1
+            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+                m.update(run_eval(model, tok, cfg, step + 1))
+            m["time_step"] = time.perf_counter() - t0
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+            history.append(m)
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", s_step=f"{m['time_step']:.0f}")
+            if bad_in_a_row >= cfg.max_nonfinite:
+                raise RuntimeError(f"{bad_in_a_row} steps in a row had only non-finite losses or gradients; stopped. "
+                                   f"The last good checkpoint is in {cfg.out}/checkpoint: lower --lr and --resume")
+            if (step + 1) % cfg.save_every == 0 or last or stop.requested:
+                save_checkpoint(cfg.out, model, tok, optimizer, step + 1, cfg)
+            if stop.requested:
+                tqdm.write(f"stopped after step {step}; continue with --resume --out {cfg.out}")
+                break
+    model.eval()
+    return history, model, tok
+
+
+def check_config(cfg, model):
+    if cfg.prompts_per_step % cfg.mini_batch_prompts:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of mini_batch_prompts={cfg.mini_batch_prompts}")
+    if cfg.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for training (the log-probs divide by it), got {cfg.temperature}")
+    if cfg.group_size < 2:
+        raise ValueError("group_size must be >= 2: GRPO's baseline is the group mean")
+    aggregate(torch.zeros(1, 1), torch.ones(1, 1), cfg.loss_agg)  # raises on an unknown mode
+    kl_penalty(torch.zeros(1), torch.zeros(1), cfg.kl_estimator)
+
+
+def plot_curves(path, runs):
+    """Reward, held-out accuracy, entropy and response length over steps, one line per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    for name, hist in runs.items():
+        steps = [m["step"] for m in hist]
+        axes[0].plot(steps, [m["reward_mean"] for m in hist], label=name)
+        ev = [(m["step"] + 1, m["eval/avg"]) for m in hist if "eval/avg" in m]
+        ev = [(0, hist[0]["eval/avg_before"])] * ("eval/avg_before" in hist[0]) + ev
+        if ev:
+            axes[1].plot(*zip(*ev), marker="o", label=name)
+        axes[2].plot(steps, [m["entropy"] for m in hist], label=name)
+        axes[3].plot(steps, [m["response_len_mean"] for m in hist], label=name)
+    for ax, title in zip(axes, ["train reward (mean)", "held-out accuracy (%)", "policy entropy (nats)", "response length"]):
+        ax.set(title=title, xlabel="step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    cfg = parse_config(GRPOConfig, description="GRPO training (the baseline of BuPO, arXiv 2512.19673).")
+    history, _, _ = train(cfg)
+    plot_curves(os.path.join(cfg.out, "curves.png"), {"GRPO": history})
+    first, last = history[0], history[-1]
+    print(f"reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}; held-out "
+          f"{first.get('eval/avg_before', float('nan')):.1f}% -> {last.get('eval/avg', float('nan')):.1f}%; "
+          f"wrote {cfg.out}/metrics.jsonl, curves.png, checkpoint/")
+
+
+if __name__ == "__main__":
+    main()
