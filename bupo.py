@@ -52,15 +52,15 @@ def layer_hidden(model, input_ids, attention_mask, k):
     raise RuntimeError("the early-exit hook never fired")
 
 
-def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0):
-    """Log-probs (B, T-1) of input_ids[:, 1:] and entropies under pi_k = softmax(lm_head(h_k) / T)."""
+def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0, mask=None):
+    """Log-probs (B, T-1) of input_ids[:, 1:] and entropies under pi_k = softmax(lm_head(h_k) / T) (only where mask)."""
     h = layer_hidden(model, input_ids, attention_mask, k)
-    return logprobs_from_hidden(model, h, input_ids, temperature, final_norm=False)
+    return logprobs_from_hidden(model, h, input_ids, temperature, final_norm=False, mask=mask)
 
 
 def layer_policy(k):
     """A policy fn for grpo.train: the internal layer policy pi_k."""
-    return lambda model, ids, att, temperature: layer_logprobs(model, ids, att, k, temperature)
+    return lambda model, ids, att, temperature, mask=None: layer_logprobs(model, ids, att, k, temperature, mask)
 
 
 # ----------------------------------------------------------------------------- config
@@ -75,7 +75,7 @@ class BuPOConfig(GRPOConfig):
     bench: bool = False                # time one phase-1 update against one full GRPO update, then exit
 
 
-PRESETS = {"paper": dict(layer="auto"), "cpu": {**grpo.PRESETS["cpu"], "layer": "4", "inter_steps": 8, "out": "runs/bupo"}}
+PRESETS = {"paper": dict(layer="auto"), "cpu": {**grpo.PRESETS["cpu"], "layer": "4", "inter_steps": 5, "out": "runs/bupo"}}
 
 
 def resolve_layer(cfg, model, tok):
@@ -118,8 +118,8 @@ def log_entropies(model, batch, k, cfg, m):
     """Token-mean entropy of pi_k and of the output policy on this step's responses (first micro-batch)."""
     j, ids, att, resp, _ = next(grpo.micro_slices(batch, torch.arange(batch.input_ids.shape[0]), cfg.micro_batch))
     n = resp.sum().clamp(min=1)
-    m[f"entropy_layer{k}"] = ((layer_logprobs(model, ids, att, k, cfg.temperature)[1] * resp).sum() / n).item()
-    m["entropy_output"] = ((grpo.full_policy(model, ids, att, cfg.temperature)[1] * resp).sum() / n).item()
+    m[f"entropy_layer{k}"] = (layer_logprobs(model, ids, att, k, cfg.temperature, resp)[1].sum() / n).item()
+    m["entropy_output"] = (grpo.full_policy(model, ids, att, cfg.temperature, resp)[1].sum() / n).item()
 
 
 def finished_run(cfg):

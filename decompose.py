@@ -230,10 +230,10 @@ def main():
     logits = model(ids).logits
     err = (unembed(model, d.hidden(L), final_norm=True) - logits).abs().max().item()
     print(f"{L} layers; max |lm_head(norm(h_0 + sum A + sum F)) - logits| = {err:.2e}")
-    print("top next token under the raw-residual lens of each layer (paper convention):")
+    print("top next token of each internal layer policy: raw residual (paper) | final norm (logit lens)")
     for l in range(L + 1):
-        top = unembed(model, d.hidden(l)[0, -1], final_norm=(l == L)).argmax().item()
-        print(f"  layer {l:2d}: {tok.decode([top])!r}")
+        raw, lens = (unembed(model, d.hidden(l)[0, -1], final_norm=fn or l == L).argmax().item() for fn in (False, True))
+        print(f"  layer {l:2d}: {tok.decode([raw])!r:>16} | {tok.decode([lens])!r}")
 
 
 if __name__ == "__main__":

@@ -113,32 +113,35 @@ def _chunk_logprobs(model, h, targets, temperature, final_norm):
     return logp.gather(-1, targets[:, None])[:, 0], ent
 
 
-def logprobs_from_hidden(model, h, input_ids, temperature=1.0, final_norm=False):
+def logprobs_from_hidden(model, h, input_ids, temperature=1.0, final_norm=False, mask=None):
     """Log-probs (B, T-1) of input_ids[:, 1:] and entropies (B, T-1) of pi(h) at each position.
 
-    h: residuals (B, T, D), unembedded as decompose.unembed(h, final_norm). Chunked over
-    positions, each chunk under activation checkpointing, so at most one (chunk, V) block
-    of logits exists at a time, in the forward and in the backward pass.
+    h: residuals (B, T, D), unembedded as decompose.unembed(h, final_norm). mask (B, T-1):
+    compute only there (the response), 0 elsewhere. Chunked over positions, each chunk
+    under activation checkpointing, so at most one (chunk, V) block of logits exists at a
+    time, in the forward and in the backward pass.
     """
     B, T, D = h.shape
-    flat, targets = h[:, :-1].reshape(-1, D), input_ids[:, 1:].reshape(-1)  # (B*(T-1), D), (B*(T-1),)
+    keep = torch.ones(B, T - 1, dtype=torch.bool, device=h.device) if mask is None else mask.bool()
+    flat, targets = h[:, :-1][keep], input_ids[:, 1:][keep]  # (n, D), (n,)
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // model.config.vocab_size)
     outs = []
     for i in range(0, flat.shape[0], chunk):
         args = (model, flat[i:i + chunk], targets[i:i + chunk], temperature, final_norm)
         outs.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logprobs(*args))
-    logp, ent = (torch.cat(x).view(B, T - 1) for x in zip(*outs))
-    return logp, ent
+    logp, ent = (torch.cat(x) if x else flat.new_zeros(0) for x in (zip(*outs) if outs else ([], [])))
+    full = lambda v: torch.zeros(B, T - 1, dtype=v.dtype, device=h.device).masked_scatter(keep, v)  # (B, T-1)
+    return full(logp), full(ent)
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature=1.0):
-    """Log-probs and entropies (B, T-1) of input_ids[:, 1:] under the model's output policy.
+def token_logprobs(model, input_ids, attention_mask, temperature=1.0, mask=None):
+    """Log-probs and entropies (B, T-1) of input_ids[:, 1:] under the model's output policy (only where mask).
 
     verl divides the logits by the rollout temperature here too, so that old and new
     log-probs are those of the distribution the tokens were sampled from.
     """
     h = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, D), final-normed
-    return logprobs_from_hidden(model, h, input_ids, temperature, final_norm=False)
+    return logprobs_from_hidden(model, h, input_ids, temperature, final_norm=False, mask=mask)
 
 
 # ----------------------------------------------------------------------------- config
@@ -243,9 +246,9 @@ def make_batch(prompts, rollout, pad_id, advantages):
     return Batch(ids.to(dev), att.to(dev), resp.to(dev), advantages.to(dev))
 
 
-def full_policy(model, input_ids, attention_mask, temperature):
-    """The policy GRPO optimizes: the model's output distribution."""
-    return token_logprobs(model, input_ids, attention_mask, temperature)
+def full_policy(model, input_ids, attention_mask, temperature, mask=None):
+    """The policy GRPO optimizes: the model's output distribution (log-probs only where mask)."""
+    return token_logprobs(model, input_ids, attention_mask, temperature, mask)
 
 
 def micro_slices(batch, idx, size):
@@ -262,8 +265,8 @@ def policy_logprobs(policy, model, batch, cfg):
     N, T = batch.input_ids.shape
     logp = torch.zeros(N, T - 1, device=batch.input_ids.device)
     ent = torch.zeros_like(logp)
-    for j, ids, att, _, _ in micro_slices(batch, torch.arange(N), cfg.micro_batch):
-        lp, en = policy(model, ids, att, cfg.temperature)
+    for j, ids, att, resp, _ in micro_slices(batch, torch.arange(N), cfg.micro_batch):
+        lp, en = policy(model, ids, att, cfg.temperature, resp)
         logp[j, :lp.shape[1]], ent[j, :lp.shape[1]] = lp, en
     return logp, ent
 
@@ -279,7 +282,7 @@ def ppo_update(model, optimizer, policy, batch, old_logp, ref_logp, cfg, gen):
         agg_kw = dict(n_tokens=batch.response_mask[idx].sum().clamp(min=1), n_seqs=len(idx), max_len=batch.response_mask.shape[1])
         total, parts = 0.0, []
         for j, ids, att, resp, adv in micro_slices(batch, idx, cfg.micro_batch):
-            logp, ent = policy(model, ids, att, cfg.temperature)
+            logp, ent = policy(model, ids, att, cfg.temperature, resp)
             loss, st = policy_loss(logp, old_logp[j, :logp.shape[1]], adv, resp, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.loss_agg, **agg_kw)
             st["pg_loss"] = loss.detach()
             if cfg.kl_coef:

@@ -191,19 +191,25 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
 
-    # 1. prefill: left-padded prompts, positions counted from each row's first real token
-    ids, ok = _left_pad(prompts, pad_token_id, dev)  # (B, P)
-    P, S = ids.shape[1], ids.shape[1] + N
-    key_ok = torch.ones(B, S, dtype=torch.bool, device=dev)
-    key_ok[:, :P] = ok
-    pos = (ok.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    # 1. prefill each distinct prompt once (a GRPO group repeats it), left-padded, then share its cache rows
+    uniq = list(dict.fromkeys(map(tuple, prompts)))
+    row_of = {p: i for i, p in enumerate(uniq)}
+    inverse = torch.tensor([row_of[tuple(p)] for p in prompts], device=dev)  # (B,) distinct prompt of each row
+    ids, ok = _left_pad(uniq, pad_token_id, dev)  # (U, P)
+    U, P, S = ids.shape[0], ids.shape[1], ids.shape[1] + N
+    pos = (ok.cumsum(-1) - 1).clamp(min=0)  # (U, P) positions counted from each row's first real token
     a = model.model.layers[0].self_attn
     kv_shape = (B, model.config.num_key_value_heads, S, a.head_dim)
     cache = [(torch.empty(kv_shape, dtype=model.dtype, device=dev), torch.empty(kv_shape, dtype=model.dtype, device=dev))
              for _ in model.model.layers]
     causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-    prefill_ok = (key_ok[:, None, :P] & causal) | torch.eye(P, dtype=torch.bool, device=dev)  # pad rows see themselves: no NaN
-    logits = forward(model, ids, pos, cache, 0, prefill_ok)  # (B, V)
+    prefill_ok = (ok[:, None, :] & causal) | torch.eye(P, dtype=torch.bool, device=dev)  # (U, P, P); pad rows see themselves: no NaN
+    logits = forward(model, ids, pos, cache, 0, prefill_ok)[inverse]  # (B, V)
+    if U < B:
+        for K, V in cache:
+            K[:, :, :P], V[:, :, :P] = K[inverse, :, :P], V[inverse, :, :P]  # (B, Hkv, P, hd) gathered from the U prefilled rows
+    key_ok = torch.ones(B, S, dtype=torch.bool, device=dev)
+    key_ok[:, :P], pos = ok[inverse], pos[inverse]
 
     # 2. decode: one token per step; rows[i] is the original index of active row i
     tokens = torch.full((B, N), pad_token_id, dtype=torch.long, device=dev)

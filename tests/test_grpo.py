@@ -97,6 +97,10 @@ def test_chunked_token_logprobs_equal_direct(arch, monkeypatch):
     want = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
     torch.testing.assert_close(logp, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent, -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1), atol=1e-5, rtol=1e-5)
+    only = torch.rand(logp.shape, generator=torch.Generator().manual_seed(1)) > 0.5  # (B, T-1) response positions
+    lp2, ent2 = token_logprobs(model, ids, att, temperature=0.7, mask=only)
+    torch.testing.assert_close(lp2, torch.where(only, logp, 0.0).detach(), atol=1e-6, rtol=0)
+    assert (ent2[~only] == 0).all()
     # gradients through the checkpointed chunks equal the direct ones
     logp.sum().backward()
     g1 = [p.grad.clone() for p in model.parameters()]
@@ -176,8 +180,8 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_nan_loss_is_skipped_and_reported(tmp_path, monkeypatch, capsys):
-    def nan_policy(model, ids, att, temperature):
-        logp, ent = grpo.full_policy(model, ids, att, temperature)
+    def nan_policy(model, ids, att, temperature, mask=None):
+        logp, ent = grpo.full_policy(model, ids, att, temperature, mask)
         return logp * float("nan"), ent
     model = tiny_model("llama")
     before = [p.clone() for p in model.parameters()]

@@ -116,3 +116,17 @@ def test_bf16_rollout_copy_keeps_the_model():
     model, prompts = tiny_model("qwen3"), prompts_for()
     r = generate(model, prompts, max_new_tokens=6, seed=0, dtype=torch.bfloat16)
     assert model.dtype == torch.float32 and r.tokens.shape == (len(prompts), 6)
+
+
+def test_repeated_prompts_share_one_prefill():
+    """A GRPO group repeats its prompt: rows prefilled once and shared equal rows prefilled alone."""
+    model, prompts = tiny_model("qwen3"), prompts_for()
+    grouped = [p for p in prompts[:3] for _ in range(4)]
+    r = generate(model, grouped, max_new_tokens=8, temperature=0)
+    for i, p in enumerate(grouped):
+        assert r.tokens[i].tolist() == hf_greedy(model, p, 8)
+    s = generate(model, grouped, max_new_tokens=8, seed=1, eos_token_id=[5, 6])
+    for i, p in enumerate(grouped):
+        n = s.lengths[i].item()
+        want = model(torch.tensor([p + s.tokens[i, :n].tolist()])).logits[0, len(p) - 1:-1].log_softmax(-1)
+        torch.testing.assert_close(s.logprobs[i, :n], want.gather(-1, s.tokens[i, :n, None])[:, 0], atol=1e-4, rtol=0)
