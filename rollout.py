@@ -94,11 +94,12 @@ def _attend(layer, h, cos_sin, kv, start, key_ok):
     K[:B, :, start:start + T] = k
     V[:B, :, start:start + T] = v
     end = start + T
-    mask = key_ok[:, None, :, :end]  # (B, 1, T, S_filled)
+    mask = None if key_ok is None else key_ok[:, None, :, :end]  # (B, 1, T, S_filled); None: every key visible
     window = getattr(a, "sliding_window", None)
-    if window:  # cache slots and positions differ by a per-row constant, so the window is on slots
+    if window and end > window:  # cache slots and positions differ by a per-row constant, so the window is on slots
         q_slot = torch.arange(start, end, device=h.device)[:, None]
-        mask = mask & (torch.arange(end, device=h.device)[None, :] > q_slot - window)
+        in_window = torch.arange(end, device=h.device)[None, :] > q_slot - window  # (T, S_filled)
+        mask = in_window[None, None] if mask is None else mask & in_window
     o = _gqa_attention(q, K[:B, :, :end], V[:B, :, :end], mask, a.scaling)  # (B, H, T, hd)
     return a.o_proj(o.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
@@ -113,7 +114,9 @@ def _gqa_attention(q, K, V, mask, scale):
     Hkv = K.shape[1]
     qg = q.reshape(B, Hkv, (H // Hkv) * T, hd)  # (B, Hkv, g*T, hd): heads of a group share K, V
     s = (qg @ K.transpose(-1, -2)) * scale  # (B, Hkv, g*T, S)
-    s = s.view(B, Hkv, H // Hkv, T, -1).masked_fill(~mask[:, :, None], float("-inf"))  # mask: (B, 1, T, S)
+    s = s.view(B, Hkv, H // Hkv, T, -1)
+    if mask is not None:
+        s = s.masked_fill(~mask[:, :, None], float("-inf"))  # mask: (B or 1, 1, T, S)
     p = s.float().softmax(-1).to(q.dtype).view(B, Hkv, (H // Hkv) * T, -1)
     return (p @ V).view(B, H, T, hd)
 
@@ -175,6 +178,34 @@ def _left_pad(prompts, pad_token_id, device):
     return ids.to(device), ok.to(device)  # (B, P) each
 
 
+def prefill(model, prompts, max_new_tokens, pad_token_id):
+    """Run the prompts and allocate the cache; each distinct prompt runs once (a GRPO group repeats it).
+
+    Returns the next-token logits (B, V), the cache (per layer K, V: (B, Hkv, P+N, hd)),
+    key_ok (B, P+N) marking real cache slots, the next position of each row (B,), the
+    padded prompt length P, and whether any prompt is padded.
+    """
+    dev, B = model.device, len(prompts)
+    uniq = list(dict.fromkeys(map(tuple, prompts)))
+    row_of = {p: i for i, p in enumerate(uniq)}
+    inverse = torch.tensor([row_of[tuple(p)] for p in prompts], device=dev)  # (B,) distinct prompt of each row
+    ids, ok = _left_pad(uniq, pad_token_id, dev)  # (U, P)
+    U, P, S = ids.shape[0], ids.shape[1], ids.shape[1] + max_new_tokens
+    pos = (ok.cumsum(-1) - 1).clamp(min=0)  # (U, P) positions counted from each row's first real token
+    kv_shape = (B, model.config.num_key_value_heads, S, model.model.layers[0].self_attn.head_dim)
+    cache = [(torch.empty(kv_shape, dtype=model.dtype, device=dev), torch.empty(kv_shape, dtype=model.dtype, device=dev))
+             for _ in model.model.layers]
+    causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+    prefill_ok = (ok[:, None, :] & causal) | torch.eye(P, dtype=torch.bool, device=dev)  # (U, P, P); pad rows see themselves: no NaN
+    logits = forward(model, ids, pos, cache, 0, prefill_ok)[inverse]  # (B, V)
+    if U < B:
+        for K, V in cache:
+            K[:, :, :P], V[:, :, :P] = K[inverse, :, :P], V[inverse, :, :P]  # (B, Hkv, P, hd) from the U prefilled rows
+    key_ok = torch.ones(B, S, dtype=torch.bool, device=dev)
+    key_ok[:, :P] = ok[inverse]
+    return logits, cache, key_ok, pos[inverse, -1] + 1, P, not bool(ok.all())
+
+
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
              eos_token_id=None, pad_token_id=0, seed=None, dtype=None):
@@ -190,33 +221,14 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     dev, B, N = model.device, len(prompts), max_new_tokens
     eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
+    logits, cache, key_ok, next_pos, P, padded = prefill(model, prompts, N, pad_token_id)
 
-    # 1. prefill each distinct prompt once (a GRPO group repeats it), left-padded, then share its cache rows
-    uniq = list(dict.fromkeys(map(tuple, prompts)))
-    row_of = {p: i for i, p in enumerate(uniq)}
-    inverse = torch.tensor([row_of[tuple(p)] for p in prompts], device=dev)  # (B,) distinct prompt of each row
-    ids, ok = _left_pad(uniq, pad_token_id, dev)  # (U, P)
-    U, P, S = ids.shape[0], ids.shape[1], ids.shape[1] + N
-    pos = (ok.cumsum(-1) - 1).clamp(min=0)  # (U, P) positions counted from each row's first real token
-    a = model.model.layers[0].self_attn
-    kv_shape = (B, model.config.num_key_value_heads, S, a.head_dim)
-    cache = [(torch.empty(kv_shape, dtype=model.dtype, device=dev), torch.empty(kv_shape, dtype=model.dtype, device=dev))
-             for _ in model.model.layers]
-    causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-    prefill_ok = (ok[:, None, :] & causal) | torch.eye(P, dtype=torch.bool, device=dev)  # (U, P, P); pad rows see themselves: no NaN
-    logits = forward(model, ids, pos, cache, 0, prefill_ok)[inverse]  # (B, V)
-    if U < B:
-        for K, V in cache:
-            K[:, :, :P], V[:, :, :P] = K[inverse, :, :P], V[inverse, :, :P]  # (B, Hkv, P, hd) gathered from the U prefilled rows
-    key_ok = torch.ones(B, S, dtype=torch.bool, device=dev)
-    key_ok[:, :P], pos = ok[inverse], pos[inverse]
-
-    # 2. decode: one token per step; rows[i] is the original index of active row i
+    # decode: one token per step; rows[i] is the original index of active row i
     tokens = torch.full((B, N), pad_token_id, dtype=torch.long, device=dev)
     logprobs = torch.zeros(B, N, device=dev)
     lengths = torch.full((B,), N, dtype=torch.long, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
-    rows, alive, next_pos = torch.arange(B, device=dev), torch.ones(B, dtype=torch.bool, device=dev), pos[:, -1] + 1
+    rows, alive = torch.arange(B, device=dev), torch.ones(B, dtype=torch.bool, device=dev)
     for t in range(N):
         tok, lp = sample(logits, temperature, top_k, top_p, gen)  # (n,), (n,)
         tokens[rows[alive], t], logprobs[rows[alive], t] = tok[alive], lp[alive]
@@ -229,11 +241,11 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
         if (len(rows) - n_alive) * 8 >= len(rows):  # compact: drop finished rows once they are 1/8 of the batch
             keep = alive.nonzero()[:, 0]
             for K, V in cache:
-                K[:n_alive, :, :P + t] = K[keep, :, :P + t]
+                K[:n_alive, :, :P + t] = K[keep, :, :P + t]  # (n_alive, Hkv, P+t, hd), in place: no reallocation
                 V[:n_alive, :, :P + t] = V[keep, :, :P + t]
             rows, tok, next_pos, key_ok = rows[keep], tok[keep], next_pos[keep], key_ok[keep]
             alive = torch.ones(n_alive, dtype=torch.bool, device=dev)
-        logits = forward(model, tok[:, None], next_pos[:, None], cache, P + t, key_ok[:, None, :])
+        logits = forward(model, tok[:, None], next_pos[:, None], cache, P + t, key_ok[:, None, :] if padded else None)
         next_pos = next_pos + 1
     return Rollout(tokens, logprobs, lengths, finished)
 

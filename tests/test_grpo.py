@@ -99,7 +99,7 @@ def test_chunked_token_logprobs_equal_direct(arch, monkeypatch):
     torch.testing.assert_close(ent, -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1), atol=1e-5, rtol=1e-5)
     only = torch.rand(logp.shape, generator=torch.Generator().manual_seed(1)) > 0.5  # (B, T-1) response positions
     lp2, ent2 = token_logprobs(model, ids, att, temperature=0.7, mask=only)
-    torch.testing.assert_close(lp2, torch.where(only, logp, 0.0).detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lp2, torch.where(only, logp, 0.0).detach(), atol=1e-5, rtol=0)
     assert (ent2[~only] == 0).all()
     # gradients through the checkpointed chunks equal the direct ones
     logp.sum().backward()

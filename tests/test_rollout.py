@@ -130,3 +130,14 @@ def test_repeated_prompts_share_one_prefill():
         n = s.lengths[i].item()
         want = model(torch.tensor([p + s.tokens[i, :n].tolist()])).logits[0, len(p) - 1:-1].log_softmax(-1)
         torch.testing.assert_close(s.logprobs[i, :n], want.gather(-1, s.tokens[i, :n, None])[:, 0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_equal_length_prompts_need_no_mask(arch):
+    """No padding: decode runs without a key mask (Gemma 3 still applies its sliding window)."""
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 97, (8,), generator=g).tolist() for _ in range(3)]
+    r = generate(model, prompts, max_new_tokens=10, temperature=0)
+    for i, p in enumerate(prompts):
+        assert r.tokens[i].tolist() == hf_greedy(model, p, 10)
