@@ -70,12 +70,13 @@ class BuPOConfig(GRPOConfig):
     layer: str = "auto"                # internal layer k (0-indexed; the paper's layer k+1), or auto: entropy.py's EIC suggestion
     inter_steps: int = 30              # s_inter: steps that optimize pi_k before plain GRPO
     profile_samples: int = 8           # responses used for the internal entropy profiles and layer=auto
+    profile_every: int = 10            # log the full internal entropy profile every N steps (0 = only before/after)
     out: str = "runs/bupo"             # output dir: bupo/ and grpo/ runs, comparison.png, results.md
 
     bench: bool = False                # time one phase-1 update against one full GRPO update, then exit
 
 
-PRESETS = {"paper": dict(layer="auto"), "cpu": {**grpo.PRESETS["cpu"], "layer": "4", "inter_steps": 5, "out": "runs/bupo"}}
+PRESETS = {"paper": dict(layer="auto"), "cpu": {**grpo.PRESETS["cpu"], "layer": "4", "inter_steps": 5, "profile_every": 0, "out": "runs/bupo"}}
 
 
 def resolve_layer(cfg, model, tok):
@@ -105,11 +106,14 @@ def train_bupo(cfg, k, model, tok, desc="BuPO"):
     def policy_for_step(step):
         return layer_policy(k) if step < cfg.inter_steps else grpo.full_policy
 
-    def on_step(step, model, batch, m):
+    def on_step(step, model, tok, batch, m):
         m["phase"] = "internal" if step < cfg.inter_steps else "full"
         if step == cfg.inter_steps:
             print(f"step {step}: switching from pi_{k} to the full policy (plain GRPO)")
         log_entropies(model, batch, k, cfg, m)
+        if cfg.profile_every and (step + 1) % cfg.profile_every == 0:
+            prof = entropy_profile(model, tok, cfg)
+            m["profile_layer"], m["profile_dH_ffn"] = prof["layer"], prof["dH_ffn"]
     return grpo.train(cfg, policy_for_step, on_step, model=model, tok=tok, desc=desc)
 
 

@@ -401,56 +401,63 @@ def make_optimizer(cfg):
     return lambda model: torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="GRPO"):
-    """The GRPO loop; returns (metrics of every step, model, tokenizer).
-
-    policy_for_step(step) -> the policy fn whose log-probs the update uses (default: the
-    full output policy); on_step(step, model, batch, metrics) may add metrics.
-    """
+def setup(cfg, model=None, tok=None):
+    """(model, tok, optimizer, first step, metrics so far): fresh, or from out/checkpoint with --resume."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     os.makedirs(cfg.out, exist_ok=True)
     json.dump(asdict(cfg), open(os.path.join(cfg.out, "config.json"), "w"), indent=1)
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if cfg.resume:
         model, tok, optimizer, start = load_checkpoint(cfg.out, make_optimizer(cfg), model.device if model is not None else None)
     else:
         if model is None:
             model, tok = load_model(cfg.model, dtype=torch.float32)
         optimizer, start = make_optimizer(cfg)(model), 0
-    model.train()
     check_config(cfg, model)
+    path = os.path.join(cfg.out, "metrics.jsonl")
+    history = read_metrics(path, start)
+    with open(path, "w") as f:  # a resumed run drops what was logged after its checkpoint
+        f.writelines(json.dumps(m) + "\n" for m in history)
+    return model.train(), tok, optimizer, start, history
+
+
+def train_step(model, tok, optimizer, ref, problems, cfg, step, policy):
+    """1. sample and reward the groups, 2. old log-probs under `policy`, 3. PPO updates. Returns (batch, metrics)."""
+    t0 = time.perf_counter()
+    batch_problems = [problems[(step * cfg.prompts_per_step + i) % len(problems)] for i in range(cfg.prompts_per_step)]
+    batch, m, _ = rollout_step(model, tok, batch_problems, cfg, step)
+    t1 = time.perf_counter()
+    old_logp, ent = policy_logprobs(policy, model, batch, cfg)
+    ref_logp = policy_logprobs(policy, ref, batch, cfg)[0] if ref is not None else None
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # mini-batch order: reproducible on resume
+    m.update(ppo_update(model, optimizer, policy, batch, old_logp, ref_logp, cfg, gen))
+    resp = batch.response_mask
+    m.update(entropy=((ent * resp).sum() / resp.sum().clamp(min=1)).item(), lr=cfg.lr,
+             time_rollout=t1 - t0, time_update=time.perf_counter() - t1)
+    return batch, m
+
+
+def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="GRPO"):
+    """The GRPO loop; returns (metrics of every step, model, tokenizer).
+
+    policy_for_step(step) -> the policy fn whose log-probs the update uses (default: the
+    full output policy); on_step(step, model, tok, batch, metrics) may add metrics.
+    """
+    model, tok, optimizer, start, history = setup(cfg, model, tok)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef else None
     problems = task_problems(cfg.task, cfg.steps * cfg.prompts_per_step if cfg.task == "arithmetic" else 0, cfg.seed, "train")
-    history = read_metrics(metrics_path, start)
-    with open(metrics_path, "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in history)
-    bad_in_a_row = 0
-    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
-    with StopRequest() as stop, open(metrics_path, "a") as log:
+    bad_in_a_row, bar = 0, tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
+    with StopRequest() as stop, open(os.path.join(cfg.out, "metrics.jsonl"), "a") as log:
         for step in bar:
-            m = {"step": step}
-            if cfg.eval_every and step == 0:
-                m.update({f"{k}_before": v for k, v in run_eval(model, tok, cfg, step).items()})
-            t0 = time.perf_counter()
-            batch_problems = [problems[(step * cfg.prompts_per_step + i) % len(problems)] for i in range(cfg.prompts_per_step)]
-            batch, roll, _ = rollout_step(model, tok, batch_problems, cfg, step)
-            t1 = time.perf_counter()
-            policy = policy_for_step(step) if policy_for_step else full_policy
-            old_logp, ent = policy_logprobs(policy, model, batch, cfg)
-            ref_logp = policy_logprobs(policy, ref, batch, cfg)[0] if ref is not None else None
-            gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-            upd = ppo_update(model, optimizer, policy, batch, old_logp, ref_logp, cfg, gen)
-            t2 = time.perf_counter()
-            resp = batch.response_mask
-            m.update(roll, **upd, entropy=((ent * resp).sum() / resp.sum().clamp(min=1)).item(), lr=cfg.lr,
-                     time_rollout=t1 - t0, time_update=t2 - t1)
+            t0, last = time.perf_counter(), step == cfg.steps - 1
+            before = {f"{k}_before": v for k, v in run_eval(model, tok, cfg, step).items()} if cfg.eval_every and step == 0 else {}
+            batch, m = train_step(model, tok, optimizer, ref, problems, cfg, step, (policy_for_step or (lambda s: full_policy))(step))
+            m = {"step": step, **before, **m}
             if on_step:
-                on_step(step, model, batch, m)
-            bad_in_a_row = bad_in_a_row + 1 if upd["skipped_updates"] and not upd["updates"] else 0
-            if upd["skipped_updates"]:
-                tqdm.write(f"step {step}: {upd['skipped_updates']} update(s) skipped, non-finite loss or gradient")
-            last = step == cfg.steps - 1
+                on_step(step, model, tok, batch, m)
+            if m["skipped_updates"]:
+                tqdm.write(f"step {step}: {m['skipped_updates']} update(s) skipped, non-finite loss or gradient")
+            bad_in_a_row = bad_in_a_row + 1 if m["skipped_updates"] and not m["updates"] else 0
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
                 m.update(run_eval(model, tok, cfg, step + 1))
             m["time_step"] = time.perf_counter() - t0
@@ -466,8 +473,7 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
             if stop.requested:
                 tqdm.write(f"stopped after step {step}; continue with --resume --out {cfg.out}")
                 break
-    model.eval()
-    return history, model, tok
+    return history, model.eval(), tok
 
 
 def check_config(cfg, model):

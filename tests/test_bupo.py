@@ -65,8 +65,10 @@ def test_phase_one_update_moves_only_layers_up_to_k_and_the_unembedding():
 
 def test_switch_happens_exactly_after_inter_steps(tmp_path):
     cfg = bupo.BuPOConfig(**{**vars(tiny_cfg(tmp_path, steps=4)), "inter_steps": 2, "layer": "1"})
+    cfg = replace(cfg, profile_every=2, profile_samples=2)
     hist, _, _ = bupo.train_bupo(cfg, 1, tiny_model("llama"), FakeTok())
     assert [m["phase"] for m in hist] == ["internal", "internal", "full", "full"]
+    assert ["profile_layer" in m for m in hist] == [False, True, False, True] and len(hist[1]["profile_layer"]) == 4
     assert all("entropy_layer1" in m and "entropy_output" in m for m in hist)
 
 
@@ -107,3 +109,16 @@ def test_tiny_end_to_end_with_interruption_and_resume(tmp_path, monkeypatch):
     resumed, _, _ = bupo.train_bupo(replace(cfg_b, resume=True), 1, None, None)
     strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time")}
     assert [strip(m) for m in resumed] == [strip(m) for m in full]
+
+
+def test_experiment_writes_figures_and_table(tmp_path, monkeypatch):
+    """The main job end to end on a tiny model: both runs, the comparison figure, profiles and table."""
+    monkeypatch.setattr(bupo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
+    cfg = bupo.BuPOConfig(**{**vars(tiny_cfg(tmp_path, steps=2, eval_every=1)), "inter_steps": 1, "layer": "1",
+                             "profile_samples": 2, "profile_every": 0, "out": str(tmp_path / "exp")})
+    bupo.experiment(cfg)
+    out = tmp_path / "exp"
+    for f in ("comparison.png", "profiles.png", "curves.png", "results.md", "results.json", "bupo/metrics.jsonl", "grpo/metrics.jsonl"):
+        assert (out / f).exists(), f
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].startswith("| model | arithmetic | avg |") and [r.split("|")[1].strip() for r in table[2:]] == ["initial", "BuPO", "GRPO"]

@@ -160,7 +160,7 @@ def fake_load(path=None, **kw):
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     full, _, _ = grpo.train(tiny_cfg(tmp_path / "a"), model=tiny_model("llama"), tok=FakeTok())
 
-    def ctrl_c(step, model, batch, metrics):
+    def ctrl_c(step, model, tok, batch, metrics):
         if step == 1:
             os.kill(os.getpid(), signal.SIGINT)
     part, _, _ = grpo.train(tiny_cfg(tmp_path / "b"), on_step=ctrl_c, model=tiny_model("llama"), tok=FakeTok())
