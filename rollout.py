@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from decompose import is_sandwich, load_model, unembed
 
@@ -60,7 +59,7 @@ def sample(logits, temperature, top_k, top_p, generator):
     if temperature == 0:  # greedy; log-probs reported at temperature 1
         tok = logits.argmax(-1)
         return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
-    logp = (logits / temperature).log_softmax(-1)  # (B, V)
+    logp = (logits if temperature == 1 else logits / temperature).log_softmax(-1)  # (B, V)
     probs = filter_logits(logp, top_k, top_p).softmax(-1) if top_k or top_p < 1 else logp.exp()
     cdf = probs.cumsum(-1)  # (B, V)
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # (B, 1)
@@ -272,7 +271,7 @@ def bench_fixed(model, batch, new_tokens, dtype):
 
 def bench_grpo(model, tok, n_prompts=16, group=8, new_tokens=256):
     """The GRPO workload: math prompts x group samples, T=1, stop at EOS; count tokens up to each EOS."""
-    from evaluate import load_problems
+    from evaluate import load_problems  # here, not at the top: evaluate imports rollout
     problems = load_problems("math500")[:n_prompts]
     prompts = [p for p in chat_prompts(tok, problems) for _ in range(group)]
     eos = tok.eos_token_id
@@ -307,7 +306,7 @@ def bench(args):
 
 def print_bf16_drift(model, tok):
     """How far bf16 rollout log-probs drift from the float32 policy's on the same sampled tokens."""
-    from evaluate import load_problems
+    from evaluate import load_problems  # here, not at the top: evaluate imports rollout
     prompts = chat_prompts(tok, load_problems("math500")[:8])
     r = generate(model, prompts, max_new_tokens=64, seed=0, dtype=torch.bfloat16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     diffs = []

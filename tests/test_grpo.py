@@ -9,7 +9,7 @@ import torch
 
 import grpo
 from conftest import tiny_model
-from grpo import GRPOConfig, aggregate, group_advantages, kl_penalty, logprobs_from_hidden, policy_loss, token_logprobs
+from grpo import GRPOConfig, aggregate, group_advantages, kl_penalty, policy_loss, token_logprobs
 
 
 def test_group_advantages_hand_computed():
