@@ -122,3 +122,8 @@ def test_experiment_writes_figures_and_table(tmp_path, monkeypatch):
         assert (out / f).exists(), f
     table = (out / "results.md").read_text().splitlines()
     assert table[0].startswith("| model | arithmetic | avg |") and [r.split("|")[1].strip() for r in table[2:]] == ["initial", "BuPO", "GRPO"]
+    before = (out / "bupo" / "metrics.jsonl").read_text()
+    trained = []
+    monkeypatch.setattr(bupo, "train_bupo", lambda *a, **k: trained.append(1))
+    bupo.experiment(replace(cfg, resume=True))  # both runs finished: resume only re-reports
+    assert trained == [] and (out / "bupo" / "metrics.jsonl").read_text() == before
