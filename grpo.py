@@ -285,7 +285,8 @@ def ppo_update(model, optimizer, policy, batch, old_logp, ref_logp, cfg, gen):
     for m in range(0, n_prompts, cfg.mini_batch_prompts):
         prompts = order[m:m + cfg.mini_batch_prompts]
         idx = (prompts[:, None] * cfg.group_size + torch.arange(cfg.group_size)).view(-1)  # (n_mb,) rows of whole groups
-        agg_kw = dict(n_tokens=batch.response_mask[idx].sum().clamp(min=1), n_seqs=len(idx), max_len=batch.response_mask.shape[1])
+        agg_kw = dict(n_tokens=batch.response_mask[idx].sum().clamp(min=1), n_seqs=len(idx),
+                      max_len=cfg.max_new_tokens)  # denominators of the whole mini-batch; Dr. GRPO's is the budget
         total, parts = 0.0, []
         for j, ids, att, resp, adv in micro_slices(batch, idx, cfg.micro_batch):
             logp, ent = policy(model, ids, att, cfg.temperature, resp)
