@@ -209,11 +209,13 @@ def unembed(model, x, final_norm=False):
     """
     if final_norm:
         x = model.model.norm(x)
-    logits = model.lm_head(x)
+    return softcap(model, model.lm_head(x))
+
+
+def softcap(model, logits):
+    """Gemma's final logit soft-capping, cap * tanh(logits / cap), where the config sets one."""
     cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def main():

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from decompose import is_sandwich, load_model, unembed
+from decompose import is_sandwich, load_model, softcap
 
 
 @dataclass
@@ -78,13 +78,44 @@ def _rope(model, x, pos):
     return {t: cs for t in set(types or ["full_attention"])}
 
 
-def _attend(layer, h, cos_sin, kv, start, key_ok):
+def pack_linears(model):
+    """oneDNN-prepacked copies of every linear weight, on CPU (the layout torch.compile uses).
+
+    A decode step's GEMMs are small-M products against big weights; with the weights
+    packed once per generate call instead of at every product they run ~2x faster (lm_head
+    ~3.5x) on this CPU. {} where oneDNN is unavailable: the modules are then called as is.
+    """
+    if model.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return {}
+    return {m: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 64)
+            for m in model.modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _linear(packed, mod, x):
+    """mod(x) for an nn.Linear, through its packed weight when there is one."""
+    w = packed.get(mod)
+    if w is None:
+        return mod(x)
+    bias = None if mod.bias is None else mod.bias.detach()
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, bias, "none", [], "")  # (B*T, out)
+    return y.view(*x.shape[:-1], -1)
+
+
+def _mlp(packed, mlp, x):
+    """The gated MLP of Llama, Qwen and Gemma, down(act(gate(x)) * up(x)), with packed weights."""
+    if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return mlp(x)  # another MLP form: the module as it is
+    lin = lambda mod, v: _linear(packed, mod, v)
+    return lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, x)) * lin(mlp.up_proj, x))
+
+
+def _attend(layer, h, cos_sin, kv, start, key_ok, packed):
     """Self-attention of h (B, T, D) at cache slots start..start+T-1, writing its K/V into kv."""
     a = layer.self_attn
     B, T, _ = h.shape
-    q = a.q_proj(h).view(B, T, -1, a.head_dim).transpose(1, 2)  # (B, H, T, hd)
-    k = a.k_proj(h).view(B, T, -1, a.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-    v = a.v_proj(h).view(B, T, -1, a.head_dim).transpose(1, 2)
+    q = _linear(packed, a.q_proj, h).view(B, T, -1, a.head_dim).transpose(1, 2)  # (B, H, T, hd)
+    k = _linear(packed, a.k_proj, h).view(B, T, -1, a.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+    v = _linear(packed, a.v_proj, h).view(B, T, -1, a.head_dim).transpose(1, 2)
     if hasattr(a, "q_norm"):  # Qwen3, Gemma3
         q, k = a.q_norm(q), a.k_norm(k)
     cos, sin = cos_sin
@@ -100,7 +131,7 @@ def _attend(layer, h, cos_sin, kv, start, key_ok):
         in_window = torch.arange(end, device=h.device)[None, :] > q_slot - window  # (T, S_filled)
         mask = in_window[None, None] if mask is None else mask & in_window
     o = _gqa_attention(q, K[:B, :, :end], V[:B, :, :end], mask, a.scaling)  # (B, H, T, hd)
-    return a.o_proj(o.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+    return _linear(packed, a.o_proj, o.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
 def _gqa_attention(q, K, V, mask, scale):
@@ -126,21 +157,21 @@ def _apply_rope(x, cos, sin):
     return x * cos[:, None] + rotated * sin[:, None]  # cos: (B, T, hd) -> (B, 1, T, hd)
 
 
-def forward(model, ids, pos, cache, start, key_ok):
+def forward(model, ids, pos, cache, start, key_ok, packed):
     """Run the decoder on ids (B, T) at cache slots start.., return the last position's logits (B, V)."""
     x = model.model.embed_tokens(ids)  # (B, T, D), Gemma's scaling included
     rope = _rope(model, x, pos)
     types = getattr(model.config, "layer_types", None)
     for l, layer in enumerate(model.model.layers):
         cs = rope[types[l] if types else "full_attention"]
-        a = _attend(layer, layer.input_layernorm(x), cs, cache[l], start, key_ok)
+        a = _attend(layer, layer.input_layernorm(x), cs, cache[l], start, key_ok, packed)
         if is_sandwich(layer):
             x = x + layer.post_attention_layernorm(a)
-            x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+            x = x + layer.post_feedforward_layernorm(_mlp(packed, layer.mlp, layer.pre_feedforward_layernorm(x)))
         else:
             x = x + a
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return unembed(model, x[:, -1], final_norm=True)  # logits only where we sample
+            x = x + _mlp(packed, layer.mlp, layer.post_attention_layernorm(x))
+    return softcap(model, _linear(packed, model.lm_head, model.model.norm(x[:, -1])))  # logits only where we sample
 
 
 # ----------------------------------------------------------------------------- generate
@@ -177,7 +208,7 @@ def _left_pad(prompts, pad_token_id, device):
     return ids.to(device), ok.to(device)  # (B, P) each
 
 
-def prefill(model, prompts, max_new_tokens, pad_token_id):
+def prefill(model, prompts, max_new_tokens, pad_token_id, packed):
     """Run the prompts and allocate the cache; each distinct prompt runs once (a GRPO group repeats it).
 
     Returns the next-token logits (B, V), the cache (per layer K, V: (B, Hkv, P+N, hd)),
@@ -196,7 +227,7 @@ def prefill(model, prompts, max_new_tokens, pad_token_id):
              for _ in model.model.layers]
     causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
     prefill_ok = (ok[:, None, :] & causal) | torch.eye(P, dtype=torch.bool, device=dev)  # (U, P, P); pad rows see themselves: no NaN
-    logits = forward(model, ids, pos, cache, 0, prefill_ok)[inverse]  # (B, V)
+    logits = forward(model, ids, pos, cache, 0, prefill_ok, packed)[inverse]  # (B, V)
     if U < B:
         for K, V in cache:
             K[:, :, :P], V[:, :, :P] = K[inverse, :, :P], V[inverse, :, :P]  # (B, Hkv, P, hd) from the U prefilled rows
@@ -220,7 +251,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     dev, B, N = model.device, len(prompts), max_new_tokens
     eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
-    logits, cache, key_ok, next_pos, P, padded = prefill(model, prompts, N, pad_token_id)
+    packed = pack_linears(model)
+    logits, cache, key_ok, next_pos, P, padded = prefill(model, prompts, N, pad_token_id, packed)
 
     # decode: one token per step; rows[i] is the original index of active row i
     tokens = torch.full((B, N), pad_token_id, dtype=torch.long, device=dev)
@@ -244,7 +276,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
                 V[:n_alive, :, :P + t] = V[keep, :, :P + t]
             rows, tok, next_pos, key_ok = rows[keep], tok[keep], next_pos[keep], key_ok[keep]
             alive = torch.ones(n_alive, dtype=torch.bool, device=dev)
-        logits = forward(model, tok[:, None], next_pos[:, None], cache, P + t, key_ok[:, None, :] if padded else None)
+        logits = forward(model, tok[:, None], next_pos[:, None], cache, P + t, key_ok[:, None, :] if padded else None, packed)
         next_pos = next_pos + 1
     return Rollout(tokens, logprobs, lengths, finished)
 
