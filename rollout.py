@@ -4,8 +4,10 @@ GRPO and BuPO (arXiv 2512.19673, Sec. 3) spend most of their time sampling group
 responses. This file does it without `model.generate`: a left-padded prefill that
 unembeds only the last position, then one token per step against a cache allocated
 once, attending only over its filled part; finished sequences are dropped from the
-batch (compaction) so they stop costing compute. The decoder layers' own modules
-(projections, norms, rotary embedding, MLP) do the math; only the loop is ours.
+batch (compaction) so they stop costing compute; a GRPO group's repeated prompt is
+prefilled once. The decoder layers' own modules (projections, norms, rotary embedding)
+and weights do the math; on CPU the linear weights are packed once per call into
+oneDNN's layout, which halves the cost of the small-M products of a decode step.
 Sampling follows verl/vLLM: the returned log-prob of a token is under the distribution
 it was sampled from after temperature and before top-k/top-p truncation.
 
