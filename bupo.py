@@ -112,7 +112,7 @@ def train_bupo(cfg, k, model, tok, desc="BuPO"):
 
     def on_step(step, model, tok, batch, m):
         m["phase"] = "internal" if step < cfg.inter_steps else "full"
-        if step == cfg.inter_steps:
+        if step == cfg.inter_steps > 0:
             tqdm.write(f"step {step}: switching from pi_{k} to the full policy (plain GRPO)")
         log_entropies(model, batch, k, cfg, m)
         if cfg.profile_every and (step + 1) % cfg.profile_every == 0:
