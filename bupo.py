@@ -191,9 +191,9 @@ def plot_comparison(path, runs, k, inter_steps):
         steps = [m["step"] for m in hist]
         for ax, (key, title) in zip(axes, keys):
             if key is None:
-                ev = [(0, hist[0]["eval/avg_before"])] * ("eval/avg_before" in hist[0])
-                ev += [(m["step"] + 1, m["eval/avg"]) for m in hist if "eval/avg" in m]
-                ax.plot(*zip(*ev), marker="o", label=name) if ev else None
+                ev = grpo.eval_points(hist)
+                if ev:
+                    ax.plot(*zip(*ev), marker="o", label=name)
             else:
                 ax.plot(steps, [m[key] for m in hist], label=name)
             ax.set(title=title, xlabel="step")

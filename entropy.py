@@ -36,7 +36,11 @@ KEYS = {"attn_in": "attn_in", "attn": "attn_out", "ffn_in": "ffn_in", "ffn": "ff
 
 def entropy(logits):
     """Entropy in nats over the last dim, in float32; -inf logits contribute 0 (no NaN)."""
-    logp = logits.float().log_softmax(-1)
+    return entropy_of_logp(logits.float().log_softmax(-1))
+
+
+def entropy_of_logp(logp):
+    """-sum_v p_v log p_v from log-probs (..., V); -inf entries contribute 0."""
     return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
 
 

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from decompose import load_model, unembed
+from entropy import entropy_of_logp
 from evaluate import arithmetic_problems, evaluate, load_problems, problem_reward
 from rollout import chat_prompts, generate
 
@@ -115,7 +116,7 @@ def kl_penalty(logp, ref_logp, kind="k3"):
 def _chunk_logprobs(model, h, targets, temperature, final_norm):
     logits = unembed(model, h, final_norm).float() / temperature  # (c, V)
     logp = logits.log_softmax(-1)
-    ent = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)  # (c,)
+    ent = entropy_of_logp(logp)  # (c,)
     return logp.gather(-1, targets[:, None])[:, 0], ent
 
 
@@ -490,14 +491,19 @@ def check_config(cfg, model):
     kl_penalty(torch.zeros(1), torch.zeros(1), cfg.kl_estimator)
 
 
+def eval_points(hist):
+    """(step, held-out avg accuracy) pairs of a run: before training, then at each evaluation."""
+    before = [(0, hist[0]["eval/avg_before"])] if "eval/avg_before" in hist[0] else []
+    return before + [(m["step"] + 1, m["eval/avg"]) for m in hist if "eval/avg" in m]
+
+
 def plot_curves(path, runs):
     """Reward, held-out accuracy, entropy and response length over steps, one line per run."""
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     for name, hist in runs.items():
         steps = [m["step"] for m in hist]
         axes[0].plot(steps, [m["reward_mean"] for m in hist], label=name)
-        ev = [(m["step"] + 1, m["eval/avg"]) for m in hist if "eval/avg" in m]
-        ev = [(0, hist[0]["eval/avg_before"])] * ("eval/avg_before" in hist[0]) + ev
+        ev = eval_points(hist)
         if ev:
             axes[1].plot(*zip(*ev), marker="o", label=name)
         axes[2].plot(steps, [m["entropy"] for m in hist], label=name)

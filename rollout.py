@@ -291,7 +291,7 @@ def _time(fn):
     return out, time.perf_counter() - t
 
 
-def bench_fixed(model, batch, new_tokens, dtype):
+def bench_fixed(model, batch, new_tokens):
     """Fixed-length decode (EOS ignored by both): tokens/s of HF generate and of ours."""
     torch.manual_seed(0)
     prompts = [torch.randint(100, 1000, (32,)).tolist() for _ in range(batch)]
@@ -328,12 +328,12 @@ def bench(args):
     print(f"device {model.device}, dtype {model.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'case':<34}{'HF tok/s':>10}{'ours tok/s':>12}{'ratio':>8}")
     for batch in args.batches:
-        hf, us = bench_fixed(model, batch, args.new_tokens, model.dtype)
+        hf, us = bench_fixed(model, batch, args.new_tokens)
         print(f"{f'fixed length, batch {batch}, {args.new_tokens} new':<34}{hf:>10.1f}{us:>12.1f}{us / hf:>7.2f}x", flush=True)
     hf, us = bench_grpo(model, tok)
     print(f"{'GRPO workload, 16x8, <=256, EOS':<34}{hf:>10.1f}{us:>12.1f}{us / hf:>7.2f}x", flush=True)
     bf = copy.deepcopy(model).to(torch.bfloat16)
-    hf, us = bench_fixed(bf, args.batches[-1], args.new_tokens, torch.bfloat16)
+    hf, us = bench_fixed(bf, args.batches[-1], args.new_tokens)
     print(f"{f'bf16 both, batch {args.batches[-1]}':<34}{hf:>10.1f}{us:>12.1f}{us / hf:>7.2f}x", flush=True)
     print_bf16_drift(model, tok)
 
