@@ -11,6 +11,7 @@ plain GRPO. The layer comes from the entropy analysis (entropy.py) or is given.
     python bupo.py                       # BuPO vs GRPO on the default model, arithmetic task, CPU (~15 min)
     python bupo.py --bench               # one phase-1 update vs one full GRPO update
     python bupo.py --preset paper --model Qwen/Qwen3-4B --layer 5 --inter-steps 30   # the paper's setting
+    torchrun --nproc_per_node=2 bupo.py  # the same, data parallel over 2 processes (distributed.py)
 """
 import copy
 import json
@@ -22,6 +23,7 @@ import matplotlib
 import torch
 from tqdm import tqdm
 
+import distributed
 import grpo
 from decompose import check_inputs, load_model
 from entropy import eic_stages, internal_entropy
@@ -97,7 +99,7 @@ def resolve_layer(cfg, model, tok):
 def entropy_profile(model, tok, cfg):
     """internal_entropy (paper convention) over cfg.profile_samples fresh responses to training prompts."""
     problems = grpo.task_problems(cfg.task, cfg.profile_samples, cfg.seed + 1, "train")[:cfg.profile_samples]
-    batch, _, _ = grpo.rollout_step(model, tok, problems, replace(cfg, group_size=1), step=-1)
+    batch, _ = grpo.rollout_step(model, tok, problems, replace(cfg, group_size=1), step=-1)
     resp = torch.zeros_like(batch.input_ids)
     resp[:, 1:] = batch.response_mask
     return internal_entropy(model, batch.input_ids, resp, attention_mask=batch.attention_mask)
@@ -110,24 +112,25 @@ def train_bupo(cfg, k, model, tok, desc="BuPO"):
     def policy_for_step(step):
         return layer_policy(k) if step < cfg.inter_steps else grpo.full_policy
 
-    def on_step(step, model, tok, batch, m):
+    def on_step(step, runner, tok, batch, m):
         m["phase"] = "internal" if step < cfg.inter_steps else "full"
-        if step == cfg.inter_steps > 0:
+        if step == cfg.inter_steps > 0 and distributed.init().main:
             tqdm.write(f"step {step}: switching from pi_{k} to the full policy (plain GRPO)")
-        log_entropies(model, batch, k, cfg, m)
+        log_entropies(runner, batch, k, cfg, m)
         if cfg.profile_every and (step + 1) % cfg.profile_every == 0:
-            prof = entropy_profile(model, tok, cfg)
+            with distributed.full_weights(runner) as model:  # every rank profiles the same responses
+                prof = entropy_profile(model, tok, cfg)
             m["profile_layer"], m["profile_dH_ffn"] = prof["layer"], prof["dH_ffn"]
     return grpo.train(cfg, policy_for_step, on_step, model=model, tok=tok, desc=desc)
 
 
 @torch.no_grad()
-def log_entropies(model, batch, k, cfg, m):
-    """Token-mean entropy of pi_k and of the output policy on this step's responses (first micro-batch)."""
+def log_entropies(runner, batch, k, cfg, m):
+    """Token-mean entropy of pi_k and of the output policy on this step's responses (each rank's first micro-batch)."""
     j, ids, att, resp, _ = next(grpo.micro_slices(batch, torch.arange(batch.input_ids.shape[0]), cfg.micro_batch))
-    n = resp.sum().clamp(min=1)
-    m[f"entropy_layer{k}"] = (layer_logprobs(model, ids, att, k, cfg.temperature, resp)[1].sum() / n).item()
-    m["entropy_output"] = (grpo.full_policy(model, ids, att, cfg.temperature, resp)[1].sum() / n).item()
+    sums = [runner(policy, ids, att, cfg.temperature, resp)[1].sum().item() for policy in (layer_policy(k), grpo.full_policy)]
+    h_k, h_out, n = distributed.all_sum(sums + [resp.sum().item()])
+    m[f"entropy_layer{k}"], m["entropy_output"] = h_k / max(n, 1), h_out / max(n, 1)
 
 
 def finished_run(cfg):
@@ -138,9 +141,10 @@ def finished_run(cfg):
 
 
 def experiment(cfg):
-    """BuPO and GRPO from the same weights, seed and data; curves, profiles and a results table."""
-    model, tok = load_model(cfg.model, dtype=torch.float32)
-    k = resolve_layer(cfg, model, tok)
+    """BuPO and GRPO from the same weights, seed and data; curves, profiles and a results table (rank 0)."""
+    d = distributed.init()
+    model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
+    k = resolve_layer(cfg, model, tok)  # under torchrun every rank finds the same k
     init = copy.deepcopy(model)
     runs, models = {}, {}
     for name in ("BuPO", "GRPO"):
@@ -155,7 +159,9 @@ def experiment(cfg):
             runs[name], models[name], _ = train_bupo(run_cfg, k, start, tok)
         else:
             runs[name], models[name], _ = train_bupo(replace(run_cfg, inter_steps=0), k, start, tok, desc="GRPO")
-    report(cfg, k, init, models, runs, tok)
+    distributed.close()
+    if d.main:
+        report(cfg, k, init, models, runs, tok)
 
 
 def report(cfg, k, init, models, runs, tok):
@@ -229,17 +235,17 @@ def bench(cfg, repeats=3):
     model, tok = load_model(cfg.model, dtype=torch.float32)
     k, L = int(cfg.layer) if cfg.layer != "auto" else 4, model.config.num_hidden_layers
     problems = grpo.task_problems(cfg.task, cfg.prompts_per_step, cfg.seed, "train")[:cfg.prompts_per_step]
-    batch, _, _ = grpo.rollout_step(model, tok, problems, cfg, 0)
+    batch, _ = grpo.rollout_step(model, tok, problems, cfg, 0)
     print(f"batch: {batch.input_ids.shape[0]} sequences x {batch.input_ids.shape[1]} tokens, k={k}, L={L}")
     times = {}
     for name, policy in (("phase 1 (pi_k)", layer_policy(k)), ("full GRPO", grpo.full_policy)):
-        m = copy.deepcopy(model).train()
+        m = distributed.Policy(copy.deepcopy(model).train())
         opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr)
         ts = []
         for r in range(repeats + 1):  # the first is a warm-up
             t = time.perf_counter()
             old, _ = grpo.policy_logprobs(policy, m, batch, cfg)
-            grpo.ppo_update(m, opt, policy, batch, old, None, cfg, torch.Generator().manual_seed(r))
+            grpo.ppo_update(m, opt, policy, batch, old, None, cfg)
             ts.append(time.perf_counter() - t)
         times[name] = min(ts[1:])
         print(f"{name:>16}: {times[name]:.2f} s per update (old log-probs + PPO update)")

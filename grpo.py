@@ -10,8 +10,10 @@ bupo.py can swap in an internal layer policy without copying the loop.
 
     python grpo.py                        # CPU preset: default model, arithmetic task, ~10 min
     python grpo.py --preset paper --model Qwen/Qwen3-4B --task deepmath   # the paper's setting
+    torchrun --nproc_per_node=2 grpo.py   # the same, data parallel over 2 processes (distributed.py)
 """
 import argparse
+import contextlib
 import copy
 import inspect
 import json
@@ -22,6 +24,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 
 import matplotlib
@@ -29,9 +32,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+import distributed
 from decompose import load_model, unembed
 from entropy import entropy_of_logp
-from evaluate import arithmetic_problems, evaluate, load_problems, problem_reward
+from evaluate import arithmetic_problems, evaluate, load_problems, problem_reward, summarize
 from rollout import chat_prompts, generate
 
 matplotlib.use("Agg")  # figures to files, no display
@@ -186,7 +190,8 @@ class GRPOConfig:
     save_every: int = 10               # checkpoint every N steps
     seed: int = 0                      # data order, sampling and mini-batch shuffles
     out: str = "runs/grpo"             # output dir: metrics.jsonl, checkpoint/, curves.png
-    resume: bool = False               # continue from out/checkpoint
+    resume: bool = False               # continue from out/checkpoint (saved by any number of ranks)
+    fsdp: bool = False                 # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
 
 
 PRESETS = {
@@ -267,97 +272,124 @@ def micro_slices(batch, idx, size):
 
 
 @torch.no_grad()
-def policy_logprobs(policy, model, batch, cfg):
-    """Log-probs and entropies (N, T-1) of the batch under `policy`, micro-batch by micro-batch."""
+def policy_logprobs(policy, runner, batch, cfg):
+    """Log-probs and entropies (N, T-1) of the batch under `policy`, micro-batch by micro-batch.
+
+    runner: distributed.Policy(model), or its DDP/FSDP wrapper; runner(policy, ...) = policy(model, ...).
+    """
     N, T = batch.input_ids.shape
     logp = torch.zeros(N, T - 1, device=batch.input_ids.device)
     ent = torch.zeros_like(logp)
     for j, ids, att, resp, _ in micro_slices(batch, torch.arange(N), cfg.micro_batch):
-        lp, en = policy(model, ids, att, cfg.temperature, resp)
+        lp, en = runner(policy, ids, att, cfg.temperature, resp)
         logp[j, :lp.shape[1]], ent[j, :lp.shape[1]] = lp, en
     return logp, ent
 
 
-def ppo_update(model, optimizer, policy, batch, old_logp, ref_logp, cfg, gen):
-    """PPO epochs of one step: shuffled mini-batches of whole groups, micro-batch accumulation."""
-    n_prompts = batch.input_ids.shape[0] // cfg.group_size
-    order = torch.randperm(n_prompts, generator=gen)
+def ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, cfg, world=1):
+    """PPO updates of one step: consecutive mini-batches of whole groups (the rows come shuffled), micro-batch accumulation.
+
+    With several ranks, each holds its 1/world of every mini-batch. The loss divides by
+    the mini-batch's token count over all ranks (verl's global token-mean) and is scaled
+    by world, so the gradient mean of DDP/FSDP is the gradient of one process over the
+    whole mini-batch. Statistics are token-weighted and summed over ranks.
+    """
+    rows = cfg.mini_batch_prompts // world * cfg.group_size  # this rank's rows of a mini-batch
     stats, skipped = [], 0
-    for m in range(0, n_prompts, cfg.mini_batch_prompts):
-        prompts = order[m:m + cfg.mini_batch_prompts]
-        idx = (prompts[:, None] * cfg.group_size + torch.arange(cfg.group_size)).view(-1)  # (n_mb,) rows of whole groups
-        agg_kw = dict(n_tokens=batch.response_mask[idx].sum().clamp(min=1), n_seqs=len(idx),
-                      max_len=cfg.max_new_tokens)  # denominators of the whole mini-batch; Dr. GRPO's is the budget
-        total, parts = 0.0, []
-        for j, ids, att, resp, adv in micro_slices(batch, idx, cfg.micro_batch):
-            logp, ent = policy(model, ids, att, cfg.temperature, resp)
-            loss, st = policy_loss(logp, old_logp[j, :logp.shape[1]], adv, resp, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.loss_agg, **agg_kw)
-            st["pg_loss"] = loss.detach()
-            if cfg.kl_coef:
-                kl = aggregate(kl_penalty(logp, ref_logp[j, :logp.shape[1]], cfg.kl_estimator), resp, cfg.loss_agg, **agg_kw)
-                loss, st["kl"] = loss + cfg.kl_coef * kl, kl.detach()
-            if cfg.entropy_coef:
-                loss = loss - cfg.entropy_coef * aggregate(ent, resp, cfg.loss_agg, **agg_kw)
-            loss.backward()
-            total += loss.item()
-            parts.append({k: float(v) for k, v in st.items()})
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        if not (math.isfinite(total) and math.isfinite(grad_norm)):
+    for m in range(0, batch.input_ids.shape[0], rows):
+        idx = torch.arange(m, m + rows)
+        n_tokens = max(distributed.all_sum([batch.response_mask[idx].sum().item()])[0], 1.0)
+        agg_kw = dict(n_tokens=n_tokens, n_seqs=rows * world, max_len=cfg.max_new_tokens)  # Dr. GRPO's is the budget
+        sums = defaultdict(float)  # loss terms (already / n_tokens) and token-weighted fractions
+        micro = list(micro_slices(batch, idx, cfg.micro_batch))
+        for i, (j, ids, att, resp, adv) in enumerate(micro):
+            with distributed.accumulate(runner, last=i == len(micro) - 1):
+                logp, ent = runner(policy, ids, att, cfg.temperature, resp)
+                loss, st = policy_loss(logp, old_logp[j, :logp.shape[1]], adv, resp, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.loss_agg, **agg_kw)
+                sums["pg_loss"] += loss.item()
+                if cfg.kl_coef:
+                    kl = aggregate(kl_penalty(logp, ref_logp[j, :logp.shape[1]], cfg.kl_estimator), resp, cfg.loss_agg, **agg_kw)
+                    loss = loss + cfg.kl_coef * kl
+                    sums["kl"] += kl.item()
+                if cfg.entropy_coef:
+                    loss = loss - cfg.entropy_coef * aggregate(ent, resp, cfg.loss_agg, **agg_kw)
+                (loss * world).backward()
+            sums["loss"] += loss.item()
+            for k, v in st.items():
+                sums[k] += v.item() * resp.sum().item() / n_tokens
+        sums = dict(zip(sums, distributed.all_sum(list(sums.values()))))
+        grad_norm = torch.nn.utils.clip_grad_norm_(runner.parameters(), cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
+        if not (math.isfinite(sums.pop("loss")) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)  # skip: never step on a NaN/inf
             skipped += 1
             continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stats.append({**{k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if k != "pg_loss"},
-                      "pg_loss": sum(p["pg_loss"] for p in parts), "grad_norm": grad_norm})
+        stats.append({**sums, "grad_norm": grad_norm})
     out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if stats else {}
     return {**out, "updates": len(stats), "skipped_updates": skipped}
 
 
-def rollout_step(model, tok, problems, cfg, step):
-    """Sample the groups, reward them, compute advantages. Returns (batch, metrics)."""
-    prompts = [p for p in chat_prompts(tok, problems) for _ in range(cfg.group_size)]
+def rollout_step(model, tok, problems, cfg, step, prompt_index=None):
+    """Sample the groups of `problems`, reward them, compute advantages. Returns (batch, per-row results).
+
+    prompt_index: (n,) the problems' places among the step's cfg.prompts_per_step prompts
+    when this process samples only its share; each row then gets the random draws it
+    gets when one process samples them all.
+    """
+    G = cfg.group_size
+    prompts = [p for p in chat_prompts(tok, problems) for _ in range(G)]
+    index = torch.arange(len(problems)) if prompt_index is None else prompt_index  # (n,)
     r = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=cfg.seed * 1_000_003 + step,
-                 dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None)
+                 dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None,
+                 batch_index=(index[:, None] * G + torch.arange(G)).view(-1),  # (n*G,) rows of the whole step
+                 batch_rows=(len(problems) if prompt_index is None else cfg.prompts_per_step) * G)
     texts = tok.batch_decode([t[:n] for t, n in zip(r.tokens.tolist(), r.lengths.tolist())], skip_special_tokens=True)
-    rewards = torch.tensor([problem_reward(t, problems[i // cfg.group_size]) for i, t in enumerate(texts)])
-    adv = group_advantages(rewards, cfg.group_size, scale=cfg.scale_adv)
-    groups = rewards.view(-1, cfg.group_size)
-    lengths = r.lengths.float()
-    metrics = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-               "accuracy": (rewards == 1).float().mean().item(), "zero_std_groups": (groups.std(1) == 0).float().mean().item() if cfg.group_size > 1 else 1.0,
-               "response_len_mean": lengths.mean().item(), "response_len_max": lengths.max().item(),
-               "truncated": (~r.finished).float().mean().item()}
-    return make_batch(prompts, r, tok.pad_token_id, adv), metrics, texts
+    rewards = torch.tensor([problem_reward(t, problems[i // G]) for i, t in enumerate(texts)])
+    adv = group_advantages(rewards, G, scale=cfg.scale_adv)
+    rows = {"reward": rewards, "length": r.lengths.float().cpu(), "truncated": (~r.finished).float().cpu()}
+    return make_batch(prompts, r, tok.pad_token_id, adv), rows
+
+
+def rollout_metrics(rows, group_size):
+    """Step metrics from the per-row results of rollout_step (of all ranks)."""
+    rewards, lengths = rows["reward"], rows["length"]
+    groups = rewards.view(-1, group_size)
+    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "accuracy": (rewards == 1).float().mean().item(), "zero_std_groups": (groups.std(1) == 0).float().mean().item(),
+            "response_len_mean": lengths.mean().item(), "response_len_max": lengths.max().item(),
+            "truncated": rows["truncated"].mean().item()}
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(out, model, tok, optimizer, step, cfg):
-    """out/checkpoint: the model in HF format, optimizer, RNG states and the next step (atomic)."""
+def save_checkpoint(out, runner, tok, optimizer, step, cfg, d):
+    """out/checkpoint: the model in HF format, optimizer state by parameter name, RNG states, the next step.
+
+    All ranks call (FSDP gathers the shards); rank 0 writes, atomically.
+    """
+    model_sd, optim_sd = distributed.model_state(runner), distributed.optimizer_state(runner, optimizer)
+    if not d.main:
+        return
     final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, f"checkpoint.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(os.path.join(tmp, "model"))
+    distributed.inner(runner).model.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)
     tok.save_pretrained(os.path.join(tmp, "model"))
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg),
+    torch.save({"optimizer": optim_sd, "step": step, "config": asdict(cfg), "world": d.world,
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, os.path.join(tmp, "trainer.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
 
-def load_checkpoint(out, optimizer_fn, device):
-    """(model, tok, optimizer, next step) from out/checkpoint."""
+def load_checkpoint(out, device):
+    """(model, tok, trainer state) from out/checkpoint; the state is loaded into the optimizer once it exists."""
     path = os.path.join(out, "checkpoint")
     if not os.path.exists(os.path.join(path, "trainer.pt")):
         raise FileNotFoundError(f"--resume: no checkpoint in {path}; run without --resume to start afresh")
     model, tok = load_model(os.path.join(path, "model"), dtype=torch.float32, device=device)
-    state = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
-    optimizer = optimizer_fn(model)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    return model, tok, optimizer, state["step"]
+    return model, tok, torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
 
 
 def read_metrics(path, before_step):
@@ -370,9 +402,13 @@ def read_metrics(path, before_step):
 # ----------------------------------------------------------------------------- the loop
 
 class StopRequest:
-    """Ctrl-C sets a flag; the loop saves a checkpoint at the end of the step and exits. A second Ctrl-C kills."""
-    def __init__(self):
-        self.requested = False
+    """Ctrl-C sets a flag; the loop saves a checkpoint at the end of the step and exits. A second Ctrl-C kills.
+
+    Under torchrun (several ranks) the later Ctrl-Cs are ignored, as torchrun forwards
+    its own copy: it waits 30 s for the workers, then kills them.
+    """
+    def __init__(self, world=1):
+        self.requested, self.world = False, world
 
     def __enter__(self):
         self.old = signal.signal(signal.SIGINT, self.handle) if _main_thread() else None
@@ -380,8 +416,8 @@ class StopRequest:
 
     def handle(self, *_):
         self.requested = True
-        signal.signal(signal.SIGINT, self.old)
-        tqdm.write("Ctrl-C: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+        signal.signal(signal.SIGINT, self.old if self.world == 1 else signal.SIG_IGN)
+        tqdm.write("Ctrl-C: finishing this step, saving a checkpoint, then stopping" + (" (Ctrl-C again to abort)" if self.world == 1 else ""))
 
     def __exit__(self, *exc):
         if self.old is not None:
@@ -392,97 +428,122 @@ def _main_thread():
     return threading.current_thread() is threading.main_thread()
 
 
-def run_eval(model, tok, cfg, step):
-    """Held-out accuracy (greedy, one sample) per set, as metrics."""
+def run_eval(runner, tok, cfg, d):
+    """Held-out accuracy (greedy, one sample) per set, as metrics; each rank answers 1/world of the problems."""
     problems = [p for name in cfg.eval_data.split(",") for p in task_problems(name, cfg.eval_limit, cfg.seed, "test")]
-    summary, _ = evaluate(model, tok, problems, k=1, max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0, progress=False)
-    out = {f"eval/{src}": s["avg@1"] for src, s in summary.items()}
+    with distributed.full_weights(runner) as model:
+        _, records = evaluate(model, tok, problems[d.rank::d.world], k=1, max_new_tokens=cfg.eval_max_new_tokens,
+                              temperature=0.0, progress=False)
+    summary = summarize(distributed.gather_lists(records), 1)
+    out = {f"eval/{src}": s["avg@1"] for src, s in sorted(summary.items())}
     out["eval/avg"] = sum(out.values()) / len(out)
     return out
 
 
-def make_optimizer(cfg):
-    return lambda model: torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def setup(cfg, model=None, tok=None):
-    """(model, tok, optimizer, first step, metrics so far): fresh, or from out/checkpoint with --resume."""
+def setup(cfg, d, model=None, tok=None):
+    """(runner, tok, optimizer, ref runner, first step, metrics so far): fresh, or from out/checkpoint with --resume."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
-    json.dump(asdict(cfg), open(os.path.join(cfg.out, "config.json"), "w"), indent=1)
+    if d.main:
+        os.makedirs(cfg.out, exist_ok=True)
+        json.dump(asdict(cfg), open(os.path.join(cfg.out, "config.json"), "w"), indent=1)
+    state = None
     if cfg.resume:
-        model, tok, optimizer, start = load_checkpoint(cfg.out, make_optimizer(cfg), model.device if model is not None else None)
-    else:
-        if model is None:
-            model, tok = load_model(cfg.model, dtype=torch.float32)
-        optimizer, start = make_optimizer(cfg)(model), 0
-    check_config(cfg, model)
+        model, tok, state = load_checkpoint(cfg.out, d.device)
+    elif model is None:
+        model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
+    check_config(cfg, model, d.world)
+    ref = distributed.wrap(copy.deepcopy(model).eval().requires_grad_(False), d, cfg.fsdp, train=False) if cfg.kl_coef else None
+    runner = distributed.wrap(model.train(), d, cfg.fsdp)
+    optimizer = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if state is not None:
+        distributed.load_optimizer_state(runner, optimizer, state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        start = state["step"]
     path = os.path.join(cfg.out, "metrics.jsonl")
     history = read_metrics(path, start)
-    with open(path, "w") as f:  # a resumed run drops what was logged after its checkpoint
-        f.writelines(json.dumps(m) + "\n" for m in history)
-    return model.train(), tok, optimizer, start, history
+    if d.main:
+        with open(path, "w") as f:  # a resumed run drops what was logged after its checkpoint
+            f.writelines(json.dumps(m) + "\n" for m in history)
+    return runner, tok, optimizer, ref, start, history
 
 
-def train_step(model, tok, optimizer, ref, problems, cfg, step, policy):
-    """1. sample and reward the groups, 2. old log-probs under `policy`, 3. PPO updates. Returns (batch, metrics)."""
+def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d):
+    """One step on this rank's share of the prompts. Returns (batch, metrics of all ranks)."""
     t0 = time.perf_counter()
-    batch_problems = [problems[(step * cfg.prompts_per_step + i) % len(problems)] for i in range(cfg.prompts_per_step)]
-    batch, m, _ = rollout_step(model, tok, batch_problems, cfg, step)
+    # 1. the step's prompts, shuffled into mini-batches (reproducible on resume); this rank's share of each
+    order = torch.randperm(cfg.prompts_per_step, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+    mine = distributed.rank_share(order, cfg.mini_batch_prompts, d.rank, d.world)  # (n / world,)
+    step_problems = [problems[(step * cfg.prompts_per_step + i) % len(problems)] for i in mine.tolist()]
+    # 2. sample and reward the groups
+    with distributed.full_weights(runner) as model:
+        batch, rows = rollout_step(model, tok, step_problems, cfg, step, mine)
+    m = rollout_metrics({k: distributed.gather_rows(v) for k, v in rows.items()}, cfg.group_size)
     t1 = time.perf_counter()
-    old_logp, ent = policy_logprobs(policy, model, batch, cfg)
+    # 3. old (and reference) log-probs under `policy`
+    old_logp, ent = policy_logprobs(policy, runner, batch, cfg)
     ref_logp = policy_logprobs(policy, ref, batch, cfg)[0] if ref is not None else None
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # mini-batch order: reproducible on resume
-    m.update(ppo_update(model, optimizer, policy, batch, old_logp, ref_logp, cfg, gen))
+    # 4. the PPO updates
+    m.update(ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, cfg, d.world))
     resp = batch.response_mask
-    m.update(entropy=((ent * resp).sum() / resp.sum().clamp(min=1)).item(), lr=cfg.lr,
-             time_rollout=t1 - t0, time_update=time.perf_counter() - t1)
+    ent_sum, n = distributed.all_sum([(ent * resp).sum().item(), resp.sum().item()])
+    m.update(entropy=ent_sum / max(n, 1), lr=cfg.lr, time_rollout=t1 - t0, time_update=time.perf_counter() - t1)
     return batch, m
 
 
 def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="GRPO"):
-    """The GRPO loop; returns (metrics of every step, model, tokenizer).
+    """The GRPO loop, on one process or on each rank under torchrun; returns (metrics of every step, model, tokenizer).
 
     policy_for_step(step) -> the policy fn whose log-probs the update uses (default: the
-    full output policy); on_step(step, model, tok, batch, metrics) may add metrics.
+    full output policy); on_step(step, runner, tok, batch, metrics) may add metrics. The
+    model returned is the plain HF model (with FSDP: a full copy on rank 0, None elsewhere).
     """
-    model, tok, optimizer, start, history = setup(cfg, model, tok)
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef else None
+    d = distributed.init()
+    runner, tok, optimizer, ref, start, history = setup(cfg, d, model, tok)
     problems = task_problems(cfg.task, cfg.steps * cfg.prompts_per_step if cfg.task == "arithmetic" else 0, cfg.seed, "train")
-    bad_in_a_row, bar = 0, tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
-    with StopRequest() as stop, open(os.path.join(cfg.out, "metrics.jsonl"), "a") as log:
+    bad_in_a_row, bar = 0, tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=not d.main)
+    log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if d.main else contextlib.nullcontext()  # only rank 0 writes
+    with StopRequest(d.world) as stop, log_file as log:
         for step in bar:
             t0, last = time.perf_counter(), step == cfg.steps - 1
-            before = {f"{k}_before": v for k, v in run_eval(model, tok, cfg, step).items()} if cfg.eval_every and step == 0 else {}
-            batch, m = train_step(model, tok, optimizer, ref, problems, cfg, step, (policy_for_step or (lambda s: full_policy))(step))
+            before = {f"{k}_before": v for k, v in run_eval(runner, tok, cfg, d).items()} if cfg.eval_every and step == 0 else {}
+            batch, m = train_step(runner, tok, optimizer, ref, problems, cfg, step, (policy_for_step or (lambda s: full_policy))(step), d)
             m = {"step": step, **before, **m}
             if on_step:
-                on_step(step, model, tok, batch, m)
-            if m["skipped_updates"]:
+                on_step(step, runner, tok, batch, m)
+            if m["skipped_updates"] and d.main:
                 tqdm.write(f"step {step}: {m['skipped_updates']} update(s) skipped, non-finite loss or gradient")
             bad_in_a_row = bad_in_a_row + 1 if m["skipped_updates"] and not m["updates"] else 0
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
-                m.update(run_eval(model, tok, cfg, step + 1))
+                m.update(run_eval(runner, tok, cfg, d))
             m["time_step"] = time.perf_counter() - t0
-            log.write(json.dumps(m) + "\n")
-            log.flush()
             history.append(m)
+            if d.main:
+                log.write(json.dumps(m) + "\n")
+                log.flush()
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", s_step=f"{m['time_step']:.0f}")
             if bad_in_a_row >= cfg.max_nonfinite:
                 raise RuntimeError(f"{bad_in_a_row} steps in a row had only non-finite losses or gradients; stopped. "
                                    f"The last good checkpoint is in {cfg.out}/checkpoint: lower --lr and --resume")
-            if (step + 1) % cfg.save_every == 0 or last or stop.requested:
-                save_checkpoint(cfg.out, model, tok, optimizer, step + 1, cfg)
-            if stop.requested:
-                tqdm.write(f"stopped after step {step}; continue with --resume --out {cfg.out}")
+            stopping = distributed.any_rank(stop.requested)  # a Ctrl-C on any rank stops them all after this step
+            if (step + 1) % cfg.save_every == 0 or last or stopping:
+                save_checkpoint(cfg.out, runner, tok, optimizer, step + 1, cfg, d)
+            if stopping:
+                if d.main:
+                    tqdm.write(f"stopped after step {step}; continue with --resume --out {cfg.out}")
                 break
-    return history, model.eval(), tok
+    model = distributed.plain_model(runner)
+    return history, model.eval() if model is not None else None, tok
 
 
-def check_config(cfg, model):
+def check_config(cfg, model, world=1):
     if cfg.prompts_per_step % cfg.mini_batch_prompts:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of mini_batch_prompts={cfg.mini_batch_prompts}")
+    distributed.check_split(cfg.mini_batch_prompts, world)
+    if cfg.fsdp and cfg.rollout_dtype:
+        raise ValueError("--rollout-dtype copies the model, which --fsdp does not allow: drop one of them")
     if cfg.temperature <= 0:
         raise ValueError(f"temperature must be > 0 for training (the log-probs divide by it), got {cfg.temperature}")
     if cfg.group_size < 2:
@@ -519,6 +580,9 @@ def plot_curves(path, runs):
 def main():
     cfg = parse_config(GRPOConfig, description="GRPO training (the baseline of BuPO, arXiv 2512.19673).")
     history, _, _ = train(cfg)
+    distributed.close()
+    if not distributed.init().main:
+        return
     plot_curves(os.path.join(cfg.out, "curves.png"), {"GRPO": history})
     first, last = history[0], history[-1]
     print(f"reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}; held-out "

@@ -55,8 +55,11 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def sample(logits, temperature, top_k, top_p, generator):
-    """Next tokens (B,) and their log-probs (B,) under softmax(logits / temperature)."""
+def sample(logits, temperature, top_k, top_p, generator, u=None):
+    """Next tokens (B,) and their log-probs (B,) under softmax(logits / temperature).
+
+    u: (B,) uniform draws in [0, 1) to sample with (inverse CDF); None draws them from generator.
+    """
     logits = logits.float()
     if temperature == 0:  # greedy; log-probs reported at temperature 1
         tok = logits.argmax(-1)
@@ -64,7 +67,8 @@ def sample(logits, temperature, top_k, top_p, generator):
     logp = (logits if temperature == 1 else logits / temperature).log_softmax(-1)  # (B, V)
     probs = filter_logits(logp, top_k, top_p).softmax(-1) if top_k or top_p < 1 else logp.exp()
     cdf = probs.cumsum(-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # (B, 1)
+    u = torch.rand(cdf.shape[0], generator=generator, device=cdf.device) if u is None else u
+    u = u[:, None] * cdf[:, -1:]  # (B, 1)
     tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)  # inverse CDF: zero-mass tokens never hit
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
@@ -240,19 +244,28 @@ def prefill(model, prompts, max_new_tokens, pad_token_id, packed):
 
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-             eos_token_id=None, pad_token_id=0, seed=None, dtype=None):
+             eos_token_id=None, pad_token_id=0, seed=None, dtype=None, batch_index=None, batch_rows=None):
     """Sample a response for each prompt (a list of token-id lists of any lengths).
 
     dtype: cast a copy of the weights for sampling (e.g. torch.bfloat16) while the
     caller keeps training in float32; None samples with the model as it is.
+    batch_index, batch_rows: prompt i is row batch_index[i] of a batch of batch_rows
+    sampled with the same seed, and gets the random draws it would get there, so a batch
+    split across processes samples what one process would: at every step batch_rows
+    uniforms are drawn and prompt i takes number batch_index[i].
     Returns a Rollout with tensors on the model's device.
     """
     check_args(model, prompts, max_new_tokens, temperature, top_p, top_k)
+    index = torch.arange(len(prompts)) if batch_index is None else torch.as_tensor(batch_index)  # (B,)
+    batch_rows = batch_rows or len(prompts)
+    if len(index) != len(prompts) or int(index.min()) < 0 or int(index.max()) >= batch_rows or len(set(index.tolist())) < len(index):
+        raise ValueError(f"batch_index must be {len(prompts)} distinct rows in 0..{batch_rows - 1} (batch_rows), one per prompt")
     if dtype is not None and dtype != model.dtype:
         model = copy.deepcopy(model).to(dtype)
     dev, B, N = model.device, len(prompts), max_new_tokens
     eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
+    index = index.to(dev)
     packed = pack_linears(model)
     logits, cache, key_ok, next_pos, P, padded = prefill(model, prompts, N, pad_token_id, packed)
 
@@ -263,7 +276,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     rows, alive = torch.arange(B, device=dev), torch.ones(B, dtype=torch.bool, device=dev)
     for t in range(N):
-        tok, lp = sample(logits, temperature, top_k, top_p, gen)  # (n,), (n,)
+        u = torch.rand(batch_rows, generator=gen, device=dev)[index[rows]] if temperature else None  # (n,)
+        tok, lp = sample(logits, temperature, top_k, top_p, gen, u)  # (n,), (n,)
         tokens[rows[alive], t], logprobs[rows[alive], t] = tok[alive], lp[alive]
         done = alive & torch.isin(tok, eos)
         finished[rows[done]], lengths[rows[done]] = True, t + 1

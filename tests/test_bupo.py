@@ -9,7 +9,8 @@ import torch
 import bupo
 import grpo
 from conftest import tiny_model
-from test_grpo import FakeTok, fake_load, tiny_cfg
+from distributed import Policy
+from test_grpo import FakeTok, fake_load, reward_sevens, tiny_cfg
 
 
 @pytest.mark.parametrize("k", [0, 1])
@@ -54,9 +55,10 @@ def test_phase_one_update_moves_only_layers_up_to_k_and_the_unembedding():
     batch = grpo.make_batch(prompts, r, 0, torch.tensor([1.0, -1.0, 0.5, -0.5]))
     before = snapshot(model)
     policy = bupo.layer_policy(1)
-    old, _ = grpo.policy_logprobs(policy, model, batch, cfg)
+    runner = Policy(model)
+    old, _ = grpo.policy_logprobs(policy, runner, batch, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    grpo.ppo_update(model, opt, policy, batch, old, None, cfg, torch.Generator().manual_seed(0))
+    grpo.ppo_update(runner, opt, policy, batch, old, None, cfg)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.startswith("model.layers.0.") for n in changed) and any(n.startswith("model.layers.1.") for n in changed)
     assert "lm_head.weight" in changed and "model.embed_tokens.weight" in changed
@@ -93,15 +95,16 @@ def test_auto_layer_is_the_eic_suggestion(tmp_path, monkeypatch):
 
 
 def test_tiny_end_to_end_with_interruption_and_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(grpo, "problem_reward", reward_sevens)
     base = {**vars(tiny_cfg(tmp_path / "a", steps=3)), "inter_steps": 2, "layer": "1"}
     full, _, _ = bupo.train_bupo(bupo.BuPOConfig(**base), 1, tiny_model("llama"), FakeTok())
 
-    def ctrl_c(step, model, batch, m):
+    def ctrl_c(step, runner, batch, m):
         if step == 0:
             os.kill(os.getpid(), signal.SIGINT)
     cfg_b = bupo.BuPOConfig(**{**base, "out": str(tmp_path / "b")})
     real_on = bupo.log_entropies
-    monkeypatch.setattr(bupo, "log_entropies", lambda model, batch, k, cfg, m: (real_on(model, batch, k, cfg, m), ctrl_c(m["step"], model, batch, m)))
+    monkeypatch.setattr(bupo, "log_entropies", lambda runner, batch, k, cfg, m: (real_on(runner, batch, k, cfg, m), ctrl_c(m["step"], runner, batch, m)))
     part, _, _ = bupo.train_bupo(cfg_b, 1, tiny_model("llama"), FakeTok())
     assert len(part) == 1
     monkeypatch.setattr(bupo, "log_entropies", real_on)
@@ -109,6 +112,7 @@ def test_tiny_end_to_end_with_interruption_and_resume(tmp_path, monkeypatch):
     resumed, _, _ = bupo.train_bupo(replace(cfg_b, resume=True), 1, None, None)
     strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time")}
     assert [strip(m) for m in resumed] == [strip(m) for m in full]
+    assert all(m["pg_loss"] != 0 for m in full)  # real updates: layer 2's first Adam step comes after the resume
 
 
 def test_experiment_writes_figures_and_table(tmp_path, monkeypatch):

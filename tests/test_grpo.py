@@ -9,6 +9,7 @@ import torch
 
 import grpo
 from conftest import tiny_model
+from distributed import Policy
 from grpo import GRPOConfig, aggregate, group_advantages, kl_penalty, policy_loss, token_logprobs
 
 
@@ -129,6 +130,11 @@ class FakeTok:
         pass
 
 
+def reward_sevens(text, problem):
+    """A reward the tiny random model earns about half the time (never the arithmetic): an odd count of '7'."""
+    return float(text.count("7") % 2)
+
+
 def tiny_cfg(tmp_path, **kw):
     base = dict(task="arithmetic", eval_data="arithmetic", eval_limit=4, eval_every=0, eval_max_new_tokens=4,
                 steps=3, prompts_per_step=4, group_size=4, mini_batch_prompts=2, micro_batch=5, max_new_tokens=6,
@@ -145,9 +151,10 @@ def test_updates_on_a_fixed_batch_lower_the_loss():
     prompts = [[5, 6, 7]] * 4
     r = generate(model, prompts, max_new_tokens=8, seed=0)
     batch = grpo.make_batch(prompts, r, 0, torch.tensor([1.0, -1.0, 0.5, -0.5]))
-    old, _ = grpo.policy_logprobs(grpo.full_policy, model, batch, cfg)
+    runner = Policy(model)
+    old, _ = grpo.policy_logprobs(grpo.full_policy, runner, batch, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    losses = [grpo.ppo_update(model, opt, grpo.full_policy, batch, old, None, cfg, torch.Generator().manual_seed(0))["pg_loss"]
+    losses = [grpo.ppo_update(runner, opt, grpo.full_policy, batch, old, None, cfg)["pg_loss"]
               for _ in range(4)]
     assert losses[-1] < losses[0]
 
@@ -158,6 +165,7 @@ def fake_load(path=None, **kw):
 
 
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(grpo, "problem_reward", reward_sevens)
     full, _, _ = grpo.train(tiny_cfg(tmp_path / "a"), model=tiny_model("llama"), tok=FakeTok())
 
     def ctrl_c(step, model, tok, batch, metrics):
@@ -169,7 +177,7 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypat
     resumed, _, _ = grpo.train(tiny_cfg(tmp_path / "b", resume=True))
     strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time")}
     assert [strip(m) for m in resumed] == [strip(m) for m in full]  # bit-identical metrics after the interruption
-    assert full[2]["pg_loss"] != 0.0 or full[2]["reward_std"] == 0.0
+    assert all(m["reward_std"] > 0 and m["pg_loss"] != 0 for m in full)  # real updates, so resuming restored the optimizer
     lines = [json.loads(x) for x in open(tmp_path / "b" / "run" / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [0, 1, 2]
 

@@ -70,6 +70,23 @@ def test_seed_reproducible():
     assert not torch.equal(a.tokens, c.tokens)
 
 
+def test_a_batch_split_in_parts_samples_what_the_whole_batch_samples():
+    """batch_index: each row gets its draws from the whole batch's stream (what lets ranks share a step)."""
+    model, prompts = tiny_model("llama"), prompts_for()
+    kw = dict(max_new_tokens=10, seed=4, eos_token_id=[5, 6, 7])
+    whole = generate(model, prompts, **kw)
+    for part in ([3, 0], [1, 4, 2]):  # any rows, in any order
+        r = generate(model, [prompts[i] for i in part], batch_index=part, batch_rows=len(prompts), **kw)
+        assert torch.equal(r.tokens, whole.tokens[part]) and torch.equal(r.lengths, whole.lengths[part])
+        torch.testing.assert_close(r.logprobs, whole.logprobs[part], atol=1e-5, rtol=0)
+    alone = generate(model, [prompts[3], prompts[0]], **kw)  # without batch_index: its own stream
+    assert not torch.equal(alone.tokens, whole.tokens[[3, 0]])
+    with pytest.raises(ValueError, match="distinct rows in 0..4"):
+        generate(model, prompts[:2], batch_index=[0, 5], batch_rows=5, **kw)
+    with pytest.raises(ValueError, match="distinct"):
+        generate(model, prompts[:2], batch_index=[1, 1], batch_rows=5, **kw)
+
+
 def test_top_k_top_p_keep_exactly_the_right_tokens():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
     assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True, True]]
