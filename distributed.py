@@ -136,10 +136,11 @@ class Policy(torch.nn.Module):
         return policy(self.model, input_ids, attention_mask, temperature, mask)
 
 
-def wrap(model, d, fsdp=False, train=True):
+def wrap(model, d, fsdp=False, train=True, find_unused=False):
     """Policy(model), wrapped for d's world: DDP, or FSDP2 per decoder layer plus the root; as is for one process.
 
-    DDP looks for unused parameters because BuPO's first phase never runs the layers above k.
+    find_unused: some forward passes leave parameters unused (BuPO's first phase never
+    runs the layers above k), which DDP must then look for after each one.
     """
     policy = Policy(model)
     if fsdp:
@@ -151,7 +152,7 @@ def wrap(model, d, fsdp=False, train=True):
         return fully_shard(policy)
     if train and dist.is_initialized() and d.world > 1:
         return DistributedDataParallel(policy, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                                       find_unused_parameters=True)
+                                       find_unused_parameters=find_unused, broadcast_buffers=False)
     return policy
 
 

@@ -440,7 +440,7 @@ def run_eval(runner, tok, cfg, d):
     return out
 
 
-def setup(cfg, d, model=None, tok=None):
+def setup(cfg, d, model=None, tok=None, find_unused=False):
     """(runner, tok, optimizer, ref runner, first step, metrics so far): fresh, or from out/checkpoint with --resume."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -454,7 +454,7 @@ def setup(cfg, d, model=None, tok=None):
         model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
     check_config(cfg, model, d.world)
     ref = distributed.wrap(copy.deepcopy(model).eval().requires_grad_(False), d, cfg.fsdp, train=False) if cfg.kl_coef else None
-    runner = distributed.wrap(model.train(), d, cfg.fsdp)
+    runner = distributed.wrap(model.train(), d, cfg.fsdp, find_unused=find_unused)
     optimizer = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if state is not None:
@@ -501,7 +501,9 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
     model returned is the plain HF model (with FSDP: a full copy on rank 0, None elsewhere).
     """
     d = distributed.init()
-    runner, tok, optimizer, ref, start, history = setup(cfg, d, model, tok)
+    policy_for_step = policy_for_step or (lambda step: full_policy)
+    partial = any(policy_for_step(s) is not full_policy for s in range(cfg.steps))  # a policy that may skip parameters
+    runner, tok, optimizer, ref, start, history = setup(cfg, d, model, tok, find_unused=partial)
     problems = task_problems(cfg.task, cfg.steps * cfg.prompts_per_step if cfg.task == "arithmetic" else 0, cfg.seed, "train")
     bad_in_a_row, bar = 0, tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=not d.main)
     log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if d.main else contextlib.nullcontext()  # only rank 0 writes
@@ -509,7 +511,7 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
         for step in bar:
             t0, last = time.perf_counter(), step == cfg.steps - 1
             before = {f"{k}_before": v for k, v in run_eval(runner, tok, cfg, d).items()} if cfg.eval_every and step == 0 else {}
-            batch, m = train_step(runner, tok, optimizer, ref, problems, cfg, step, (policy_for_step or (lambda s: full_policy))(step), d)
+            batch, m = train_step(runner, tok, optimizer, ref, problems, cfg, step, policy_for_step(step), d)
             m = {"step": step, **before, **m}
             if on_step:
                 on_step(step, runner, tok, batch, m)

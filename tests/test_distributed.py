@@ -71,12 +71,15 @@ def assert_same_metrics(hist2, hist1, tol=1e-4):
             assert m2[k] == want, (m1["step"], k, m2[k], v)
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_two_ranks_train_as_one_process_on_the_same_global_batch(tmp_path, fsdp, monkeypatch):
-    """Same weights and metrics (rewards, losses, clip fractions, grad norm, entropies, held-out accuracy); only rank 0 writes."""
+@pytest.mark.parametrize("fsdp,inter_steps", [(False, 1), (True, 1), (False, 0)], ids=["ddp-bupo", "fsdp-bupo", "ddp-grpo"])
+def test_two_ranks_train_as_one_process_on_the_same_global_batch(tmp_path, fsdp, inter_steps, monkeypatch):
+    """Same weights and metrics (rewards, losses, clip fractions, grad norm, held-out accuracy); only rank 0 writes.
+
+    BuPO: a step on pi_1 (early exit, layer 2 unused), then a full step; GRPO: two full steps.
+    """
     monkeypatch.setattr(grpo, "problem_reward", reward_sevens)
-    hist1, model1, _ = bupo.train_bupo(bupo_cfg(tmp_path / "one"), 1, tiny_model("llama"), FakeTok())
-    cfg2 = bupo_cfg(tmp_path / "two", fsdp=fsdp)
+    hist1, model1, _ = bupo.train_bupo(bupo_cfg(tmp_path / "one", inter_steps=inter_steps), 1, tiny_model("llama"), FakeTok())
+    cfg2 = bupo_cfg(tmp_path / "two", fsdp=fsdp, inter_steps=inter_steps)
     spawn(train_and_report, 2, cfg2, str(tmp_path / "result.pt"), str(tmp_path / "writes.json"))
     res = torch.load(tmp_path / "result.pt", weights_only=False)
     assert_same_metrics(res["hist"], hist1)
