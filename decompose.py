@@ -63,14 +63,14 @@ def default_checkpoint():
     tmp = out + f".tmp{os.getpid()}"
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if not os.path.exists(os.path.join(out, "model.safetensors")):
-        shutil.rmtree(out, ignore_errors=True)  # a damaged cache
     try:
         os.rename(tmp, out)  # atomic: an interrupted conversion never leaves a half-written cache
-    except OSError:  # another process (a torchrun rank) converted it meanwhile: keep theirs
-        shutil.rmtree(tmp)
-        if not os.path.exists(os.path.join(out, "model.safetensors")):
-            raise
+    except OSError:  # `out` exists: another process (a torchrun rank) converted it meanwhile, or it is damaged
+        if os.path.exists(os.path.join(out, "model.safetensors")):
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(out)
+            os.rename(tmp, out)
     return out
 
 

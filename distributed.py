@@ -152,7 +152,7 @@ def wrap(model, d, fsdp=False, train=True, find_unused=False):
         return fully_shard(policy)
     if train and dist.is_initialized() and d.world > 1:
         return DistributedDataParallel(policy, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                                       find_unused_parameters=find_unused, broadcast_buffers=False)
+                                       find_unused_parameters=find_unused)
     return policy
 
 

@@ -36,7 +36,7 @@ import distributed
 from decompose import load_model, unembed
 from entropy import entropy_of_logp
 from evaluate import arithmetic_problems, evaluate, load_problems, problem_reward, summarize
-from rollout import chat_prompts, generate
+from rollout import Rollout, chat_prompts, generate
 
 matplotlib.use("Agg")  # figures to files, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -171,10 +171,12 @@ class GRPOConfig:
     group_size: int = 8                # responses per prompt
     mini_batch_prompts: int = 32       # prompts per PPO update (128 / 32 = 4 updates a step)
     micro_batch: int = 8               # sequences per forward/backward (gradient accumulation)
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward: memory for long responses, ~1/3 more compute
     max_new_tokens: int = 8192         # response limit of the rollouts
     temperature: float = 1.0           # rollout temperature (also divides the training logits, as verl)
     top_p: float = 1.0                 # rollout nucleus
     rollout_dtype: str = ""            # sample with a copy of the weights in this dtype (e.g. bfloat16); "" = the model's
+    rollout_batch: int = 0             # sequences per generate call, a multiple of group_size (0 = all at once): bounds the KV cache
     lr: float = 1e-6                   # AdamW learning rate (constant)
     weight_decay: float = 0.01         # AdamW weight decay (verl's default)
     grad_clip: float = 1.0             # max gradient norm
@@ -341,16 +343,21 @@ def rollout_step(model, tok, problems, cfg, step, prompt_index=None):
     G = cfg.group_size
     prompts = [p for p in chat_prompts(tok, problems) for _ in range(G)]
     index = torch.arange(len(problems)) if prompt_index is None else prompt_index  # (n,)
-    r = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=cfg.seed * 1_000_003 + step,
-                 dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None,
-                 batch_index=(index[:, None] * G + torch.arange(G)).view(-1),  # (n*G,) rows of the whole step
-                 batch_rows=(len(problems) if prompt_index is None else cfg.prompts_per_step) * G)
+    rows = (index[:, None] * G + torch.arange(G)).view(-1)  # (n*G,) rows of the whole step
+    dtype = getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else model.dtype
+    sampler = model if dtype == model.dtype else copy.deepcopy(model).to(dtype)  # one copy for every chunk
+    chunk = cfg.rollout_batch or len(prompts)
+    parts = [generate(sampler, prompts[c:c + chunk], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                      top_p=cfg.top_p, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      seed=cfg.seed * 1_000_003 + step, batch_index=rows[c:c + chunk],
+                      batch_rows=(len(problems) if prompt_index is None else cfg.prompts_per_step) * G)
+             for c in range(0, len(prompts), chunk)]
+    r = Rollout(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Rollout)))  # chunks sample what one call would
     texts = tok.batch_decode([t[:n] for t, n in zip(r.tokens.tolist(), r.lengths.tolist())], skip_special_tokens=True)
     rewards = torch.tensor([problem_reward(t, problems[i // G]) for i, t in enumerate(texts)])
     adv = group_advantages(rewards, G, scale=cfg.scale_adv)
-    rows = {"reward": rewards, "length": r.lengths.float().cpu(), "truncated": (~r.finished).float().cpu()}
-    return make_batch(prompts, r, tok.pad_token_id, adv), rows
+    results = {"reward": rewards, "length": r.lengths.float().cpu(), "truncated": (~r.finished).float().cpu()}
+    return make_batch(prompts, r, tok.pad_token_id, adv), results
 
 
 def rollout_metrics(rows, group_size):
@@ -453,6 +460,9 @@ def setup(cfg, d, model=None, tok=None, find_unused=False):
     elif model is None:
         model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
     check_config(cfg, model, d.world)
+    if cfg.activation_checkpointing:  # Hugging Face's, per decoder layer (the old name before transformers 5.2x)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        enable({"use_reentrant": False}) if enable else model.gradient_checkpointing_enable({"use_reentrant": False})
     ref = distributed.wrap(copy.deepcopy(model).eval().requires_grad_(False), d, cfg.fsdp, train=False) if cfg.kl_coef else None
     runner = distributed.wrap(model.train(), d, cfg.fsdp, find_unused=find_unused)
     optimizer = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -544,6 +554,8 @@ def check_config(cfg, model, world=1):
     if cfg.prompts_per_step % cfg.mini_batch_prompts:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of mini_batch_prompts={cfg.mini_batch_prompts}")
     distributed.check_split(cfg.mini_batch_prompts, world)
+    if cfg.rollout_batch % cfg.group_size:
+        raise ValueError(f"rollout_batch={cfg.rollout_batch} must be a multiple of group_size={cfg.group_size} (a group is sampled together)")
     if cfg.fsdp and cfg.rollout_dtype:
         raise ValueError("--rollout-dtype copies the model, which --fsdp does not allow: drop one of them")
     if cfg.temperature <= 0:

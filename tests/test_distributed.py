@@ -76,10 +76,11 @@ def test_two_ranks_train_as_one_process_on_the_same_global_batch(tmp_path, fsdp,
     """Same weights and metrics (rewards, losses, clip fractions, grad norm, held-out accuracy); only rank 0 writes.
 
     BuPO: a step on pi_1 (early exit, layer 2 unused), then a full step; GRPO: two full steps.
+    The FSDP run also recomputes its layers in the backward (activation checkpointing).
     """
     monkeypatch.setattr(grpo, "problem_reward", reward_sevens)
     hist1, model1, _ = bupo.train_bupo(bupo_cfg(tmp_path / "one", inter_steps=inter_steps), 1, tiny_model("llama"), FakeTok())
-    cfg2 = bupo_cfg(tmp_path / "two", fsdp=fsdp, inter_steps=inter_steps)
+    cfg2 = bupo_cfg(tmp_path / "two", fsdp=fsdp, inter_steps=inter_steps, activation_checkpointing=fsdp)  # FSDP: with recompute
     spawn(train_and_report, 2, cfg2, str(tmp_path / "result.pt"), str(tmp_path / "writes.json"))
     res = torch.load(tmp_path / "result.pt", weights_only=False)
     assert_same_metrics(res["hist"], hist1)

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -157,6 +158,19 @@ def test_updates_on_a_fixed_batch_lower_the_loss():
     losses = [grpo.ppo_update(runner, opt, grpo.full_policy, batch, old, None, cfg)["pg_loss"]
               for _ in range(4)]
     assert losses[-1] < losses[0]
+
+
+def test_rollout_in_chunks_samples_what_one_call_samples():
+    """rollout_batch bounds the KV cache; every row keeps its random draws, so the batch is the same."""
+    model, problems = tiny_model("llama"), grpo.task_problems("arithmetic", 3, 0, "train")
+    cfg = GRPOConfig(group_size=4, max_new_tokens=6, seed=2)
+    whole, res = grpo.rollout_step(model, FakeTok(), problems, cfg, step=1)
+    parts, res2 = grpo.rollout_step(model, FakeTok(), problems, replace(cfg, rollout_batch=4), step=1)
+    for f in ("input_ids", "attention_mask", "response_mask", "advantages"):
+        assert torch.equal(getattr(whole, f), getattr(parts, f)), f
+    assert all(torch.equal(res[k], res2[k]) for k in res)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        grpo.check_config(replace(cfg, rollout_batch=6), model)
 
 
 def fake_load(path=None, **kw):
