@@ -145,31 +145,32 @@ def experiment(cfg):
     d = distributed.init()
     model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
     k = resolve_layer(cfg, model, tok)  # under torchrun every rank finds the same k
-    init = copy.deepcopy(model)
+    init = model.cpu()  # the starting weights, kept off the device; each run trains a copy
     runs, models = {}, {}
     for name in ("BuPO", "GRPO"):
         run_cfg = replace(cfg, out=os.path.join(cfg.out, name.lower()))
         done = finished_run(run_cfg) if cfg.resume else None
         if done:
-            runs[name], models[name] = done, load_model(os.path.join(run_cfg.out, "checkpoint", "model"), dtype=torch.float32)[0]
+            runs[name], models[name] = done, load_model(os.path.join(run_cfg.out, "checkpoint", "model"), dtype=torch.float32, device="cpu")[0]
             continue
         run_cfg = replace(run_cfg, resume=cfg.resume and os.path.exists(os.path.join(run_cfg.out, "checkpoint")))
-        start = copy.deepcopy(init)
-        if name == "BuPO":
-            runs[name], models[name], _ = train_bupo(run_cfg, k, start, tok)
-        else:
-            runs[name], models[name], _ = train_bupo(replace(run_cfg, inter_steps=0), k, start, tok, desc="GRPO")
+        start = copy.deepcopy(init).to(d.device)
+        inter_steps = cfg.inter_steps if name == "BuPO" else 0
+        runs[name], trained, _ = train_bupo(replace(run_cfg, inter_steps=inter_steps), k, start, tok, desc=name)
+        models[name] = trained.cpu() if trained is not None else None  # FSDP: only rank 0 holds the full model
     distributed.close()
     if d.main:
-        report(cfg, k, init, models, runs, tok)
+        report(cfg, k, init, models, runs, tok, d.device)
 
 
-def report(cfg, k, init, models, runs, tok):
-    """comparison.png, profiles.png, results.md and results.json under cfg.out."""
+def report(cfg, k, init, models, runs, tok, device=None):
+    """comparison.png, profiles.png, results.md and results.json under cfg.out; profiles on `device`, one model at a time."""
     grpo.plot_curves(os.path.join(cfg.out, "curves.png"), runs)
     plot_comparison(os.path.join(cfg.out, "comparison.png"), runs, k, cfg.inter_steps)
-    profiles = {"initial": entropy_profile(init, tok, cfg)}
-    profiles.update({f"after {name}": entropy_profile(m, tok, cfg) for name, m in models.items()})
+    profiles = {}
+    for name, m in [("initial", init)] + [(f"after {n}", m) for n, m in models.items()]:
+        profiles[name] = entropy_profile(m.to(device or m.device), tok, cfg)
+        m.cpu()
     plot_profiles(os.path.join(cfg.out, "profiles.png"), profiles, k)
     cols = [c for c in cfg.eval_data.split(",")]
     rows = {"initial": {c: runs["GRPO"][0].get(f"eval/{c}_before") for c in cols}}

@@ -26,6 +26,7 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -61,7 +62,11 @@ def default_checkpoint():
     del model.config.quantization_config  # de-quantized to float32: a plain checkpoint from here on
     model.hf_quantizer = None
     tmp = out + f".tmp{os.getpid()}"
-    model.save_pretrained(tmp)
+    os.makedirs(tmp)
+    # not model.save_pretrained: under torch.distributed it writes on global rank 0 only, and each node needs a cache
+    save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     try:
         os.rename(tmp, out)  # atomic: an interrupted conversion never leaves a half-written cache

@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 import bupo
+import decompose
 import distributed
 import grpo
 from conftest import tiny_model
@@ -136,6 +137,20 @@ def test_collectives_reduce_across_ranks(tmp_path):
     got = json.load(open(tmp_path / "r.json"))
     assert got == {"rows": [[0, 10], [1, 11]], "sums": [4.5, 1.0], "lists": ["r0", "r1", "r1"], "flags": [True, False]}
     assert distributed.all_sum([2.0]) == [2.0] and distributed.gather_lists([1]) == [1]  # one process: identity
+
+
+def convert_default_model(rank, cache):
+    """Each rank converts the GGUF into a cache of its own, as on nodes that share no disk."""
+    distributed.init()  # under a process group, HF's save_pretrained writes on rank 0 only
+    os.environ["BUPO_CACHE"] = f"{cache}{rank}"
+    model, _ = decompose.load_model(dtype=torch.float32)
+    assert model.config.num_hidden_layers == 30
+
+
+def test_every_rank_can_convert_the_default_model(tmp_path):
+    spawn(convert_default_model, 2, str(tmp_path / "cache"))
+    for rank in (0, 1):
+        assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir(tmp_path / f"cache{rank}" / decompose.DEFAULT_NAME))
 
 
 def test_rank_share_splits_every_mini_batch_by_whole_prompts():
