@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import distributed
 import grpo
+from checkpoints import read_metrics
 from decompose import check_inputs, load_model
 from entropy import eic_stages, internal_entropy
 from grpo import GRPOConfig, logprobs_from_hidden
@@ -136,7 +137,7 @@ def log_entropies(runner, batch, k, cfg, m):
 def finished_run(cfg):
     """The metrics of a run that already completed (resume skips it), else None."""
     path = os.path.join(cfg.out, "metrics.jsonl")
-    hist = grpo.read_metrics(path, cfg.steps)
+    hist = read_metrics(path, cfg.steps)
     return hist if len(hist) == cfg.steps and os.path.exists(os.path.join(cfg.out, "checkpoint")) else None
 
 

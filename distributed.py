@@ -41,10 +41,10 @@ class Dist:
         return self.rank == 0
 
 
-def init(device=None):
+def init():
     """Join torchrun's process group (once per process); without torchrun, a world of one."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Dist(device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:

@@ -20,9 +20,6 @@ import json
 import math
 import os
 import random
-import shutil
-import signal
-import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
@@ -33,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import distributed
+from checkpoints import StopRequest, load_checkpoint, read_metrics, save_checkpoint
 from decompose import load_model, unembed
 from entropy import entropy_of_logp
 from evaluate import arithmetic_problems, evaluate, load_problems, problem_reward, summarize
@@ -370,77 +368,14 @@ def rollout_metrics(rows, group_size):
             "truncated": rows["truncated"].mean().item()}
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(out, runner, tok, optimizer, step, cfg, d):
-    """out/checkpoint: the model in HF format, optimizer state by parameter name, RNG states, the next step.
-
-    All ranks call (FSDP gathers the shards); rank 0 writes, atomically.
-    """
-    model_sd, optim_sd = distributed.model_state(runner), distributed.optimizer_state(runner, optimizer)
-    if not d.main:
-        return
-    final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, f"checkpoint.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    distributed.inner(runner).model.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)
-    tok.save_pretrained(os.path.join(tmp, "model"))
-    torch.save({"optimizer": optim_sd, "step": step, "config": asdict(cfg), "world": d.world,
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, os.path.join(tmp, "trainer.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-
-
-def load_checkpoint(out, device):
-    """(model, tok, trainer state) from out/checkpoint; the state is loaded into the optimizer once it exists."""
-    path = os.path.join(out, "checkpoint")
-    if not os.path.exists(os.path.join(path, "trainer.pt")):
-        raise FileNotFoundError(f"--resume: no checkpoint in {path}; run without --resume to start afresh")
-    model, tok = load_model(os.path.join(path, "model"), dtype=torch.float32, device=device)
-    return model, tok, torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
-
-
-def read_metrics(path, before_step):
-    """Logged steps < before_step (a resumed run rewrites what followed its checkpoint)."""
-    if not os.path.exists(path):
-        return []
-    return [m for m in map(json.loads, open(path)) if m["step"] < before_step]
-
-
 # ----------------------------------------------------------------------------- the loop
-
-class StopRequest:
-    """Ctrl-C sets a flag; the loop saves a checkpoint at the end of the step and exits. A second Ctrl-C kills.
-
-    Under torchrun (several ranks) the later Ctrl-Cs are ignored, as torchrun forwards
-    its own copy: it waits 30 s for the workers, then kills them.
-    """
-    def __init__(self, world=1):
-        self.requested, self.world = False, world
-
-    def __enter__(self):
-        self.old = signal.signal(signal.SIGINT, self.handle) if _main_thread() else None
-        return self
-
-    def handle(self, *_):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.old if self.world == 1 else signal.SIG_IGN)
-        tqdm.write("Ctrl-C: finishing this step, saving a checkpoint, then stopping" + (" (Ctrl-C again to abort)" if self.world == 1 else ""))
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
-
-
-def _main_thread():
-    return threading.current_thread() is threading.main_thread()
-
 
 def run_eval(runner, tok, cfg, d):
     """Held-out accuracy (greedy, one sample) per set, as metrics; each rank answers 1/world of the problems."""
     problems = [p for name in cfg.eval_data.split(",") for p in task_problems(name, cfg.eval_limit, cfg.seed, "test")]
     with distributed.full_weights(runner) as model:
         _, records = evaluate(model, tok, problems[d.rank::d.world], k=1, max_new_tokens=cfg.eval_max_new_tokens,
-                              temperature=0.0, progress=False)
+                              temperature=0.0, batch_size=cfg.rollout_batch or 64, progress=False)
     summary = summarize(distributed.gather_lists(records), 1)
     out = {f"eval/{src}": s["avg@1"] for src, s in sorted(summary.items())}
     out["eval/avg"] = sum(out.values()) / len(out)
@@ -593,9 +528,10 @@ def plot_curves(path, runs):
 
 def main():
     cfg = parse_config(GRPOConfig, description="GRPO training (the baseline of BuPO, arXiv 2512.19673).")
+    d = distributed.init()
     history, _, _ = train(cfg)
     distributed.close()
-    if not distributed.init().main:
+    if not d.main:
         return
     plot_curves(os.path.join(cfg.out, "curves.png"), {"GRPO": history})
     first, last = history[0], history[-1]

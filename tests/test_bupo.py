@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import bupo
+import checkpoints
 import grpo
 from conftest import tiny_model
 from distributed import Policy
-from test_grpo import FakeTok, fake_load, reward_sevens, tiny_cfg
+from test_grpo import FakeTok, fake_load, text_reward, tiny_cfg
 
 
 @pytest.mark.parametrize("k", [0, 1])
@@ -95,7 +96,7 @@ def test_auto_layer_is_the_eic_suggestion(tmp_path, monkeypatch):
 
 
 def test_tiny_end_to_end_with_interruption_and_resume(tmp_path, monkeypatch):
-    monkeypatch.setattr(grpo, "problem_reward", reward_sevens)
+    monkeypatch.setattr(grpo, "problem_reward", text_reward)
     base = {**vars(tiny_cfg(tmp_path / "a", steps=3)), "inter_steps": 2, "layer": "1"}
     full, _, _ = bupo.train_bupo(bupo.BuPOConfig(**base), 1, tiny_model("llama"), FakeTok())
 
@@ -108,7 +109,7 @@ def test_tiny_end_to_end_with_interruption_and_resume(tmp_path, monkeypatch):
     part, _, _ = bupo.train_bupo(cfg_b, 1, tiny_model("llama"), FakeTok())
     assert len(part) == 1
     monkeypatch.setattr(bupo, "log_entropies", real_on)
-    monkeypatch.setattr(grpo, "load_model", fake_load)
+    monkeypatch.setattr(checkpoints, "load_model", fake_load)
     resumed, _, _ = bupo.train_bupo(replace(cfg_b, resume=True), 1, None, None)
     strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time")}
     assert [strip(m) for m in resumed] == [strip(m) for m in full]

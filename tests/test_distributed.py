@@ -11,11 +11,12 @@ import torch
 import torch.multiprocessing as mp
 
 import bupo
+import checkpoints
 import decompose
 import distributed
 import grpo
 from conftest import tiny_model
-from test_grpo import FakeTok, fake_load, reward_sevens, tiny_cfg
+from test_grpo import FakeTok, fake_load, text_reward, tiny_cfg
 
 
 def spawn(fn, world, *args):
@@ -37,12 +38,12 @@ def _rank_main(rank, world, port, fn, args):
 
 def bupo_cfg(out, **kw):
     base = vars(tiny_cfg(out, steps=2, prompts_per_step=4, mini_batch_prompts=2, micro_batch=3, eval_every=1, lr=1e-3))
-    return bupo.BuPOConfig(**{**base, "inter_steps": 1, "layer": "1", "profile_every": 0, **kw})
+    return bupo.BuPOConfig(**{**base, "inter_steps": 1, "layer": "1", "profile_every": 0, "profile_samples": 2, **kw})
 
 
 def train_and_report(rank, cfg, result, writes_log):
     """BuPO for 2 steps (one on pi_1, one full); rank 0 saves the metrics and weights, rank 1 lists what it wrote."""
-    grpo.problem_reward = reward_sevens
+    grpo.problem_reward = text_reward
     if rank:
         out = os.path.abspath(cfg.out)
         writes = []
@@ -72,16 +73,21 @@ def assert_same_metrics(hist2, hist1, tol=1e-4):
             assert m2[k] == want, (m1["step"], k, m2[k], v)
 
 
-@pytest.mark.parametrize("fsdp,inter_steps", [(False, 1), (True, 1), (False, 0)], ids=["ddp-bupo", "fsdp-bupo", "ddp-grpo"])
-def test_two_ranks_train_as_one_process_on_the_same_global_batch(tmp_path, fsdp, inter_steps, monkeypatch):
+@pytest.mark.parametrize("fsdp,inter_steps,extra", [
+    (False, 1, {}),
+    (True, 1, dict(kl_coef=0.05, profile_every=2, activation_checkpointing=True)),
+    (False, 0, dict(kl_coef=0.05))], ids=["ddp-bupo", "fsdp-bupo", "ddp-grpo"])
+def test_two_ranks_train_as_one_process_on_the_same_global_batch(tmp_path, fsdp, inter_steps, extra, monkeypatch):
     """Same weights and metrics (rewards, losses, clip fractions, grad norm, held-out accuracy); only rank 0 writes.
 
     BuPO: a step on pi_1 (early exit, layer 2 unused), then a full step; GRPO: two full steps.
-    The FSDP run also recomputes its layers in the backward (activation checkpointing).
+    The FSDP run also has a KL term to a sharded reference, an internal entropy profile
+    (every rank gathers the weights) and recomputes its layers in the backward.
     """
-    monkeypatch.setattr(grpo, "problem_reward", reward_sevens)
-    hist1, model1, _ = bupo.train_bupo(bupo_cfg(tmp_path / "one", inter_steps=inter_steps), 1, tiny_model("llama"), FakeTok())
-    cfg2 = bupo_cfg(tmp_path / "two", fsdp=fsdp, inter_steps=inter_steps, activation_checkpointing=fsdp)  # FSDP: with recompute
+    monkeypatch.setattr(grpo, "problem_reward", text_reward)
+    kw = dict(inter_steps=inter_steps, **{k: v for k, v in extra.items() if k != "activation_checkpointing"})
+    hist1, model1, _ = bupo.train_bupo(bupo_cfg(tmp_path / "one", **kw), 1, tiny_model("llama"), FakeTok())
+    cfg2 = bupo_cfg(tmp_path / "two", fsdp=fsdp, **kw, activation_checkpointing=extra.get("activation_checkpointing", False))
     spawn(train_and_report, 2, cfg2, str(tmp_path / "result.pt"), str(tmp_path / "writes.json"))
     res = torch.load(tmp_path / "result.pt", weights_only=False)
     assert_same_metrics(res["hist"], hist1)
@@ -104,19 +110,19 @@ def stop_after_first_step(rank, cfg):
         if rank == 0 and step == 0:
             os.kill(os.getpid(), signal.SIGINT)
     real = bupo.log_entropies
-    grpo.problem_reward = reward_sevens
+    grpo.problem_reward = text_reward
     bupo.log_entropies = lambda runner, batch, k, cfg, m: (real(runner, batch, k, cfg, m), ctrl_c(m["step"], runner, None, batch, m))
     hist, _, _ = bupo.train_bupo(cfg, 1, tiny_model("llama"), FakeTok())
     assert [m["step"] for m in hist] == [0]
 
 
 def test_checkpoint_of_two_fsdp_ranks_resumes_in_one_process(tmp_path, monkeypatch):
-    monkeypatch.setattr(grpo, "problem_reward", reward_sevens)
+    monkeypatch.setattr(grpo, "problem_reward", text_reward)
     full, _, _ = bupo.train_bupo(bupo_cfg(tmp_path / "one", steps=3), 1, tiny_model("llama"), FakeTok())
     cfg = bupo_cfg(tmp_path / "two", steps=3, fsdp=True)
     spawn(stop_after_first_step, 2, cfg)
     assert torch.load(tmp_path / "two" / "run" / "checkpoint" / "trainer.pt", weights_only=False)["world"] == 2
-    monkeypatch.setattr(grpo, "load_model", fake_load)
+    monkeypatch.setattr(checkpoints, "load_model", fake_load)
     resumed, _, _ = bupo.train_bupo(replace(cfg, fsdp=False, resume=True), 1, None, None)
     assert [m["step"] for m in resumed] == [0, 1, 2]
     assert_same_metrics(resumed, full)  # optimizer moments and step count carried over, not restarted

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import checkpoints
 import grpo
 from conftest import tiny_model
 from distributed import Policy
@@ -122,7 +123,7 @@ class FakeTok:
         return {"input_ids": [1] + [3 + int(c) if c.isdigit() else 20 + ord(c) % 50 for c in text][:12]}
 
     def batch_decode(self, rows, **kw):
-        return ["".join(str(t - 3) if 3 <= t <= 12 else "x" for t in r if t != 2) for r in rows]
+        return ["".join(str(t - 3) if 3 <= t <= 12 else chr(97 + t % 26) for t in r if t != 2) for r in rows]
 
     def decode(self, row, **kw):
         return self.batch_decode([row])[0]
@@ -131,9 +132,14 @@ class FakeTok:
         pass
 
 
-def reward_sevens(text, problem):
-    """A reward the tiny random model earns about half the time (never the arithmetic): an odd count of '7'."""
-    return float(text.count("7") % 2)
+def text_reward(text, problem):
+    """A reward of the response text alone (the tiny random model never does the arithmetic), in [0, 1].
+
+    It differs between almost any two responses, so a group's rewards do not tie and every
+    mini-batch has a gradient. (With all advantages 0 the gradient is rounding noise,
+    which Adam scales up to steps of ~lr: two runs would then differ by more than rounding.)
+    """
+    return sum(map(ord, text)) % 101 / 100
 
 
 def tiny_cfg(tmp_path, **kw):
@@ -179,7 +185,7 @@ def fake_load(path=None, **kw):
 
 
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(grpo, "problem_reward", reward_sevens)
+    monkeypatch.setattr(grpo, "problem_reward", text_reward)
     full, _, _ = grpo.train(tiny_cfg(tmp_path / "a"), model=tiny_model("llama"), tok=FakeTok())
 
     def ctrl_c(step, model, tok, batch, metrics):
@@ -187,7 +193,7 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypat
             os.kill(os.getpid(), signal.SIGINT)
     part, _, _ = grpo.train(tiny_cfg(tmp_path / "b"), on_step=ctrl_c, model=tiny_model("llama"), tok=FakeTok())
     assert [m["step"] for m in part] == [0, 1]  # stopped at the end of step 1, checkpoint saved
-    monkeypatch.setattr(grpo, "load_model", fake_load)
+    monkeypatch.setattr(checkpoints, "load_model", fake_load)
     resumed, _, _ = grpo.train(tiny_cfg(tmp_path / "b", resume=True))
     strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time")}
     assert [strip(m) for m in resumed] == [strip(m) for m in full]  # bit-identical metrics after the interruption

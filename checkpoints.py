@@ -1,0 +1,82 @@
+"""A run's persistence: checkpoints that resume on any number of ranks, the metrics log, Ctrl-C.
+
+Used by grpo.train (and so bupo.py). A checkpoint is out/checkpoint/: the model in
+Hugging Face format plus trainer.pt with the AdamW state keyed by parameter name, the RNG
+states and the next step. Saved from N ranks (distributed.py gathers FSDP shards), it
+resumes on any number of ranks: `--resume` loads it, and the metrics logged after it are
+dropped, so a resumed run reproduces an uninterrupted one.
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import threading
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+import distributed
+from decompose import load_model
+
+
+def save_checkpoint(out, runner, tok, optimizer, step, cfg, d):
+    """out/checkpoint: the model in HF format, optimizer state by parameter name, RNG states, the next step.
+
+    All ranks call (FSDP gathers the shards); rank 0 writes, atomically.
+    """
+    model_sd, optim_sd = distributed.model_state(runner), distributed.optimizer_state(runner, optimizer)
+    if not d.main:
+        return
+    final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, f"checkpoint.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    distributed.inner(runner).model.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)
+    tok.save_pretrained(os.path.join(tmp, "model"))
+    torch.save({"optimizer": optim_sd, "step": step, "config": asdict(cfg), "world": d.world,
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, os.path.join(tmp, "trainer.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def load_checkpoint(out, device):
+    """(model, tok, trainer state) from out/checkpoint; the state is loaded into the optimizer once it exists."""
+    path = os.path.join(out, "checkpoint")
+    if not os.path.exists(os.path.join(path, "trainer.pt")):
+        raise FileNotFoundError(f"--resume: no checkpoint in {path}; run without --resume to start afresh")
+    model, tok = load_model(os.path.join(path, "model"), dtype=torch.float32, device=device)
+    return model, tok, torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
+
+
+def read_metrics(path, before_step):
+    """Logged steps < before_step (a resumed run rewrites what followed its checkpoint)."""
+    if not os.path.exists(path):
+        return []
+    return [m for m in map(json.loads, open(path)) if m["step"] < before_step]
+
+
+class StopRequest:
+    """Ctrl-C sets a flag; the loop saves a checkpoint at the end of the step and exits. A second Ctrl-C kills.
+
+    Under torchrun (several ranks) the later Ctrl-Cs are ignored, as torchrun forwards
+    its own copy: it waits 30 s for the workers, then kills them.
+    """
+    def __init__(self, world=1):
+        self.requested, self.world = False, world
+
+    def __enter__(self):
+        self.old = signal.signal(signal.SIGINT, self.handle) if _main_thread() else None
+        return self
+
+    def handle(self, *_):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.old if self.world == 1 else signal.SIG_IGN)
+        tqdm.write("Ctrl-C: finishing this step, saving a checkpoint, then stopping" + (" (Ctrl-C again to abort)" if self.world == 1 else ""))
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+
+
+def _main_thread():
+    return threading.current_thread() is threading.main_thread()
