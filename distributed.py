@@ -213,8 +213,6 @@ def plain_model(runner):
     sd = model_state(runner)
     if not sd:
         return None
-    with torch.device("meta"):
-        plain = type(model)(model.config)
-    plain.load_state_dict(sd, assign=True, strict=False)
-    plain.tie_weights()
+    plain = type(model)(model.config)  # on CPU (buffers such as the rotary frequencies built as usual), then filled
+    plain.load_state_dict(sd)
     return plain

@@ -358,14 +358,14 @@ def rollout_step(model, tok, problems, cfg, step, prompt_index=None):
     return make_batch(prompts, r, tok.pad_token_id, adv), results
 
 
-def rollout_metrics(rows, group_size):
+def rollout_metrics(results, group_size):
     """Step metrics from the per-row results of rollout_step (of all ranks)."""
-    rewards, lengths = rows["reward"], rows["length"]
+    rewards, lengths = results["reward"], results["length"]
     groups = rewards.view(-1, group_size)
     return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "accuracy": (rewards == 1).float().mean().item(), "zero_std_groups": (groups.std(1) == 0).float().mean().item(),
             "response_len_mean": lengths.mean().item(), "response_len_max": lengths.max().item(),
-            "truncated": rows["truncated"].mean().item()}
+            "truncated": results["truncated"].mean().item()}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -396,8 +396,8 @@ def setup(cfg, d, model=None, tok=None, find_unused=False):
         model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
     check_config(cfg, model, d.world)
     if cfg.activation_checkpointing:  # Hugging Face's, per decoder layer (the old name before transformers 5.2x)
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        enable({"use_reentrant": False}) if enable else model.gradient_checkpointing_enable({"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     ref = distributed.wrap(copy.deepcopy(model).eval().requires_grad_(False), d, cfg.fsdp, train=False) if cfg.kl_coef else None
     runner = distributed.wrap(model.train(), d, cfg.fsdp, find_unused=find_unused)
     optimizer = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -424,8 +424,8 @@ def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d):
     step_problems = [problems[(step * cfg.prompts_per_step + i) % len(problems)] for i in mine.tolist()]
     # 2. sample and reward the groups
     with distributed.full_weights(runner) as model:
-        batch, rows = rollout_step(model, tok, step_problems, cfg, step, mine)
-    m = rollout_metrics({k: distributed.gather_rows(v) for k, v in rows.items()}, cfg.group_size)
+        batch, results = rollout_step(model, tok, step_problems, cfg, step, mine)
+    m = rollout_metrics({k: distributed.gather_rows(v) for k, v in results.items()}, cfg.group_size)
     t1 = time.perf_counter()
     # 3. old (and reference) log-probs under `policy`
     old_logp, ent = policy_logprobs(policy, runner, batch, cfg)

@@ -41,6 +41,9 @@ def bupo_cfg(out, **kw):
     return bupo.BuPOConfig(**{**base, "inter_steps": 1, "layer": "1", "profile_every": 0, "profile_samples": 2, **kw})
 
 
+PROBE = torch.tensor([[1, 5, 9, 14, 30, 2]])
+
+
 def train_and_report(rank, cfg, result, writes_log):
     """BuPO for 2 steps (one on pi_1, one full); rank 0 saves the metrics and weights, rank 1 lists what it wrote."""
     grpo.problem_reward = text_reward
@@ -50,7 +53,9 @@ def train_and_report(rank, cfg, result, writes_log):
         sys.addaudithook(lambda event, a: writes.append([event, str(a[0])]) if _is_write(event, a) and os.path.abspath(str(a[0])).startswith(out) else None)
     hist, model, _ = bupo.train_bupo(cfg, 1, tiny_model("llama"), FakeTok())
     if rank == 0:
-        torch.save({"hist": hist, "params": model.state_dict()}, result)
+        with torch.no_grad():
+            logits = model(PROBE).logits  # the returned model runs (FSDP: rebuilt from the gathered shards)
+        torch.save({"hist": hist, "params": model.state_dict(), "logits": logits}, result)
     else:
         assert model is None or not cfg.fsdp  # FSDP: the full copy exists on rank 0 only
         json.dump(writes, open(writes_log, "w"))
@@ -99,6 +104,8 @@ def test_two_ranks_train_as_one_process_on_the_same_global_batch(tmp_path, fsdp,
         step1, step2 = p - init[name], res["params"][name] - init[name]
         assert step1.norm() > 0, name
         assert (step2 - step1).norm() <= 1e-2 * step1.norm(), (name, (step2 - step1).norm().item(), step1.norm().item())
+    with torch.no_grad():
+        torch.testing.assert_close(res["logits"], model1(PROBE).logits, atol=1e-3, rtol=1e-3)
     assert json.load(open(tmp_path / "writes.json")) == []  # rank 1 wrote nothing under out/
     lines = (tmp_path / "two" / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [0, 1]  # one line per step, not one per rank
