@@ -34,7 +34,7 @@ from checkpoints import StopRequest, load_checkpoint, read_metrics, save_checkpo
 from decompose import load_model, unembed
 from entropy import entropy_of_logp
 from evaluate import arithmetic_problems, evaluate, load_problems, problem_reward, summarize
-from rollout import Rollout, chat_prompts, generate
+from rollout import chat_prompts, generate
 
 matplotlib.use("Agg")  # figures to files, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -174,7 +174,7 @@ class GRPOConfig:
     temperature: float = 1.0           # rollout temperature (also divides the training logits, as verl)
     top_p: float = 1.0                 # rollout nucleus
     rollout_dtype: str = ""            # sample with a copy of the weights in this dtype (e.g. bfloat16); "" = the model's
-    rollout_batch: int = 0             # sequences per generate call, a multiple of group_size (0 = all at once): bounds the KV cache
+    rollout_batch: int = 0             # sequences sampled at a time, a multiple of group_size (0 = all at once): bounds the KV cache
     lr: float = 1e-6                   # AdamW learning rate (constant)
     weight_decay: float = 0.01         # AdamW weight decay (verl's default)
     grad_clip: float = 1.0             # max gradient norm
@@ -342,15 +342,11 @@ def rollout_step(model, tok, problems, cfg, step, prompt_index=None):
     prompts = [p for p in chat_prompts(tok, problems) for _ in range(G)]
     index = torch.arange(len(problems)) if prompt_index is None else prompt_index  # (n,)
     rows = (index[:, None] * G + torch.arange(G)).view(-1)  # (n*G,) rows of the whole step
-    dtype = getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else model.dtype
-    sampler = model if dtype == model.dtype else copy.deepcopy(model).to(dtype)  # one copy for every chunk
-    chunk = cfg.rollout_batch or len(prompts)
-    parts = [generate(sampler, prompts[c:c + chunk], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      top_p=cfg.top_p, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      seed=cfg.seed * 1_000_003 + step, batch_index=rows[c:c + chunk],
-                      batch_rows=(len(problems) if prompt_index is None else cfg.prompts_per_step) * G)
-             for c in range(0, len(prompts), chunk)]
-    r = Rollout(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Rollout)))  # chunks sample what one call would
+    r = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=cfg.seed * 1_000_003 + step,
+                 dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None, batch_index=rows,
+                 batch_rows=(len(problems) if prompt_index is None else cfg.prompts_per_step) * G,
+                 max_batch=cfg.rollout_batch)
     texts = tok.batch_decode([t[:n] for t, n in zip(r.tokens.tolist(), r.lengths.tolist())], skip_special_tokens=True)
     rewards = torch.tensor([problem_reward(t, problems[i // G]) for i, t in enumerate(texts)])
     adv = group_advantages(rewards, G, scale=cfg.scale_adv)

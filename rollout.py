@@ -18,7 +18,7 @@ import copy
 import inspect
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -55,10 +55,11 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def sample(logits, temperature, top_k, top_p, generator, u=None):
+def sample(logits, temperature, top_k, top_p, u):
     """Next tokens (B,) and their log-probs (B,) under softmax(logits / temperature).
 
-    u: (B,) uniform draws in [0, 1) to sample with (inverse CDF); None draws them from generator.
+    u: (B,) uniform draws in [0, 1), one per row, turned into tokens by the inverse CDF
+    (unused when temperature is 0: greedy).
     """
     logits = logits.float()
     if temperature == 0:  # greedy; log-probs reported at temperature 1
@@ -67,7 +68,6 @@ def sample(logits, temperature, top_k, top_p, generator, u=None):
     logp = (logits if temperature == 1 else logits / temperature).log_softmax(-1)  # (B, V)
     probs = filter_logits(logp, top_k, top_p).softmax(-1) if top_k or top_p < 1 else logp.exp()
     cdf = probs.cumsum(-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], generator=generator, device=cdf.device) if u is None else u
     u = u[:, None] * cdf[:, -1:]  # (B, 1)
     tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)  # inverse CDF: zero-mass tokens never hit
     return tok, logp.gather(-1, tok[:, None])[:, 0]
@@ -244,7 +244,7 @@ def prefill(model, prompts, max_new_tokens, pad_token_id, packed):
 
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-             eos_token_id=None, pad_token_id=0, seed=None, dtype=None, batch_index=None, batch_rows=None):
+             eos_token_id=None, pad_token_id=0, seed=None, dtype=None, batch_index=None, batch_rows=None, max_batch=0):
     """Sample a response for each prompt (a list of token-id lists of any lengths).
 
     dtype: cast a copy of the weights for sampling (e.g. torch.bfloat16) while the
@@ -253,6 +253,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     sampled with the same seed, and gets the random draws it would get there, so a batch
     split across processes samples what one process would: at every step batch_rows
     uniforms are drawn and prompt i takes number batch_index[i].
+    max_batch: sample at most this many prompts at a time (0 = all at once), which bounds
+    the KV cache; by the same per-row draws the tokens do not depend on it.
     Returns a Rollout with tensors on the model's device.
     """
     check_args(model, prompts, max_new_tokens, temperature, top_p, top_k)
@@ -262,22 +264,28 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
         raise ValueError(f"batch_index must be {len(prompts)} distinct rows in 0..{batch_rows - 1} (batch_rows), one per prompt")
     if dtype is not None and dtype != model.dtype:
         model = copy.deepcopy(model).to(dtype)
-    dev, B, N = model.device, len(prompts), max_new_tokens
-    eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
-    gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
-    index = index.to(dev)
-    packed = pack_linears(model)
-    logits, cache, key_ok, next_pos, P, padded = prefill(model, prompts, N, pad_token_id, packed)
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    packed = pack_linears(model)  # once for every chunk
+    chunk = max_batch or len(prompts)
+    parts = [_decode(model, packed, prompts[c:c + chunk], index[c:c + chunk].to(model.device), batch_rows, max_new_tokens,
+                     temperature, top_k, top_p, eos, pad_token_id, seed) for c in range(0, len(prompts), chunk)]
+    return parts[0] if len(parts) == 1 else Rollout(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Rollout)))
 
-    # decode: one token per step; rows[i] is the original index of active row i
+
+def _decode(model, packed, prompts, index, batch_rows, N, temperature, top_k, top_p, eos, pad_token_id, seed):
+    """Prefill the prompts, then one token per step; rows[i] is the original index of active row i."""
+    dev, B = model.device, len(prompts)
+    eos = torch.tensor(eos, device=dev)
+    gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
+    logits, cache, key_ok, next_pos, P, padded = prefill(model, prompts, N, pad_token_id, packed)
     tokens = torch.full((B, N), pad_token_id, dtype=torch.long, device=dev)
     logprobs = torch.zeros(B, N, device=dev)
     lengths = torch.full((B,), N, dtype=torch.long, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     rows, alive = torch.arange(B, device=dev), torch.ones(B, dtype=torch.bool, device=dev)
     for t in range(N):
-        u = torch.rand(batch_rows, generator=gen, device=dev)[index[rows]] if temperature else None  # (n,)
-        tok, lp = sample(logits, temperature, top_k, top_p, gen, u)  # (n,), (n,)
+        u = torch.rand(batch_rows, generator=gen, device=dev)[index[rows]] if temperature else None  # (n,) these rows' draws
+        tok, lp = sample(logits, temperature, top_k, top_p, u)  # (n,), (n,)
         tokens[rows[alive], t], logprobs[rows[alive], t] = tok[alive], lp[alive]
         done = alive & torch.isin(tok, eos)
         finished[rows[done]], lengths[rows[done]] = True, t + 1

@@ -101,11 +101,11 @@ def test_top_k_top_p_keep_exactly_the_right_tokens():
 
 def test_sampling_follows_the_distribution():
     logits = torch.tensor([[0.0, 1.0, 2.0, -30.0]]).repeat(20000, 1)
-    tok, lp = sample(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
+    tok, lp = sample(logits, 1.0, 0, 1.0, torch.rand(len(logits), generator=torch.Generator().manual_seed(0)))
     freq = torch.bincount(tok, minlength=4).float() / len(tok)
     torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.015, rtol=0)
     assert (tok != 3).all()
-    tok, _ = sample(logits[:100], 1.0, 2, 1.0, torch.Generator().manual_seed(0))
+    tok, _ = sample(logits[:100], 1.0, 2, 1.0, torch.rand(100, generator=torch.Generator().manual_seed(0)))
     assert set(tok.tolist()) <= {1, 2}
 
 
