@@ -91,9 +91,9 @@ def resolve_layer(cfg, model, tok):
     if cfg.layer != "auto":
         return int(cfg.layer)
     prof = entropy_profile(model, tok, cfg)
-    k = eic_stages(prof["dH_ffn"])["suggested_layer"]
-    print(f"layer=auto: EIC analysis suggests k={k} ({eic_stages(prof['dH_ffn'])})")
-    return k
+    stages = eic_stages(prof["dH_ffn"])
+    print(f"layer=auto: EIC analysis suggests k={stages['suggested_layer']} ({stages})")
+    return stages["suggested_layer"]
 
 
 @torch.no_grad()
