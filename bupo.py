@@ -4,14 +4,21 @@ For the first s_inter steps BuPO optimizes the internal layer policy of a lower 
 pi_k = softmax(lm_head(h_k) / T) with h_k the raw residual after decoder layer k (the
 authors' convention: hidden_states[k+1], no final norm), with the GRPO objective: the
 importance ratio uses log-probs of the sampled tokens under pi_k, old and new. Rollouts
-still come from the full model. Only the embeddings and layers 0..k run (early exit), so
-gradients reach only those layers and the (often tied) lm_head. After s_inter steps it is
-plain GRPO. The layer comes from the entropy analysis (entropy.py) or is given.
+still come from the full model. Only the embeddings and layers 0..k run (early exit,
+policy.layer_policy), so gradients reach only those layers and the (often tied) lm_head.
+After s_inter steps it is plain GRPO. The layer comes from the entropy analysis
+(entropy.py) or is given.
 
-    python bupo.py                       # BuPO vs GRPO on the default model, arithmetic task, CPU (~15 min)
-    python bupo.py --bench               # one phase-1 update vs one full GRPO update
-    python bupo.py --preset paper --model Qwen/Qwen3-4B --layer 5 --inter-steps 30   # the paper's setting
-    torchrun --nproc_per_node=2 bupo.py  # the same, data parallel over 2 processes (distributed.py)
+The experiment trains BuPO and GRPO from the same weights on paired seeds (a seed fixes
+the data order and the sampling of both), evaluates them on one held-out set, and
+reports each seed, the mean, and the paired difference BuPO - GRPO with its 95% interval
+(report.py); --sweep repeats BuPO over values of the layer or of s_inter, the paper's
+ablations. Interrupted, --resume skips the finished runs and continues the others.
+
+    python bupo.py                       # CPU: 3 seeds of BuPO (k=4, s_inter=5) and GRPO, 20 steps each (~15 min)
+    python bupo.py --sweep layer=4,14,24 # the layer ablation, 3 seeds each
+    python bupo.py --bench               # one phase-1 update vs one full update, all positions scored
+    python bupo.py --preset paper --model Qwen/Qwen3-4B --layer 5 --inter-steps 30 --methods bupo   # the paper's setting
 """
 import copy
 import json
@@ -19,79 +26,46 @@ import os
 import time
 from dataclasses import dataclass, replace
 
-import matplotlib
 import torch
 from tqdm import tqdm
 
 import distributed
 import grpo
-from checkpoints import read_metrics
-from decompose import check_inputs, load_model
+from checkpoints import checkpoint_path, read_metrics, remove_checkpoint
+from cli import InputError, check, claim_run_dir, parse_config, read_json, run_main
+from decompose import load_model, model_config
 from entropy import eic_stages, internal_entropy
-from grpo import GRPOConfig, logprobs_from_hidden
+from grpo import GRPOConfig
+from policy import check_layer, compute_precision, layer_policy, logprobs_from_hidden, output_policy
+from problems import task_problems
+from report import CURVES, fmt_interval, markdown_table, mean_interval, paired_difference, plot_panels, run_series
 
-matplotlib.use("Agg")  # figures to files, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-
-class _EarlyExit(Exception):
-    def __init__(self, h):
-        self.h = h
-
-
-def layer_hidden(model, input_ids, attention_mask, k):
-    """Raw residual (B, T, D) after decoder layer k (0-indexed); layers above k never run."""
-    L = model.config.num_hidden_layers
-    if not 0 <= k <= L - 2:
-        raise ValueError(f"internal layer k={k} out of range: use 0..{L - 2} for this {L}-layer model "
-                         f"(k={L - 1} is the last layer, whose policy GRPO already trains)")
-    check_inputs(model, input_ids, attention_mask)
-
-    def stop(module, args, out):
-        raise _EarlyExit(out[0] if isinstance(out, tuple) else out)
-    handle = model.model.layers[k].register_forward_hook(stop)
-    try:
-        model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _EarlyExit as e:
-        return e.h
-    finally:
-        handle.remove()
-    raise RuntimeError("the early-exit hook never fired")
-
-
-def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0, mask=None):
-    """Log-probs (B, T-1) of input_ids[:, 1:] and entropies under pi_k = softmax(lm_head(h_k) / T) (only where mask)."""
-    h = layer_hidden(model, input_ids, attention_mask, k)
-    return logprobs_from_hidden(model, h, input_ids, temperature, final_norm=False, mask=mask)
-
-
-def layer_policy(k):
-    """A policy fn for grpo.train: the internal layer policy pi_k."""
-    return lambda model, ids, att, temperature, mask=None: layer_logprobs(model, ids, att, k, temperature, mask)
-
-
-# ----------------------------------------------------------------------------- config
 
 @dataclass
 class BuPOConfig(GRPOConfig):
     layer: str = "auto"                # internal layer k (0-indexed; the paper's layer k+1), or auto: entropy.py's EIC suggestion
     inter_steps: int = 30              # s_inter: steps that optimize pi_k before plain GRPO
+    seeds: str = "1"                   # N: seeds seed..seed+N-1; or a comma list of seeds (e.g. 3,7); BuPO and GRPO share each
+    methods: str = "bupo,grpo"         # which runs the experiment trains (bupo alone saves half the compute at the paper's scale)
+    sweep: str = ""                    # an ablation of BuPO: layer=4,14,24 or inter_steps=2,5,10 (each value on every seed)
     profile_samples: int = 8           # responses used for the internal entropy profiles and layer=auto
-    profile_every: int = 10            # log the full internal entropy profile every N steps (0 = only before/after)
-    out: str = "runs/bupo"             # output dir: bupo/ and grpo/ runs, comparison.png, results.md
+    profile_every: int = 10            # log the full internal entropy profile every N steps and after the last (0 = after the last)
+    keep_checkpoints: bool = False     # keep each finished run's final checkpoint (1.6 GB for the default model)
+    out: str = "runs/bupo"             # output dir: seed*/<run>/, results.md, results.json and the figures
 
-    bench: bool = False                # time one phase-1 update against one full GRPO update, then exit
+
+PRESETS = {"paper": dict(layer="auto", out="runs/bupo"),
+           "cpu": {**grpo.PRESETS["cpu"], "layer": "4", "inter_steps": 5, "seeds": "3", "profile_every": 0, "out": "runs/bupo"}}
+SAFE_ON_RESUME = grpo.SAFE_ON_RESUME + ("seeds", "methods", "sweep", "keep_checkpoints", "profile_every")
 
 
-PRESETS = {"paper": dict(layer="auto"), "cpu": {**grpo.PRESETS["cpu"], "layer": "4", "inter_steps": 5, "profile_every": 0, "out": "runs/bupo"}}
-
+# ----------------------------------------------------------------------------- BuPO
 
 def resolve_layer(cfg, model, tok):
     """k as an int: given, or the end of the exploration stage found by entropy.py on this model."""
     if cfg.layer != "auto":
         return int(cfg.layer)
-    prof = entropy_profile(model, tok, cfg)
-    stages = eic_stages(prof["dH_ffn"])
+    stages = eic_stages(entropy_profile(model, tok, cfg)["dH_ffn"])
     print(f"layer=auto: EIC analysis suggests k={stages['suggested_layer']} ({stages})")
     return stages["suggested_layer"]
 
@@ -99,169 +73,286 @@ def resolve_layer(cfg, model, tok):
 @torch.no_grad()
 def entropy_profile(model, tok, cfg):
     """internal_entropy (paper convention) over cfg.profile_samples fresh responses to training prompts."""
-    problems = grpo.task_problems(cfg.task, cfg.profile_samples, cfg.seed + 1, "train")[:cfg.profile_samples]
-    batch, _ = grpo.rollout_step(model, tok, problems, replace(cfg, group_size=1), step=-1)
-    resp = torch.zeros_like(batch.input_ids)
-    resp[:, 1:] = batch.response_mask
-    return internal_entropy(model, batch.input_ids, resp, attention_mask=batch.attention_mask)
+    problems = task_problems(cfg.task, cfg.profile_samples, cfg.seed + 1, "train")
+    batch, _ = grpo.rollout_step(model, tok, problems, replace(cfg, group_size=1, rollout_dtype=""), step=-1)
+    return internal_entropy(model, batch.input_ids, batch.response_mask, attention_mask=batch.attention_mask)
 
 
-# ----------------------------------------------------------------------------- training
+@torch.no_grad()
+def readout_entropies(model, ids, att, resp, temperature, layers):
+    """Token-mean entropies of the output policy and of pi_k for each k in layers, from one forward pass."""
+    hidden, hooks = {}, [model.model.layers[k].register_forward_hook(
+        lambda m, a, out, k=k: hidden.__setitem__(k, out[0] if isinstance(out, tuple) else out)) for k in layers]
+    try:
+        hidden["output"] = model.model(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state  # final-normed
+    finally:
+        for h in hooks:
+            h.remove()
+    n = max(int(resp[:, 1:].sum()), 1)
+    return {k: logprobs_from_hidden(model, h, ids, resp, temperature)[1].sum().item() / n for k, h in hidden.items()}
 
-def train_bupo(cfg, k, model, tok, desc="BuPO"):
-    """grpo.train with pi_k for steps < inter_steps, then the full policy; logs both entropies."""
+
+def train_bupo(cfg, k, model, tok, desc="BuPO", layers=()):
+    """grpo.train with pi_k for steps < inter_steps, then the output policy; logs the entropies of pi_k (k in layers) and of the output."""
+    layers = sorted(set(layers) | {k})
+
     def policy_for_step(step):
-        return layer_policy(k) if step < cfg.inter_steps else grpo.full_policy
+        return layer_policy(k) if step < cfg.inter_steps else output_policy
 
     def on_step(step, runner, tok, batch, m):
         m["phase"] = "internal" if step < cfg.inter_steps else "full"
         if step == cfg.inter_steps > 0 and distributed.init().main:
-            tqdm.write(f"step {step}: switching from pi_{k} to the full policy (plain GRPO)")
-        log_entropies(runner, batch, k, cfg, m)
-        if cfg.profile_every and (step + 1) % cfg.profile_every == 0:
+            tqdm.write(f"step {step}: switching from pi_{k} to the output policy (plain GRPO)")
+        _, ids, att, resp, _ = next(grpo.micro_slices(batch, torch.arange(batch.input_ids.shape[0]), cfg.micro_batch))
+        with distributed.full_weights(runner) as model, compute_precision(cfg.precision, ids.device):
+            ent = readout_entropies(model, ids, att, resp, cfg.temperature, layers)  # this rank's first micro-batch
+        n = distributed.all_sum([1.0])[0]
+        for key, v in zip(ent, distributed.all_sum(list(ent.values()))):
+            m["entropy_output" if key == "output" else f"entropy_layer{key}"] = v / n
+        if (cfg.profile_every and (step + 1) % cfg.profile_every == 0) or step == cfg.steps - 1:
             with distributed.full_weights(runner) as model:  # every rank profiles the same responses
                 prof = entropy_profile(model, tok, cfg)
             m["profile_layer"], m["profile_dH_ffn"] = prof["layer"], prof["dH_ffn"]
     return grpo.train(cfg, policy_for_step, on_step, model=model, tok=tok, desc=desc)
 
 
-@torch.no_grad()
-def log_entropies(runner, batch, k, cfg, m):
-    """Token-mean entropy of pi_k and of the output policy on this step's responses (each rank's first micro-batch)."""
-    j, ids, att, resp, _ = next(grpo.micro_slices(batch, torch.arange(batch.input_ids.shape[0]), cfg.micro_batch))
-    sums = [runner(policy, ids, att, cfg.temperature, resp)[1].sum().item() for policy in (layer_policy(k), grpo.full_policy)]
-    h_k, h_out, n = distributed.all_sum(sums + [resp.sum().item()])
-    m[f"entropy_layer{k}"], m["entropy_output"] = h_k / max(n, 1), h_out / max(n, 1)
+# ----------------------------------------------------------------------------- the experiment
+
+def parse_seeds(cfg):
+    """The experiment's seeds: N -> cfg.seed .. cfg.seed+N-1; a comma list as given."""
+    try:
+        seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()] if "," in cfg.seeds else list(range(cfg.seed, cfg.seed + int(cfg.seeds)))
+    except ValueError:
+        seeds = []
+    check(seeds and len(set(seeds)) == len(seeds), f"--seeds must be a count N >= 1 or a comma list of distinct seeds, got '{cfg.seeds}'")
+    return seeds
+
+
+def parse_sweep(cfg):
+    """(key, values) of --sweep key=v1,v2,...; (None, [None]) without one."""
+    if not cfg.sweep:
+        return None, [None]
+    key, _, values = cfg.sweep.partition("=")
+    check(key in ("layer", "inter_steps"), f"--sweep must be layer=... or inter_steps=..., got '{cfg.sweep}'")
+    try:
+        return key, [int(v) for v in values.split(",")]
+    except ValueError:
+        raise InputError(f"--sweep {key}= needs comma-separated integers, got '{values}'") from None
+
+
+def plan(cfg, k, seeds):
+    """[(group, seed, run config)]: per seed a GRPO run and a BuPO run per sweep value (groups share seeds: paired)."""
+    key, values = parse_sweep(cfg)
+    methods = cfg.methods.split(",")
+    runs = []
+    for seed in seeds:
+        base = replace(cfg, seed=seed, seeds=f"{seed},", sweep="", keep_checkpoints=False, save_final=cfg.keep_checkpoints,
+                       eval_before=False, resume=False, overwrite=False, layer=str(k))
+        if "grpo" in methods:
+            runs.append(("GRPO", seed, replace(base, methods="grpo", inter_steps=0, out=os.path.join(cfg.out, f"seed{seed}", "grpo"))))
+        for v in values if "bupo" in methods else []:
+            group, name = ("BuPO", "bupo") if key is None else (f"BuPO {key}={v}", f"bupo-{key}{v}")
+            run = replace(base, methods="bupo", out=os.path.join(cfg.out, f"seed{seed}", name), **({key: v} if key == "inter_steps" else {}))
+            runs.append((group, seed, replace(run, layer=str(v)) if key == "layer" else run))
+    return runs
 
 
 def finished_run(cfg):
-    """The metrics of a run that already completed (resume skips it), else None."""
-    path = os.path.join(cfg.out, "metrics.jsonl")
-    hist = read_metrics(path, cfg.steps)
-    return hist if len(hist) == cfg.steps and os.path.exists(os.path.join(cfg.out, "checkpoint")) else None
+    """The metrics of a run that completed (the resumed experiment skips it), else None."""
+    hist = read_metrics(os.path.join(cfg.out, "metrics.jsonl"), cfg.steps)
+    return hist if len(hist) == cfg.steps and "profile_layer" in hist[-1] else None
+
+
+def check_experiment(cfg):
+    """Settings of the experiment, before any work: seeds, methods, sweep, layers against the model's config."""
+    seeds = parse_seeds(cfg)
+    methods = cfg.methods.split(",")
+    check(methods and set(methods) <= {"bupo", "grpo"} and len(set(methods)) == len(methods), f"--methods must be bupo, grpo or bupo,grpo, got '{cfg.methods}'")
+    key, values = parse_sweep(cfg)
+    check(key is None or "bupo" in methods, "--sweep varies BuPO: include bupo in --methods")
+    check(cfg.inter_steps >= 0 and all(v is None or v >= 0 for v in values), "--inter-steps must be >= 0")
+    check(cfg.profile_samples >= 1 and cfg.profile_every >= 0, "--profile-samples must be >= 1 and --profile-every >= 0")
+    config = model_config(cfg.model)
+    check(cfg.layer == "auto" or cfg.layer.lstrip("-").isdigit(), f"--layer must be an integer or auto, got '{cfg.layer}'")
+    for k in ([int(cfg.layer)] if cfg.layer != "auto" else []) + (values if key == "layer" else []):
+        check_layer(config, k)
+    grpo.check_config(cfg, config)
+    return seeds, config
 
 
 def experiment(cfg):
-    """BuPO and GRPO from the same weights, seed and data; curves, profiles and a results table (rank 0)."""
+    """BuPO and GRPO on paired seeds, from the same weights; per-seed results, intervals, curves (rank 0)."""
     d = distributed.init()
-    model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
-    k = resolve_layer(cfg, model, tok)  # under torchrun every rank finds the same k
-    init = model.cpu()  # the starting weights, kept off the device; each run trains a copy
-    runs, models = {}, {}
-    for name in ("BuPO", "GRPO"):
-        run_cfg = replace(cfg, out=os.path.join(cfg.out, name.lower()))
-        done = finished_run(run_cfg) if cfg.resume else None
-        if done:
-            runs[name], models[name] = done, load_model(os.path.join(run_cfg.out, "checkpoint", "model"), dtype=torch.float32, device="cpu")[0]
-            continue
-        run_cfg = replace(run_cfg, resume=cfg.resume and os.path.exists(os.path.join(run_cfg.out, "checkpoint")))
-        start = copy.deepcopy(init).to(d.device)
-        inter_steps = cfg.inter_steps if name == "BuPO" else 0
-        runs[name], trained, _ = train_bupo(replace(run_cfg, inter_steps=inter_steps), k, start, tok, desc=name)
-        models[name] = trained.cpu() if trained is not None else None  # FSDP: only rank 0 holds the full model
-    distributed.close()
+    seeds, _ = check_experiment(cfg)
+    with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=SAFE_ON_RESUME, writer=d.main):
+        model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
+        start = _initial(cfg, model, tok, d)  # the shared start: its layer k, held-out accuracy and profile
+        init = model.cpu()  # the starting weights, kept off the device; each run trains a copy
+        key, values = parse_sweep(cfg)
+        layers = sorted({start["layer"]} | (set(values) if key == "layer" else set()))
+        runs = {}
+        for group, seed, run_cfg in plan(cfg, start["layer"], seeds):
+            hist = finished_run(run_cfg)
+            if hist is None:
+                has_ckpt = checkpoint_path(run_cfg.out) is not None
+                run_cfg = replace(run_cfg, resume=has_ckpt, overwrite=not has_ckpt)  # a run killed before any checkpoint restarts
+                hist, _, _ = train_bupo(run_cfg, int(run_cfg.layer), copy.deepcopy(init).to(d.device), tok,
+                                        desc=f"{group}, seed {seed}", layers=layers)
+                if not cfg.keep_checkpoints and d.main:
+                    remove_checkpoint(run_cfg.out)  # its metrics hold all the report needs
+            runs.setdefault(group, {})[seed] = hist
+        distributed.close()
+        if d.main:
+            report(cfg, start, runs)
+
+
+def _initial(cfg, model, tok, d):
+    """{"layer", "eval", "profile"} of the starting model, computed once and kept in out/initial.json."""
+    path = os.path.join(cfg.out, "initial.json")
+    if os.path.exists(path):
+        return read_json(path)
+    runner = distributed.Policy(model)
+    start = {"layer": resolve_layer(cfg, model, tok), "eval": grpo.run_eval(runner, tok, cfg, d) if cfg.eval_every else {},
+             "profile": entropy_profile(model, tok, cfg)}
     if d.main:
-        report(cfg, k, init, models, runs, tok, d.device)
+        with open(path, "w") as f:
+            json.dump(start, f, indent=1)
+    return start
 
 
-def report(cfg, k, init, models, runs, tok, device=None):
-    """comparison.png, profiles.png, results.md and results.json under cfg.out; profiles on `device`, one model at a time."""
-    grpo.plot_curves(os.path.join(cfg.out, "curves.png"), runs)
-    plot_comparison(os.path.join(cfg.out, "comparison.png"), runs, k, cfg.inter_steps)
-    profiles = {}
-    for name, m in [("initial", init)] + [(f"after {n}", m) for n, m in models.items()]:
-        profiles[name] = entropy_profile(m.to(device or m.device), tok, cfg)
-        m.cpu()
-    plot_profiles(os.path.join(cfg.out, "profiles.png"), profiles, k)
-    cols = [c for c in cfg.eval_data.split(",")]
-    rows = {"initial": {c: runs["GRPO"][0].get(f"eval/{c}_before") for c in cols}}
-    rows.update({name: {c: hist[-1].get(f"eval/{c}") for c in cols} for name, hist in runs.items()})
-    table = "| model | " + " | ".join(cols) + " | avg |\n|---|" + "---|" * (len(cols) + 1) + "\n"
-    for name, vals in rows.items():
-        v = [vals[c] for c in cols]
-        avg = sum(x for x in v if x is not None) / max(1, sum(x is not None for x in v))
-        table += f"| {name} | " + " | ".join("-" if x is None else f"{x:.1f}" for x in v) + f" | {avg:.1f} |\n"
-    summary = {"layer": k, "inter_steps": cfg.inter_steps, "steps": cfg.steps, "table": rows,
-               "reward_first_last": {n: [h[0]["reward_mean"], h[-1]["reward_mean"]] for n, h in runs.items()},
-               "profiles": {n: p["layer"] for n, p in profiles.items()}}
-    open(os.path.join(cfg.out, "results.md"), "w").write(table)
-    json.dump(summary, open(os.path.join(cfg.out, "results.json"), "w"), indent=1)
-    print(f"\nheld-out accuracy (%), greedy, k={k}, s_inter={cfg.inter_steps} of {cfg.steps} steps:\n{table}")
-    print(f"wrote {cfg.out}/comparison.png, profiles.png, curves.png, results.md, results.json")
+# ----------------------------------------------------------------------------- the report
+
+def final_accuracy(hist):
+    return hist[-1].get("eval/avg")
 
 
-def plot_comparison(path, runs, k, inter_steps):
-    """Reward, held-out accuracy, pi_k entropy and output entropy over steps, BuPO vs GRPO."""
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
-    keys = [("reward_mean", "train reward"), (None, "held-out accuracy (%)"),
-            (f"entropy_layer{k}", f"entropy of pi_{k} (layer {k + 1})"), ("entropy_output", "entropy of the output policy")]
-    for name, hist in runs.items():
-        steps = [m["step"] for m in hist]
-        for ax, (key, title) in zip(axes, keys):
-            if key is None:
-                ev = grpo.eval_points(hist)
-                if ev:
-                    ax.plot(*zip(*ev), marker="o", label=name)
-            else:
-                ax.plot(steps, [m[key] for m in hist], label=name)
-            ax.set(title=title, xlabel="step")
-    for ax in axes:
-        ax.axvline(inter_steps - 0.5, color="k", ls=":", lw=0.8)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"BuPO (pi_{k} for the first {inter_steps} steps, then GRPO) vs GRPO; dotted: the switch", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def summarize_runs(start, runs):
+    """{"per_seed", "stats", "paired"}: final held-out accuracy of each group and seed, its mean and interval,
+    and each BuPO group's paired difference from GRPO over the seeds both have."""
+    per_seed = {g: {s: final_accuracy(h) for s, h in sorted(r.items())} for g, r in runs.items()}
+    stats = {g: mean_interval(list(v.values())) for g, v in per_seed.items() if None not in v.values()}
+    paired = {}
+    for g, v in per_seed.items():
+        if g != "GRPO" and "GRPO" in per_seed:
+            seeds = [s for s in v if s in per_seed["GRPO"]]
+            paired[g] = paired_difference([v[s] for s in seeds], [per_seed["GRPO"][s] for s in seeds])
+    return {"initial": start["eval"].get("eval/avg"), "per_seed": per_seed, "stats": stats, "paired": paired}
 
 
-def plot_profiles(path, profiles, k):
-    """Entropy of every internal layer policy (paper convention), before and after training."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    for name, prof in profiles.items():
-        axes[0].plot(prof["layer"], marker="o", ms=3, label=name)
-        axes[1].plot(prof["dH_ffn"], marker="o", ms=3, label=name)
-    axes[0].set(title="entropy of internal layer policy pi_l", xlabel="layer l (0 = embedding)", ylabel="nats")
-    axes[1].set(title="FFN entropy change dH_ffn", xlabel="layer (0-indexed)", ylabel="nats")
-    for ax in axes:
-        ax.axvline(k + (1 if ax is axes[0] else 0), color="k", ls=":", lw=0.8)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def results_table(summary):
+    """Markdown: one row per group with each seed's accuracy, mean +- sd, 95% interval; then the paired differences."""
+    seeds = sorted({s for v in summary["per_seed"].values() for s in v})
+    rows = [["initial"] + [summary["initial"]] * len(seeds) + ["", ""]]
+    for g, v in summary["per_seed"].items():
+        st = summary["stats"].get(g)
+        rows.append([g] + [v.get(s) for s in seeds] + ([f"{st['mean']:.1f} ± {st['sd']:.1f}", f"[{st['lo']:.1f}, {st['hi']:.1f}]"] if st else ["", ""]))
+    for g, p in summary["paired"].items():
+        diffs = [summary["per_seed"][g][s] - summary["per_seed"]["GRPO"][s] for s in seeds if s in summary["per_seed"][g]]
+        rows.append([f"{g} − GRPO (paired)"] + [f"{x:+.1f}" for x in diffs] + [f"{p['mean']:+.1f} ± {p['sd']:.1f}",
+                     f"[{p['lo']:+.1f}, {p['hi']:+.1f}]" + (" *" if p["significant"] else "")])
+    return markdown_table(["held-out accuracy (%)"] + [f"seed {s}" for s in seeds] + ["mean ± sd", "95% interval"], rows)
+
+
+def report(cfg, start, runs):
+    """results.md / results.json, comparison.png (mean curves with min-max bands), profiles.png, sweep.png."""
+    k, summary = start["layer"], summarize_runs(start, runs)
+    panels = [("eval", "held-out accuracy (%)"), ("reward_mean", "train reward"), ("entropy_output", "entropy of the output policy"),
+              (f"entropy_layer{k}", f"entropy of pi_{k} (layer {k + 1})")]
+    groups = {g: [_with_start(run_series(h, [p for p, _ in panels]), start) for h in r.values()] for g, r in runs.items()}
+    plot_panels(os.path.join(cfg.out, "comparison.png"), groups, panels, marks=[cfg.inter_steps - 0.5] if cfg.inter_steps else (),
+                title=f"BuPO (pi_{k} for {cfg.inter_steps} steps, then GRPO) vs GRPO; mean over seeds, band: min-max; dotted: the switch")
+    plot_panels(os.path.join(cfg.out, "curves.png"), {g: [run_series(h, [c for c, _ in CURVES]) for h in r.values()]
+                                                      for g, r in runs.items()}, CURVES)
+    _plot_profiles(os.path.join(cfg.out, "profiles.png"), start, runs, k)
+    key, values = parse_sweep(cfg)
+    if key:
+        _plot_sweep(os.path.join(cfg.out, "sweep.png"), key, values, summary)
+    table = results_table(summary)
+    verdict = "\n".join(f"{g} − GRPO: {fmt_interval(p)} points ({'significant' if p['significant'] else 'no significant difference'} "
+                        f"at 95%, {p['n']} paired seeds)" for g, p in summary["paired"].items())
+    with open(os.path.join(cfg.out, "results.md"), "w") as f:
+        f.write(table + "\n" + verdict + "\n")
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump({"layer": k, "inter_steps": cfg.inter_steps, "steps": cfg.steps, "sweep": cfg.sweep, **summary,
+                   "reward_first_last": {g: {s: [h[0]["reward_mean"], h[-1]["reward_mean"]] for s, h in r.items()} for g, r in runs.items()},
+                   "profile_initial": start["profile"]["layer"]}, f, indent=1)
+    print(f"\nheld-out accuracy (%), greedy, after {cfg.steps} steps; k={k}, s_inter={cfg.inter_steps}:\n{table}\n{verdict}")
+    print(f"wrote {cfg.out}/results.md, results.json, comparison.png, curves.png, profiles.png" + (", sweep.png" if key else ""))
+
+
+def _with_start(series, start):
+    """The held-out curve of a run begins at the shared start's accuracy (step 0)."""
+    steps, vals = series["eval"]
+    if "eval/avg" in start["eval"] and steps[:1] != [0]:
+        series["eval"] = ([0] + steps, [start["eval"]["eval/avg"]] + vals)
+    return series
+
+
+def _plot_profiles(path, start, runs, k):
+    """Entropy of every internal layer policy and dH_ffn before and after training (mean over seeds)."""
+    profiles = {"initial": [start["profile"]]} | {f"after {g}": [{"layer": h[-1]["profile_layer"], "dH_ffn": h[-1]["profile_dH_ffn"]}
+                                                              for h in r.values()] for g, r in runs.items()}
+    groups = {n: [{key: (list(range(len(p[key]))), p[key]) for key in ("layer", "dH_ffn")} for p in ps] for n, ps in profiles.items()}
+    plot_panels(path, groups, [("layer", "entropy of pi_l (x: layer l, 0 = embedding)"), ("dH_ffn", "FFN entropy change dH_ffn (x: layer)")],
+                marks=[k + 1])
+
+
+def _plot_sweep(path, key, values, summary):
+    """Final held-out accuracy against the swept value: BuPO's mean with its 95% interval, GRPO's as a band."""
+    groups = {"BuPO": [{"acc": (values, [summary["per_seed"][f"BuPO {key}={v}"][s] for v in values])}
+                       for s in summary["per_seed"][f"BuPO {key}={values[0]}"]]}
+    if "GRPO" in summary["per_seed"]:
+        groups["GRPO"] = [{"acc": (values, [acc] * len(values))} for acc in summary["per_seed"]["GRPO"].values()]
+    plot_panels(path, groups, [("acc", f"held-out accuracy (%) after training vs {key}")], title=f"sweep of {key}: mean over seeds, band: min-max")
 
 
 # ----------------------------------------------------------------------------- benchmark
 
-def bench(cfg, repeats=3):
-    """Seconds of one phase-1 (pi_k) update vs one full GRPO update on the same batch."""
+def bench(cfg, repeats=2):
+    """Seconds of one phase-1 update (pi_k) against a full one and a plain HF forward+backward, all positions scored."""
     model, tok = load_model(cfg.model, dtype=torch.float32)
     k, L = int(cfg.layer) if cfg.layer != "auto" else 4, model.config.num_hidden_layers
-    problems = grpo.task_problems(cfg.task, cfg.prompts_per_step, cfg.seed, "train")[:cfg.prompts_per_step]
-    batch, _ = grpo.rollout_step(model, tok, problems, cfg, 0)
-    print(f"batch: {batch.input_ids.shape[0]} sequences x {batch.input_ids.shape[1]} tokens, k={k}, L={L}")
+    check_layer(model.config, k)
+    problems = task_problems("math500", 8, 0, "test")
+    batch, _ = grpo.rollout_step(model, tok, problems, replace(cfg, group_size=1, max_new_tokens=256), 0)
+    batch.response_mask = batch.attention_mask.bool()  # every position scored
+    ids, att = batch.input_ids, batch.attention_mask
+
+    def update(policy):
+        lp, _ = policy(model, ids, att, 1.0, batch.response_mask)
+        grpo.policy_loss(lp, lp.detach(), batch.advantages, batch.response_mask)[0].backward()
+
+    def plain():
+        logits = model(ids, attention_mask=att).logits[:, :-1].float()
+        logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).sum().backward()
     times = {}
-    for name, policy in (("phase 1 (pi_k)", layer_policy(k)), ("full GRPO", grpo.full_policy)):
-        m = distributed.Policy(copy.deepcopy(model).train())
-        opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr)
+    for name, fn in (("phase 1 (pi_k)", lambda: update(layer_policy(k))), ("full (output policy)", lambda: update(output_policy)),
+                     ("plain HF forward+backward", plain)):
         ts = []
-        for r in range(repeats + 1):  # the first is a warm-up
+        for _ in range(repeats + 1):  # the first is a warm-up
             t = time.perf_counter()
-            old, _ = grpo.policy_logprobs(policy, m, batch, cfg)
-            grpo.ppo_update(m, opt, policy, batch, old, None, cfg)
+            with compute_precision(cfg.precision, model.device):
+                fn()
+            model.zero_grad(set_to_none=True)
             ts.append(time.perf_counter() - t)
         times[name] = min(ts[1:])
-        print(f"{name:>16}: {times[name]:.2f} s per update (old log-probs + PPO update)")
-    ratio = times["phase 1 (pi_k)"] / times["full GRPO"]
-    print(f"ratio phase-1 / full = {ratio:.3f}   ((k+1)/L = {(k + 1) / L:.3f})")
-    return ratio
+    D, V = model.config.hidden_size, model.config.vocab_size
+    per_layer = sum(m.weight.numel() for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    bound = ((k + 1) * per_layer + D * V) / (L * per_layer + D * V)
+    print(f"batch: {ids.shape[0]} sequences x {ids.shape[1]} tokens, every position scored; k={k}, L={L}, {cfg.precision}")
+    for name, t in times.items():
+        print(f"{name:>28}: {t:.2f} s forward+backward")
+    print(f"phase 1 / plain = {times['phase 1 (pi_k)'] / times['plain HF forward+backward']:.3f}, phase 1 / full = "
+          f"{times['phase 1 (pi_k)'] / times['full (output policy)']:.3f}  (FLOP bound ((k+1) layers + lm_head) / (L layers + lm_head) = {bound:.3f})")
+    return times
 
 
-def main():
-    cfg = grpo.parse_config(BuPOConfig, description="BuPO vs GRPO (arXiv 2512.19673).", presets=PRESETS)
+def main(argv=None):
+    cfg = parse_config(BuPOConfig, PRESETS, "BuPO vs GRPO on paired seeds (arXiv 2512.19673).", argv)
     if cfg.bench:
         return bench(cfg)
     experiment(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

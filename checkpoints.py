@@ -1,12 +1,17 @@
-"""A run's persistence: checkpoints that resume on any number of ranks, the metrics log, Ctrl-C.
+"""A run's persistence: checkpoints that survive a kill at any instant and resume on any number of ranks, the metrics log, Ctrl-C.
 
 Used by grpo.train (and so bupo.py). A checkpoint is out/checkpoint/: the model in
 Hugging Face format plus trainer.pt with the AdamW state keyed by parameter name, the RNG
 states and the next step. Saved from N ranks (distributed.py gathers FSDP shards), it
 resumes on any number of ranks: `--resume` loads it, and the metrics logged after it are
 dropped, so a resumed run reproduces an uninterrupted one.
+
+A save writes checkpoint.tmp<pid>/, moves the old checkpoint aside to checkpoint.old/,
+renames the new one into place, then deletes the old one: a kill between any two of
+these leaves checkpoint/ or checkpoint.old/ whole, and load_checkpoint takes whichever
+exists. Left-over checkpoint.tmp* dirs (a killed save) are deleted at the next save or load.
 """
-import json
+import glob
 import os
 import random
 import shutil
@@ -18,41 +23,67 @@ import torch
 from tqdm import tqdm
 
 import distributed
+from cli import InputError, read_jsonl
 from decompose import load_model
+
+
+def _clean_partial(out):
+    """Delete the dirs of saves that were killed midway (the run dir is locked: none is being written)."""
+    for tmp in glob.glob(os.path.join(out, "checkpoint.tmp*")):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_checkpoint(out, runner, tok, optimizer, step, cfg, d):
     """out/checkpoint: the model in HF format, optimizer state by parameter name, RNG states, the next step.
 
-    All ranks call (FSDP gathers the shards); rank 0 writes, atomically.
+    All ranks call (FSDP gathers the shards); rank 0 writes. Each operation leaves a whole checkpoint behind.
     """
     model_sd, optim_sd = distributed.model_state(runner), distributed.optimizer_state(runner, optimizer)
     if not d.main:
         return
-    final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, f"checkpoint.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _clean_partial(out)
+    final, old, tmp = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.old", f"checkpoint.tmp{os.getpid()}"))
     distributed.inner(runner).model.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)
     tok.save_pretrained(os.path.join(tmp, "model"))
     torch.save({"optimizer": optim_sd, "step": step, "config": asdict(cfg), "world": d.world,
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, os.path.join(tmp, "trainer.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if os.path.exists(final):
+        if os.path.exists(old):  # a save killed after its rename: checkpoint/ is the newer, whole one
+            shutil.rmtree(old)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_path(out):
+    """The whole checkpoint of a run dir: checkpoint/, or checkpoint.old/ after a kill between the two renames; else None."""
+    for name in ("checkpoint", "checkpoint.old"):
+        path = os.path.join(out, name)
+        if os.path.exists(os.path.join(path, "trainer.pt")):
+            return path
+    return None
+
+
+def remove_checkpoint(out):
+    """Delete a run's checkpoint (a finished run of an experiment that keeps only its metrics)."""
+    for name in ("checkpoint", "checkpoint.old"):
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    _clean_partial(out)
 
 
 def load_checkpoint(out, device):
-    """(model, tok, trainer state) from out/checkpoint; the state is loaded into the optimizer once it exists."""
-    path = os.path.join(out, "checkpoint")
-    if not os.path.exists(os.path.join(path, "trainer.pt")):
-        raise FileNotFoundError(f"--resume: no checkpoint in {path}; run without --resume to start afresh")
+    """(model, tok, trainer state) from the run's checkpoint; the state is loaded into the optimizer once it exists."""
+    path = checkpoint_path(out)
+    if path is None:
+        raise InputError(f"--resume: no checkpoint in {out}; start afresh with --overwrite (or another --out)")
+    _clean_partial(out)
     model, tok = load_model(os.path.join(path, "model"), dtype=torch.float32, device=device)
     return model, tok, torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
 
 
 def read_metrics(path, before_step):
     """Logged steps < before_step (a resumed run rewrites what followed its checkpoint)."""
-    if not os.path.exists(path):
-        return []
-    return [m for m in map(json.loads, open(path)) if m["step"] < before_step]
+    return [m for m in read_jsonl(path) if m["step"] < before_step]
 
 
 class StopRequest:

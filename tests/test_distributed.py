@@ -15,8 +15,8 @@ import checkpoints
 import decompose
 import distributed
 import grpo
-from conftest import tiny_model
-from test_grpo import FakeTok, fake_load, text_reward, tiny_cfg
+from cli import InputError
+from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
 
 
 def spawn(fn, world, *args):
@@ -37,8 +37,8 @@ def _rank_main(rank, world, port, fn, args):
 
 
 def bupo_cfg(out, **kw):
-    base = vars(tiny_cfg(out, steps=2, prompts_per_step=4, mini_batch_prompts=2, micro_batch=3, eval_every=1, lr=1e-3))
-    return bupo.BuPOConfig(**{**base, "inter_steps": 1, "layer": "1", "profile_every": 0, "profile_samples": 2, **kw})
+    return tiny_cfg(out, bupo.BuPOConfig, **{**dict(steps=2, prompts_per_step=4, mini_batch_prompts=2, micro_batch=3, eval_every=1,
+                                                   lr=1e-3, inter_steps=1, layer="1", profile_every=0, profile_samples=2), **kw})
 
 
 PROBE = torch.tensor([[1, 5, 9, 14, 30, 2]])
@@ -116,9 +116,10 @@ def stop_after_first_step(rank, cfg):
     def ctrl_c(step, runner, tok, batch, m):
         if rank == 0 and step == 0:
             os.kill(os.getpid(), signal.SIGINT)
-    real = bupo.log_entropies
+    real = bupo.readout_entropies
     grpo.problem_reward = text_reward
-    bupo.log_entropies = lambda runner, batch, k, cfg, m: (real(runner, batch, k, cfg, m), ctrl_c(m["step"], runner, None, batch, m))
+    steps = []
+    bupo.readout_entropies = lambda *a: (steps.append(len(steps)), ctrl_c(steps[-1], None, None, None, None), real(*a))[2]
     hist, _, _ = bupo.train_bupo(cfg, 1, tiny_model("llama"), FakeTok())
     assert [m["step"] for m in hist] == [0]
 
@@ -163,7 +164,7 @@ def convert_default_model(rank, cache):
 def test_every_rank_can_convert_the_default_model(tmp_path):
     spawn(convert_default_model, 2, str(tmp_path / "cache"))
     for rank in (0, 1):
-        assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir(tmp_path / f"cache{rank}" / decompose.DEFAULT_NAME))
+        assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir(tmp_path / f"cache{rank}" / decompose.EMBEDDED["smollm2"].cache_name))
 
 
 def test_rank_share_splits_every_mini_batch_by_whole_prompts():
@@ -174,8 +175,9 @@ def test_rank_share_splits_every_mini_batch_by_whole_prompts():
 
 
 def test_bad_splits_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="without splitting a group"):
-        distributed.check_split(2, 4)
-    distributed.check_split(4, 2)
-    with pytest.raises(ValueError, match="torchrun"):
-        grpo.train(tiny_cfg(tmp_path, fsdp=True), model=tiny_model("llama"), tok=FakeTok())
+    model = tiny_model("llama")
+    with pytest.raises(InputError, match="without splitting a group"):
+        grpo.check_config(tiny_cfg(tmp_path, mini_batch_prompts=2), model.config, world=4)
+    grpo.check_config(tiny_cfg(tmp_path, mini_batch_prompts=4, prompts_per_step=4), model.config, world=2)
+    with pytest.raises(InputError, match="torchrun"):
+        grpo.train(tiny_cfg(tmp_path, fsdp=True), model=model, tok=FakeTok())

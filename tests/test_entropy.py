@@ -7,21 +7,22 @@ import torch
 import entropy as E
 from conftest import tiny_model
 from decompose import decompose, unembed
+from policy import entropy
 
 
 def test_entropy_analytic():
     V = 1000
-    assert E.entropy(torch.zeros(V)).item() == pytest.approx(math.log(V), rel=1e-6)
+    assert entropy(torch.zeros(V)).item() == pytest.approx(math.log(V), rel=1e-6)
     one_hot = torch.full((V,), float("-inf"))
     one_hot[3] = 0.0
-    assert E.entropy(one_hot).item() == 0.0
+    assert entropy(one_hot).item() == 0.0
     two = torch.tensor([0.0, 0.0, float("-inf"), float("-inf")])
-    assert E.entropy(two).item() == pytest.approx(math.log(2))
+    assert entropy(two).item() == pytest.approx(math.log(2))
     bf = torch.randn(4, 50).to(torch.bfloat16)
-    h = E.entropy(bf)
+    h = entropy(bf)
     assert h.dtype == torch.float32 and torch.isfinite(h).all()
-    torch.testing.assert_close(h, E.entropy(bf.float()))
-    assert torch.isfinite(E.entropy(torch.tensor([[1e4, -1e4, float("-inf")]]))).all()
+    torch.testing.assert_close(h, entropy(bf.float()))
+    assert torch.isfinite(entropy(torch.tensor([[1e4, -1e4, float("-inf")]]))).all()
 
 
 def direct(model, ids, resp, mask, final_norm):
@@ -29,7 +30,7 @@ def direct(model, ids, resp, mask, final_norm):
     L = model.config.num_hidden_layers
     pos = torch.zeros_like(resp, dtype=torch.bool)
     pos[:, :-1] = resp[:, 1:].bool()
-    H = lambda x, fn=final_norm: E.entropy(unembed(model, x, fn))[pos].mean().item()
+    H = lambda x, fn=final_norm: entropy(unembed(model, x, fn))[pos].mean().item()
     d = decompose(model, ids, mask)
     store = {"attn_in": [], "ffn_in": []}
     hooks = [layer.input_layernorm.register_forward_hook(lambda m, a, o: store["attn_in"].append(o)) for layer in model.model.layers]
@@ -56,7 +57,7 @@ def test_streamed_equals_direct(arch, final_norm, monkeypatch):
     calls = []
     real = E.unembed
     monkeypatch.setattr(E, "unembed", lambda m, x, fn: calls.append(x.shape[0]) or real(m, x, fn))
-    monkeypatch.setattr(E, "CHUNK_ELEMENTS", 4 * 97)  # 4 rows of logits at a time
+    monkeypatch.setattr(E, "CHUNK_BUDGET", 4 * 97 * 4)  # 4 rows of float32 logits at a time
     got = E.internal_entropy(model, ids, resp, final_norm=final_norm, attention_mask=mask)
     want = direct(model, ids, resp, mask, final_norm)
     for k, v in want.items():

@@ -3,11 +3,12 @@ import torch
 
 from decompose import decompose, unembed
 from entropy import internal_entropy
-from rollout import chat_prompts, generate
+from problems import prompt_ids
+from rollout import generate
 
 
 def chat(tok, text):
-    return chat_prompts(tok, [{"messages": [{"role": "user", "content": text}]}])[0]
+    return prompt_ids(tok, [{"messages": [{"role": "user", "content": text}]}])[0]
 
 
 def test_default_model_decomposes_exactly(default_model):

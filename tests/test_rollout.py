@@ -1,4 +1,4 @@
-"""rollout.generate against Hugging Face generate and a teacher-forced forward pass."""
+"""rollout.generate against Hugging Face generate and a teacher-forced forward pass, in each of its modes."""
 import pytest
 import torch
 
@@ -6,6 +6,14 @@ from conftest import tiny_model
 from rollout import filter_logits, generate, sample
 
 PROMPT_LENGTHS = (5, 9, 3, 12, 7)
+# the CPU path (oneDNN-packed weights, eager, exact shapes); the modules as they are (what CUDA runs);
+# CUDA's static shapes (rows padded to buckets, power-of-two cache spans, stop checks every 3 steps), run eagerly
+MODES = {"packed": {}, "unpacked": dict(pack=False), "static": dict(pack=False, static=True, sync_every=3)}
+
+
+@pytest.fixture(params=list(MODES))
+def mode(request):
+    return MODES[request.param]
 
 
 def prompts_for(seed=1):
@@ -21,9 +29,9 @@ def hf_greedy(model, prompt, n, eos=None):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3_text"])
-def test_greedy_matches_hf_generate_one_by_one(arch):
+def test_greedy_matches_hf_generate_one_by_one(arch, mode):
     model, prompts = tiny_model(arch), prompts_for()
-    r = generate(model, prompts, max_new_tokens=12, temperature=0)
+    r = generate(model, prompts, max_new_tokens=12, temperature=0, **mode)
     for i, p in enumerate(prompts):  # gemma3: prompt + response spans its sliding window of 6
         assert r.tokens[i].tolist() == hf_greedy(model, p, 12)
     assert r.lengths.tolist() == [12] * len(prompts) and not r.finished.any()
@@ -31,9 +39,9 @@ def test_greedy_matches_hf_generate_one_by_one(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 0.9)])
-def test_logprobs_equal_teacher_forcing(arch, temperature, top_k, top_p):
+def test_logprobs_equal_teacher_forcing(arch, temperature, top_k, top_p, mode):
     model, prompts = tiny_model(arch), prompts_for()
-    r = generate(model, prompts, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, seed=3, eos_token_id=[5, 6, 7, 8])
+    r = generate(model, prompts, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, seed=3, eos_token_id=[5, 6, 7, 8], **mode)
     for i, p in enumerate(prompts):
         n = r.lengths[i].item()
         resp = r.tokens[i, :n]
@@ -44,13 +52,13 @@ def test_logprobs_equal_teacher_forcing(arch, temperature, top_k, top_p):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-def test_eos_lengths_padding_and_compaction(arch):
+def test_eos_lengths_padding_and_compaction(arch, mode):
     """Greedy with several EOS ids: rows end at different steps, the batch is compacted; each row equals HF's."""
     model, prompts = tiny_model(arch), prompts_for(2) * 3  # 15 rows
     first = [hf_greedy(model, p, 20) for p in prompts]
     never = set(first[2])  # rows of prompt 2 must run to the end
     eos = sorted(({first[0][2], first[1][5], first[3][9], first[4][14]} - never) or {96})  # rows end at different steps
-    r = generate(model, prompts, max_new_tokens=20, temperature=0, eos_token_id=eos, pad_token_id=0)
+    r = generate(model, prompts, max_new_tokens=20, temperature=0, eos_token_id=eos, pad_token_id=0, **mode)
     assert r.finished.any() and not r.finished.all() and len(set(r.lengths.tolist())) > 2
     for i, p in enumerate(prompts):
         want = hf_greedy(model, p, 20, eos=eos)
@@ -70,10 +78,10 @@ def test_seed_reproducible():
     assert not torch.equal(a.tokens, c.tokens)
 
 
-def test_a_batch_split_in_parts_samples_what_the_whole_batch_samples():
+def test_a_batch_split_in_parts_samples_what_the_whole_batch_samples(mode):
     """batch_index: each row gets its draws from the whole batch's stream (what lets ranks share a step)."""
     model, prompts = tiny_model("llama"), prompts_for()
-    kw = dict(max_new_tokens=10, seed=4, eos_token_id=[5, 6, 7])
+    kw = dict(max_new_tokens=10, seed=4, eos_token_id=[5, 6, 7], **mode)
     whole = generate(model, prompts, **kw)
     for part in ([3, 0], [1, 4, 2]):  # any rows, in any order
         r = generate(model, [prompts[i] for i in part], batch_index=part, batch_rows=len(prompts), **kw)
@@ -135,14 +143,14 @@ def test_bf16_rollout_copy_keeps_the_model():
     assert model.dtype == torch.float32 and r.tokens.shape == (len(prompts), 6)
 
 
-def test_repeated_prompts_share_one_prefill():
+def test_repeated_prompts_share_one_prefill(mode):
     """A GRPO group repeats its prompt: rows prefilled once and shared equal rows prefilled alone."""
     model, prompts = tiny_model("qwen3"), prompts_for()
     grouped = [p for p in prompts[:3] for _ in range(4)]
-    r = generate(model, grouped, max_new_tokens=8, temperature=0)
+    r = generate(model, grouped, max_new_tokens=8, temperature=0, **mode)
     for i, p in enumerate(grouped):
         assert r.tokens[i].tolist() == hf_greedy(model, p, 8)
-    s = generate(model, grouped, max_new_tokens=8, seed=1, eos_token_id=[5, 6])
+    s = generate(model, grouped, max_new_tokens=8, seed=1, eos_token_id=[5, 6], **mode)
     for i, p in enumerate(grouped):
         n = s.lengths[i].item()
         want = model(torch.tensor([p + s.tokens[i, :n].tolist()])).logits[0, len(p) - 1:-1].log_softmax(-1)
@@ -150,11 +158,11 @@ def test_repeated_prompts_share_one_prefill():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-def test_equal_length_prompts_need_no_mask(arch):
+def test_equal_length_prompts_need_no_mask(arch, mode):
     """No padding: decode runs without a key mask (Gemma 3 still applies its sliding window)."""
     model = tiny_model(arch)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 97, (8,), generator=g).tolist() for _ in range(3)]
-    r = generate(model, prompts, max_new_tokens=10, temperature=0)
+    r = generate(model, prompts, max_new_tokens=10, temperature=0, **mode)
     for i, p in enumerate(prompts):
         assert r.tokens[i].tolist() == hf_greedy(model, p, 10)

@@ -1,0 +1,170 @@
+"""Policies of a causal LM over a batch of responses: the output policy and BuPO's internal layer policy.
+
+A policy is a function with one signature, which grpo.py optimizes whatever it is:
+
+    policy(model, input_ids, attention_mask, temperature, mask) -> (logprobs, entropies)
+
+    input_ids, attention_mask, mask: (B, T), prompt + response rows, right-padded;
+        mask is the response mask: True where input_ids[b, t] is a response token
+        (the one convention of this project: every (B, T) tensor is aligned with the tokens).
+    logprobs[b, t] = log pi(input_ids[b, t] | input_ids[b, :t]) of the temperature-scaled policy,
+    entropies[b, t] = H(pi(. | input_ids[b, :t])); both (B, T), 0 where mask is False.
+
+Two policies (Tan et al., arXiv 2512.19673):
+- output_policy: the model's own, softmax(lm_head(norm(h_L)) / T)               (GRPO)
+- layer_policy(k): the internal layer policy pi_k = softmax(lm_head(h_k) / T), h_k the raw
+  residual after decoder layer k (0-indexed; the authors' hidden_states[k+1], no final
+  norm). Layers above k never run (early exit), so only layers <= k, the embeddings and
+  the lm_head get gradients                                                     (BuPO, Sec. 3)
+
+The unembedding is the costly part (V = 49k-262k columns): only response positions are
+unembedded, in chunks sized by a memory budget, each chunk checkpointed only when the
+budget needs more than one. Entropies carry no gradient unless asked (an entropy bonus).
+"""
+import contextlib
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from cli import InputError
+from decompose import check_inputs, unembed
+
+LOGITS_BUDGET = 1 << 30  # bytes of float32 logits materialized at once (a chunk of rows x V)
+PRECISIONS = ("float32", "bfloat16")
+
+
+def entropy(logits):
+    """Entropy in nats over the last dim, in float32; -inf logits contribute 0 (no NaN)."""
+    return entropy_of_logp(logits.float().log_softmax(-1))
+
+
+def entropy_of_logp(logp):
+    """-sum_v p_v log p_v from log-probs (..., V); -inf entries contribute 0."""
+    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+
+
+def chunk_rows(vocab_size, budget=None):
+    """Rows of (rows, V) float32 logits that fit the budget (default LOGITS_BUDGET)."""
+    return max(1, (budget or LOGITS_BUDGET) // (4 * vocab_size))
+
+
+def compute_precision(precision, device):
+    """The context of a policy's forward and backward: bf16 autocast (float32 weights stay the masters) or float32.
+
+    Log-softmax, entropies and the PPO ratio are computed in float32 either way (logits are cast up first).
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision '{precision}': use one of {', '.join(PRECISIONS)}")
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- batches
+
+def pad_rows(prompts, responses, pad_id, device=None):
+    """Right-padded rows of prompt + response token lists: input_ids, attention_mask, response mask, each (B, T)."""
+    rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    att = torch.zeros(len(rows), T, dtype=torch.long)
+    resp = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        ids[i, :len(r)], att[i, :len(r)], resp[i, len(p):len(r)] = torch.tensor(r), 1, True
+    return ids.to(device), att.to(device), resp.to(device)
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def _chunk(model, h, targets, temperature, final_norm, entropy_grad):
+    logp = (unembed(model, h, final_norm).float() / temperature).log_softmax(-1)  # (c, V), float32 also under autocast
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        ent = entropy_of_logp(logp)  # (c,)
+    return logp.gather(-1, targets[:, None])[:, 0], ent
+
+
+def logprobs_from_hidden(model, h, input_ids, mask, temperature=1.0, final_norm=False, entropy_grad=False):
+    """Log-probs and entropies (B, T) of pi(h) = softmax(unembed(h) / temperature), token-aligned as a policy's.
+
+    h: residuals (B, T, D); position t-1 produces token t. Only tokens where mask is True
+    are scored; the (n, V) logits are built in chunks of chunk_rows(V), under activation
+    checkpointing when there is more than one chunk (so one chunk's logits exist at a time
+    in the backward pass too); a single chunk keeps its logits for the backward instead of
+    running the lm_head twice.
+    """
+    B, T, _ = h.shape
+    pos = mask[:, 1:].bool()  # (B, T-1): positions t whose next token is scored
+    flat, targets = h[:, :-1][pos], input_ids[:, 1:][pos]  # (n, D), (n,)
+    c = chunk_rows(model.config.vocab_size)
+    parts = []
+    for i in range(0, flat.shape[0], c):
+        args = (model, flat[i:i + c], targets[i:i + c], temperature, final_norm, entropy_grad)
+        many = flat.shape[0] > c and torch.is_grad_enabled()
+        parts.append(checkpoint(_chunk, *args, use_reentrant=False) if many else _chunk(*args))
+    logp, ent = (torch.cat(x) for x in zip(*parts)) if parts else (flat.new_zeros(0, dtype=torch.float),) * 2
+    b, t = pos.nonzero(as_tuple=True)
+    full = lambda v: torch.zeros(B, T, dtype=v.dtype, device=h.device).index_put((b, t + 1), v)  # (B, T): token t+1's
+    return full(logp), full(ent)
+
+
+def output_policy(model, input_ids, attention_mask, temperature=1.0, mask=None, entropy_grad=False):
+    """The model's output policy (what GRPO optimizes); mask None scores every token after the first.
+
+    verl divides the logits by the rollout temperature here too, so that old and new
+    log-probs are those of the distribution the tokens were sampled from.
+    """
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
+    h = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, D), final-normed
+    return logprobs_from_hidden(model, h, input_ids, mask, temperature, final_norm=False, entropy_grad=entropy_grad)
+
+
+class _EarlyExit(Exception):
+    def __init__(self, h):
+        self.h = h
+
+
+def check_layer(model_config, k):
+    """k must name an internal layer: 0..L-2 (L-1 is the last layer, whose policy GRPO trains)."""
+    L = model_config.num_hidden_layers
+    if not 0 <= k <= L - 2:
+        raise InputError(f"internal layer k={k} out of range: use 0..{L - 2} for this {L}-layer model "
+                         f"(k={L - 1} is the last layer, whose policy GRPO already trains)")
+
+
+def layer_hidden(model, input_ids, attention_mask, k):
+    """Raw residual (B, T, D) after decoder layer k (0-indexed); layers above k never run."""
+    check_layer(model.config, k)
+    check_inputs(model, input_ids, attention_mask)
+
+    def stop(module, args, out):
+        raise _EarlyExit(out[0] if isinstance(out, tuple) else out)
+    handle = model.model.layers[k].register_forward_hook(stop)
+    try:
+        model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _EarlyExit as e:
+        return e.h
+    finally:
+        handle.remove()
+    raise RuntimeError("the early-exit hook never fired")
+
+
+def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0, mask=None, entropy_grad=False):
+    """Log-probs and entropies (B, T) under pi_k = softmax(lm_head(h_k) / T); mask None scores every token after the first.
+
+    Always in float32, also inside a bf16 autocast: the raw residual's norm makes pi_k's
+    logits hundreds of nats wide, and bf16 rounding then moves log-probs by ~0.2 nats
+    between two nearly equal weight sets (the default model, layer 4), which would put
+    ~40% of the PPO ratios outside the clip range by noise alone (README, "Precision").
+    """
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
+    with torch.autocast(input_ids.device.type, enabled=False):
+        h = layer_hidden(model, input_ids, attention_mask, k)
+        return logprobs_from_hidden(model, h, input_ids, mask, temperature, final_norm=False, entropy_grad=entropy_grad)
+
+
+def layer_policy(k):
+    """The policy fn of pi_k (BuPO's first phase)."""
+    def policy(model, input_ids, attention_mask, temperature=1.0, mask=None, entropy_grad=False):
+        return layer_logprobs(model, input_ids, attention_mask, k, temperature, mask, entropy_grad)
+    policy.layer = k
+    return policy
