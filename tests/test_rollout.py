@@ -166,3 +166,17 @@ def test_equal_length_prompts_need_no_mask(arch, mode):
     r = generate(model, prompts, max_new_tokens=10, temperature=0, **mode)
     for i, p in enumerate(prompts):
         assert r.tokens[i].tolist() == hf_greedy(model, p, 10)
+
+
+def test_weights_changed_in_place_are_sampled_from():
+    """An optimizer step changes the weights in place (fused AdamW does not bump their version counters): the next
+    call must sample from the new weights, not from packed copies of the old ones."""
+    model, prompts = tiny_model("llama"), prompts_for()
+    generate(model, prompts, max_new_tokens=8, temperature=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    r = generate(model, prompts, max_new_tokens=8, temperature=0)
+    for i, p in enumerate(prompts):
+        assert r.tokens[i].tolist() == hf_greedy(model, p, 8)
