@@ -24,7 +24,7 @@ import copy
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from tqdm import tqdm
@@ -33,30 +33,12 @@ import distributed
 import grpo
 from checkpoints import checkpoint_path, read_metrics, remove_checkpoint
 from cli import InputError, check, claim_run_dir, parse_config, read_json, run_main
+from config import BUPO_PRESETS, BuPOConfig
 from decompose import load_model, model_config
 from entropy import eic_stages, internal_entropy
-from grpo import GRPOConfig
 from policy import check_layer, compute_precision, layer_policy, logprobs_from_hidden, output_policy
 from problems import task_problems
 from report import CURVES, fmt_interval, markdown_table, mean_interval, paired_difference, plot_panels, run_series
-
-
-@dataclass
-class BuPOConfig(GRPOConfig):
-    layer: str = "auto"                # internal layer k (0-indexed; the paper's layer k+1), or auto: entropy.py's EIC suggestion
-    inter_steps: int = 30              # s_inter: steps that optimize pi_k before plain GRPO
-    seeds: str = "1"                   # N: seeds seed..seed+N-1; or a comma list of seeds (e.g. 3,7); BuPO and GRPO share each
-    methods: str = "bupo,grpo"         # which runs the experiment trains (bupo alone saves half the compute at the paper's scale)
-    sweep: str = ""                    # an ablation of BuPO: layer=4,14,24 or inter_steps=2,5,10 (each value on every seed)
-    profile_samples: int = 8           # responses used for the internal entropy profiles and layer=auto
-    profile_every: int = 10            # log the full internal entropy profile every N steps and after the last (0 = after the last)
-    keep_checkpoints: bool = False     # keep each finished run's final checkpoint (1.6 GB for the default model)
-    out: str = "runs/bupo"             # output dir: seed*/<run>/, results.md, results.json and the figures
-
-
-PRESETS = {"paper": dict(layer="auto", out="runs/bupo"),
-           "cpu": {**grpo.PRESETS["cpu"], "layer": "4", "inter_steps": 5, "seeds": "3", "profile_every": 0, "out": "runs/bupo"}}
-SAFE_ON_RESUME = grpo.SAFE_ON_RESUME + ("seeds", "methods", "sweep", "keep_checkpoints", "profile_every")
 
 
 # ----------------------------------------------------------------------------- BuPO
@@ -109,7 +91,7 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=()):
         n = distributed.all_sum([1.0])[0]
         for key, v in zip(ent, distributed.all_sum(list(ent.values()))):
             m["entropy_output" if key == "output" else f"entropy_layer{key}"] = v / n
-        if (cfg.profile_every and (step + 1) % cfg.profile_every == 0) or step == cfg.steps - 1:
+        if cfg.profile_every and ((step + 1) % cfg.profile_every == 0 or step == cfg.steps - 1):
             with distributed.full_weights(runner) as model:  # every rank profiles the same responses
                 prof = entropy_profile(model, tok, cfg)
             m["profile_layer"], m["profile_dH_ffn"] = prof["layer"], prof["dH_ffn"]
@@ -151,16 +133,19 @@ def plan(cfg, k, seeds):
         if "grpo" in methods:
             runs.append(("GRPO", seed, replace(base, methods="grpo", inter_steps=0, out=os.path.join(cfg.out, f"seed{seed}", "grpo"))))
         for v in values if "bupo" in methods else []:
-            group, name = ("BuPO", "bupo") if key is None else (f"BuPO {key}={v}", f"bupo-{key}{v}")
-            run = replace(base, methods="bupo", out=os.path.join(cfg.out, f"seed{seed}", name), **({key: v} if key == "inter_steps" else {}))
+            group = "BuPO" if key is None else f"BuPO {key}={v}"
+            same = key is None or str(v) == str(getattr(cfg, key))  # the unswept BuPO run: one dir, shared with a sweep over it
+            run = replace(base, methods="bupo", out=os.path.join(cfg.out, f"seed{seed}", "bupo" if same else f"bupo-{key}{v}"),
+                          **({key: v} if key == "inter_steps" else {}))
             runs.append((group, seed, replace(run, layer=str(v)) if key == "layer" else run))
     return runs
 
 
 def finished_run(cfg):
-    """The metrics of a run that completed (the resumed experiment skips it), else None."""
+    """The metrics of a run that completed (the resumed experiment skips it), else None: a step's line is logged
+    once its evaluation and profile are done, and the report needs nothing else of a run."""
     hist = read_metrics(os.path.join(cfg.out, "metrics.jsonl"), cfg.steps)
-    return hist if len(hist) == cfg.steps and "profile_layer" in hist[-1] else None
+    return hist if len(hist) == cfg.steps else None
 
 
 def check_experiment(cfg):
@@ -184,7 +169,7 @@ def experiment(cfg):
     """BuPO and GRPO on paired seeds, from the same weights; per-seed results, intervals, curves (rank 0)."""
     d = distributed.init()
     seeds, _ = check_experiment(cfg)
-    with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=SAFE_ON_RESUME, writer=d.main):
+    with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=cfg.SAFE_ON_RESUME, writer=d.main):
         model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
         start = _initial(cfg, model, tok, d)  # the shared start: its layer k, held-out accuracy and profile
         init = model.cpu()  # the starting weights, kept off the device; each run trains a copy
@@ -213,7 +198,7 @@ def _initial(cfg, model, tok, d):
         return read_json(path)
     runner = distributed.Policy(model)
     start = {"layer": resolve_layer(cfg, model, tok), "eval": grpo.run_eval(runner, tok, cfg, d) if cfg.eval_every else {},
-             "profile": entropy_profile(model, tok, cfg)}
+             "profile": entropy_profile(model, tok, cfg) if cfg.profile_every else None}
     if d.main:
         with open(path, "w") as f:
             json.dump(start, f, indent=1)
@@ -263,7 +248,8 @@ def report(cfg, start, runs):
                 title=f"BuPO (pi_{k} for {cfg.inter_steps} steps, then GRPO) vs GRPO; mean over seeds, band: min-max; dotted: the switch")
     plot_panels(os.path.join(cfg.out, "curves.png"), {g: [run_series(h, [c for c, _ in CURVES]) for h in r.values()]
                                                       for g, r in runs.items()}, CURVES)
-    _plot_profiles(os.path.join(cfg.out, "profiles.png"), start, runs, k)
+    if start["profile"]:
+        _plot_profiles(os.path.join(cfg.out, "profiles.png"), start, runs, k)
     key, values = parse_sweep(cfg)
     if key:
         _plot_sweep(os.path.join(cfg.out, "sweep.png"), key, values, summary)
@@ -275,9 +261,10 @@ def report(cfg, start, runs):
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump({"layer": k, "inter_steps": cfg.inter_steps, "steps": cfg.steps, "sweep": cfg.sweep, **summary,
                    "reward_first_last": {g: {s: [h[0]["reward_mean"], h[-1]["reward_mean"]] for s, h in r.items()} for g, r in runs.items()},
-                   "profile_initial": start["profile"]["layer"]}, f, indent=1)
+                   "profile_initial": start["profile"] and start["profile"]["layer"]}, f, indent=1)
     print(f"\nheld-out accuracy (%), greedy, after {cfg.steps} steps; k={k}, s_inter={cfg.inter_steps}:\n{table}\n{verdict}")
-    print(f"wrote {cfg.out}/results.md, results.json, comparison.png, curves.png, profiles.png" + (", sweep.png" if key else ""))
+    print(f"wrote {cfg.out}/results.md, results.json, comparison.png, curves.png" + (", profiles.png" if start["profile"] else "")
+          + (", sweep.png" if key else ""))
 
 
 def _with_start(series, start):
@@ -348,7 +335,7 @@ def bench(cfg, repeats=2):
 
 
 def main(argv=None):
-    cfg = parse_config(BuPOConfig, PRESETS, "BuPO vs GRPO on paired seeds (arXiv 2512.19673).", argv)
+    cfg = parse_config(BuPOConfig, BUPO_PRESETS, "BuPO vs GRPO on paired seeds (arXiv 2512.19673).", argv)
     if cfg.bench:
         return bench(cfg)
     experiment(cfg)

@@ -48,14 +48,15 @@ def summarize(records, k):
 
 
 def evaluate(model, tokenizer, problems, k=1, max_new_tokens=1024, temperature=1.0, top_p=1.0,
-             batch_size=64, seed=0, done=None, on_record=None, progress=True):
+             batch_size=64, seed=0, done=None, on_record=None, progress=True, dtype=None):
     """Sample k answers per problem with rollout.generate, grade them; returns (summary, records).
 
     done: records already graded (resume; the same settings are the caller's duty, see
     main); on_record(record) is called for each new one. Sample j of problem i is row
     i*k+j of one batch sampled with `seed` (rollout.generate's batch_index): its tokens
     depend neither on batch_size nor on what was done before, so a resumed evaluation
-    samples what an uninterrupted one would.
+    samples what an uninterrupted one would. dtype: sample with a copy of the weights in
+    this dtype (rollout.generate's), e.g. bf16 as the training rollouts do.
     """
     records = list(done or [])
     have = {(r["source"], r["id"], r["sample"]) for r in records}
@@ -66,7 +67,7 @@ def evaluate(model, tokenizer, problems, k=1, max_new_tokens=1024, temperature=1
         chunk = todo[b:b + batch_size]
         out = generate(model, prompt_ids(tokenizer, [rows[i][0] for i in chunk]), max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, seed=seed, batch_index=chunk, batch_rows=len(rows))
+                       pad_token_id=tokenizer.pad_token_id, seed=seed, batch_index=chunk, batch_rows=len(rows), dtype=dtype)
         for (p, j), toks, n in zip([rows[i] for i in chunk], out.tokens.tolist(), out.lengths.tolist()):
             text = tokenizer.decode(toks[:n], skip_special_tokens=True)
             pred = final_answer(text, p.get("last_number", False))
@@ -95,7 +96,7 @@ def main(argv=None):
     p.add_argument("--model", default=None, help=f"HF checkpoint dir, hub id or short name ({', '.join(EMBEDDED)}; default: smollm2)")
     p.add_argument("--data", default="math500,amc23,aime24,aime25", help=f"comma list of sets ({', '.join(TASKS)}) or parquet paths; "
                    "arithmetic is the held-out half of the CPU task")
-    p.add_argument("--limit", type=int, default=0, help="first N problems of each set (0 = all)")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each set (default: all)")
     p.add_argument("--k", type=int, default=1, help="samples per problem")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="response length limit")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
@@ -107,10 +108,10 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="empty --out first (it holds another evaluation)")
     args = p.parse_args(argv)
     check(args.k >= 1, f"--k must be >= 1 (samples per problem), got {args.k}")
-    check(args.limit >= 0, f"--limit must be >= 0 (0 = all), got {args.limit}")
+    check(args.limit is None or args.limit >= 1, f"--limit must be >= 1 (leave it out for all problems), got {args.limit}")
     check(args.batch_size >= 1 and args.max_new_tokens >= 1, "--batch-size and --max-new-tokens must be >= 1")
     check(args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature must be >= 0 and --top-p in (0, 1]")
-    problems = [q for name in args.data.split(",") for q in task_problems(name, args.limit, 0, "test")]
+    problems = [q for name in args.data.split(",") for q in task_problems(name, args.limit or 0, 0, "test")]
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "batch_size")}
     with claim_run_dir(args.out, settings, resume=True, overwrite=args.overwrite):  # same settings: resume; others: refused
         path = os.path.join(args.out, "responses.jsonl")

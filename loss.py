@@ -9,6 +9,9 @@ KL. Pure functions on tensors; grpo.py runs them.
 """
 import torch
 
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k3")
+
 
 def group_advantages(rewards, group_size, eps=1e-6, scale=True):
     """(r - mean_group) / (std_group + eps), unbiased std as verl; scale=False gives r - mean (Dr. GRPO).

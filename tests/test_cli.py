@@ -35,7 +35,7 @@ def bad_inputs(tmp):
         ("entropy.py", ["--data", "no-such-benchmark"], "no data set 'no-such-benchmark'"),
         ("evaluate.py", ["--data", f"{tmp}/no_answers.parquet", "--out", f"{tmp}/ev2"], "no 'reward_model' column"),
         ("evaluate.py", ["--k", "0", "--out", f"{tmp}/ev3"], "--k must be >= 1"),
-        ("evaluate.py", ["--limit", "-1", "--out", f"{tmp}/ev4"], "--limit must be >= 0"),
+        ("evaluate.py", ["--limit", "0", "--out", f"{tmp}/ev4"], "--limit must be >= 1"),
         ("grpo.py", ["--task", f"{tmp}/table.csv"] + tiny, "not a readable parquet file"),
         ("grpo.py", ["--task", f"{tmp}/empty.parquet"] + tiny, "holds no rows"),
         ("grpo.py", ["--task", f"{tmp}/blank.parquet"] + tiny, "every gold answer"),

@@ -1,9 +1,11 @@
 """evaluate.py: pass@k against the exact formula, the summary, resuming an evaluation, and records never mixed."""
+import json
 import math
 
 import pytest
 
 import evaluate
+from cli import InputError
 from conftest import FakeTok, tiny_model
 from evaluate import pass_at_k, summarize
 from problems import task_problems
@@ -42,3 +44,32 @@ def test_evaluate_resumes_where_it_stopped():
     key = lambda r: (r["id"], r["sample"])
     assert sorted((key(r), r["response"]) for r in recs2) == sorted((key(r), r["response"]) for r in recs)  # the same samples
     assert len({r["response"] for r in recs}) > 6  # sampled at temperature 1: a different draw would show
+
+
+def tiny_checkpoint(path, seed=0):
+    """A tiny model saved with a real (word-level) tokenizer that has no chat template: a base model on disk."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    tiny_model("llama", seed=seed).save_pretrained(path)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")), eos_token="<unk>")
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_cli_resumes_the_same_evaluation_and_refuses_to_mix_another(tmp_path, monkeypatch):
+    """Responses are keyed to what produced them: a rerun with the same settings samples nothing new; another model,
+    temperature or k is refused with the fields that differ; --overwrite starts over."""
+    a, b = tiny_checkpoint(tmp_path / "a"), tiny_checkpoint(tmp_path / "b", seed=1)
+    args = ["--model", a, "--data", "arithmetic", "--limit", "3", "--k", "2", "--max-new-tokens", "3", "--out", str(tmp_path / "ev")]
+    evaluate.main(args)
+    lines = (tmp_path / "ev" / "responses.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    calls = []
+    monkeypatch.setattr(evaluate, "generate", lambda *x, **k: calls.append(1))
+    evaluate.main(args)  # resumed: everything is there
+    assert calls == [] and (tmp_path / "ev" / "responses.jsonl").read_text().splitlines() == lines
+    with pytest.raises(InputError, match=r"other settings: model .*temperature \(1.0 there, 0.5 now\)"):
+        evaluate.main(args[:1] + [b] + args[2:] + ["--temperature", "0.5"])
+    monkeypatch.undo()
+    evaluate.main(args[:1] + [b] + args[2:] + ["--overwrite"])
+    assert json.load(open(tmp_path / "ev" / "config.json"))["model"] == b

@@ -203,3 +203,13 @@ def test_one_step_on_the_default_model(default_model, tmp_path):
     assert m["updates"] == 2 and 0 <= m["reward_mean"] <= 1 and m["response_len_mean"] > 1 and m["entropy"] > 0
     moved = [n for (n, p), q in zip(trained.named_parameters(), model.parameters()) if not torch.equal(p, q)]
     assert m["reward_std"] == 0 or len(moved) > 100
+
+
+def test_held_out_set_without_a_limit_is_the_whole_split(tmp_path):
+    """--eval-limit 0 means all problems: for arithmetic the whole held-out half (it used to be none, and a division by 0)."""
+    from distributed import Dist
+    from problems import task_problems
+    cfg = tiny_cfg(tmp_path, eval_limit=0, eval_max_new_tokens=2)
+    m = grpo.run_eval(Policy(tiny_model("llama")), FakeTok(), cfg, Dist())
+    assert set(m) == {"eval/arithmetic", "eval/avg"} and 0 <= m["eval/avg"] <= 100
+    assert len(task_problems("arithmetic", 0, 0, "test")) > 256
