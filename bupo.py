@@ -38,7 +38,8 @@ from decompose import load_model, model_config
 from entropy import eic_stages, internal_entropy
 from policy import check_layer, compute_precision, layer_policy, logprobs_from_hidden, output_policy
 from problems import task_problems
-from report import CURVES, fmt_interval, markdown_table, mean_interval, paired_difference, plot_panels, run_series
+from report import (CURVES, fmt_interval, markdown_table, mean_interval, paired_difference, plot_intervals, plot_panels,
+                    run_series)
 
 
 # ----------------------------------------------------------------------------- BuPO
@@ -280,17 +281,16 @@ def _plot_profiles(path, start, runs, k):
     profiles = {"initial": [start["profile"]]} | {f"after {g}": [{"layer": h[-1]["profile_layer"], "dH_ffn": h[-1]["profile_dH_ffn"]}
                                                               for h in r.values()] for g, r in runs.items()}
     groups = {n: [{key: (list(range(len(p[key]))), p[key]) for key in ("layer", "dH_ffn")} for p in ps] for n, ps in profiles.items()}
-    plot_panels(path, groups, [("layer", "entropy of pi_l (x: layer l, 0 = embedding)"), ("dH_ffn", "FFN entropy change dH_ffn (x: layer)")],
-                marks=[k + 1])
+    plot_panels(path, groups, [("layer", "entropy of pi_l (0 = embedding)"), ("dH_ffn", "FFN entropy change dH_ffn")],
+                marks=[k + 1], xlabel="layer")
 
 
 def _plot_sweep(path, key, values, summary):
-    """Final held-out accuracy against the swept value: BuPO's mean with its 95% interval, GRPO's as a band."""
-    groups = {"BuPO": [{"acc": (values, [summary["per_seed"][f"BuPO {key}={v}"][s] for v in values])}
-                       for s in summary["per_seed"][f"BuPO {key}={values[0]}"]]}
-    if "GRPO" in summary["per_seed"]:
-        groups["GRPO"] = [{"acc": (values, [acc] * len(values))} for acc in summary["per_seed"]["GRPO"].values()]
-    plot_panels(path, groups, [("acc", f"held-out accuracy (%) after training vs {key}")], title=f"sweep of {key}: mean over seeds, band: min-max")
+    """Final held-out accuracy against the swept value: BuPO's mean with its 95% interval, and GRPO's (one value)."""
+    series = {"BuPO": [(v, summary["stats"][f"BuPO {key}={v}"]) for v in values]}
+    if "GRPO" in summary["stats"]:
+        series["GRPO"] = [(v, summary["stats"]["GRPO"]) for v in values]
+    plot_intervals(path, key, series, f"after training, by {key}: mean and 95% interval over seeds")
 
 
 # ----------------------------------------------------------------------------- benchmark

@@ -246,6 +246,8 @@ def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d):
     ent_sum, n = distributed.all_sum([(ent * resp).sum().item(), resp.sum().item()])
     m.update(entropy=ent_sum / max(n, 1), lr=cfg.lr, time_rollout=t1 - t0, time_old_logprobs=t2 - t1,
              time_update=time.perf_counter() - t2)
+    if d.device.type == "cuda":
+        m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(d.device) / 1e9
     return batch, m
 
 

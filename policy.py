@@ -130,7 +130,7 @@ def residuals(model, input_ids, attention_mask, mask, k=None):
     does. On the CPU preset (50-token prompts, ~30-token answers) that halves the tokens
     of an update. Positions before the last prompt token are not computed (zeros): no
     response token reads them. Rows that share no prompt, or activation checkpointing
-    (which drops the cache), take one plain forward of the whole batch instead.
+    (which drops the cache) and rows without a response take one plain forward of the whole batch instead.
     """
     if k is not None:
         check_layer(model.config, k)
@@ -141,7 +141,7 @@ def residuals(model, input_ids, attention_mask, mask, k=None):
     for i, p in enumerate(starts):
         groups.setdefault(tuple(input_ids[i, :p].tolist()), []).append(i)
     checkpointing = model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") else model.is_gradient_checkpointing
-    if len(groups) == B or min(starts) < 1 or checkpointing:
+    if len(groups) == B or min(starts) < 1 or max(starts) == T or checkpointing:
         return _forward(model, input_ids, attention_mask, k)
     h = None
     for prompt, rows in groups.items():

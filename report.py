@@ -91,7 +91,7 @@ def run_series(hist, keys):
     return out
 
 
-def plot_panels(path, groups, panels, title=None, marks=()):
+def plot_panels(path, groups, panels, title=None, marks=(), xlabel="step"):
     """One panel per (key, title) of `panels`; per group, the mean over its runs as a line, their min-max as a band.
 
     groups: {name: [run_series(...) of each run]} (the runs of a group share their steps);
@@ -112,10 +112,29 @@ def plot_panels(path, groups, panels, title=None, marks=()):
                 ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15)
         for x in marks:
             ax.axvline(x, color="k", ls=":", lw=0.8)
-        ax.set(title=panel_title, xlabel="step")
+        ax.set(title=panel_title, xlabel=xlabel)
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_intervals(path, xlabel, series, title):
+    """Means with their 95% intervals as error bars: series = {name: [(x, mean_interval(...)), ...]}."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    xs0 = [x for x, _ in next(iter(series.values()))]
+    shift = 0.02 * ((max(xs0) - min(xs0)) or 1)
+    for j, (name, pts) in enumerate(series.items()):
+        xs = [x + shift * (j - (len(series) - 1) / 2) for x, _ in pts]  # side by side at each x
+        means = [s["mean"] for _, s in pts]
+        err = [[s["mean"] - s["lo"] for _, s in pts], [s["hi"] - s["mean"] for _, s in pts]]
+        ax.errorbar(xs, means, yerr=err, marker="o", capsize=4, label=f"{name} (n={pts[0][1]['n']})")
+    ax.set(xlabel=xlabel, ylabel="held-out accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks(xs0)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
