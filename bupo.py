@@ -15,8 +15,8 @@ reports each seed, the mean, and the paired difference BuPO - GRPO with its 95% 
 (report.py); --sweep repeats BuPO over values of the layer or of s_inter, the paper's
 ablations. Interrupted, --resume skips the finished runs and continues the others.
 
-    python bupo.py                       # CPU: 3 seeds of BuPO (k=4, s_inter=5) and GRPO, 20 steps each (~15 min)
-    python bupo.py --sweep layer=4,14,24 # the layer ablation, 3 seeds each
+    python bupo.py                       # CPU: 3 seeds of BuPO (k=4, s_inter=3) and GRPO, 10 steps each (~16 min)
+    python bupo.py --resume --sweep layer=4,14,24   # then the layer ablation on the same seeds
     python bupo.py --bench               # one phase-1 update vs one full update, all positions scored
     python bupo.py --preset paper --model Qwen/Qwen3-4B --layer 5 --inter-steps 30 --methods bupo   # the paper's setting
 """
@@ -36,7 +36,7 @@ from cli import InputError, check, claim_run_dir, parse_config, read_json, run_m
 from config import BUPO_PRESETS, BuPOConfig
 from decompose import load_model, model_config
 from entropy import eic_stages, internal_entropy
-from policy import check_layer, compute_precision, layer_policy, logprobs_from_hidden, output_policy
+from policy import check_layer, compute_precision, layer_logprobs, layer_policy, output_policy
 from problems import task_problems
 from report import (CURVES, fmt_interval, markdown_table, mean_interval, paired_difference, plot_intervals, plot_panels,
                     run_series)
@@ -62,17 +62,13 @@ def entropy_profile(model, tok, cfg):
 
 
 @torch.no_grad()
-def readout_entropies(model, ids, att, resp, temperature, layers):
-    """Token-mean entropies of the output policy and of pi_k for each k in layers, from one forward pass."""
-    hidden, hooks = {}, [model.model.layers[k].register_forward_hook(
-        lambda m, a, out, k=k: hidden.__setitem__(k, out[0] if isinstance(out, tuple) else out)) for k in layers]
-    try:
-        hidden["output"] = model.model(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state  # final-normed
-    finally:
-        for h in hooks:
-            h.remove()
+def readout_entropies(model, ids, att, resp, temperature, layers, precision):
+    """Token-mean entropies of the output policy (under `precision`, as the update runs it) and of pi_k for each k in
+    layers (float32, as layer_logprobs runs it: in bf16 the raw residual's wide logits would move them)."""
     n = max(int(resp[:, 1:].sum()), 1)
-    return {k: logprobs_from_hidden(model, h, ids, resp, temperature)[1].sum().item() / n for k, h in hidden.items()}
+    with compute_precision(precision, ids.device):
+        out = {"output": output_policy(model, ids, att, temperature, resp)[1].sum().item() / n}
+    return out | {k: layer_logprobs(model, ids, att, k, temperature, resp)[1].sum().item() / n for k in layers}
 
 
 def train_bupo(cfg, k, model, tok, desc="BuPO", layers=()):
@@ -87,8 +83,8 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=()):
         if step == cfg.inter_steps > 0 and distributed.init().main:
             tqdm.write(f"step {step}: switching from pi_{k} to the output policy (plain GRPO)")
         _, ids, att, resp, _ = next(grpo.micro_slices(batch, torch.arange(batch.input_ids.shape[0]), cfg.micro_batch))
-        with distributed.full_weights(runner) as model, compute_precision(cfg.precision, ids.device):
-            ent = readout_entropies(model, ids, att, resp, cfg.temperature, layers)  # this rank's first micro-batch
+        with distributed.full_weights(runner) as model, torch.no_grad():
+            ent = readout_entropies(model, ids, att, resp, cfg.temperature, layers, cfg.precision)  # this rank's first micro-batch
         n = distributed.all_sum([1.0])[0]
         for key, v in zip(ent, distributed.all_sum(list(ent.values()))):
             m["entropy_output" if key == "output" else f"entropy_layer{key}"] = v / n

@@ -26,7 +26,7 @@ import matplotlib
 import torch
 from tqdm import tqdm
 
-from cli import InputError, check, claim_run_dir, read_jsonl, run_main
+from cli import InputError, check, claim_run_dir, read_json, read_jsonl, run_main
 from decompose import EMBEDDED, capture, check_inputs, load_model, model_config, unembed
 from policy import LOGITS_BUDGET, chunk_rows, entropy, pad_rows
 from problems import TASKS, prompt_ids, task_problems
@@ -178,18 +178,22 @@ def plot(path, results, title):
 
 
 def plot_families(path, families, title):
-    """The comparison of families: layer entropy and dH_ffn of each model, depth normalized to 0..1 (paper Sec. 2)."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for name, (res, stages) in families.items():
-        L = len(res["dH_ffn"])
-        axes[0].plot([l / L for l in range(L + 1)], res["layer"], marker="o", ms=3, label=f"{name} ({L} layers)")
-        line, = axes[1].plot([(l + 0.5) / L for l in range(L)], res["dH_ffn"], marker="o", ms=3, label=f"{name}, k={stages['suggested_layer']}")
-        axes[1].axvline((stages["suggested_layer"] + 0.5) / L, color=line.get_color(), ls="--", lw=0.8)
-    axes[0].set(title="entropy of the internal layer policy pi_l", xlabel="depth l / L (0 = embedding, 1 = output)", ylabel="H (nats)")
-    axes[1].set(title="FFN entropy change dH_ffn (dashed: suggested k)", xlabel="depth (layer + 0.5) / L", ylabel="dH (nats)")
-    axes[1].axhline(0, color="k", lw=0.5)
-    for ax in axes:
-        ax.legend(fontsize=8)
+    """The comparison of families: per convention, layer entropy and dH_ffn of each model with depth normalized to 0..1."""
+    convs = list(next(iter(families.values())))
+    fig, axes = plt.subplots(len(convs), 2, figsize=(12, 4 * len(convs)), squeeze=False)
+    for i, conv in enumerate(convs):
+        for name, results in families.items():
+            res, stages = results[conv]
+            L, k = len(res["dH_ffn"]), stages["suggested_layer"]
+            axes[i, 0].plot([l / L for l in range(L + 1)], res["layer"], marker="o", ms=3, label=f"{name} ({L} layers)")
+            line, = axes[i, 1].plot([(l + 0.5) / L for l in range(L)], res["dH_ffn"], marker="o", ms=3, label=f"{name}, k={k}")
+            axes[i, 1].axvline((k + 0.5) / L, color=line.get_color(), ls="--", lw=0.8)
+        axes[i, 0].set(title=f"{conv}: entropy of the internal layer policy", xlabel="depth l / L (0 = embedding, 1 = output)",
+                       ylabel="H (nats)")
+        axes[i, 1].set(title=f"{conv}: FFN entropy change (dashed: suggested k)", xlabel="depth (layer + 0.5) / L", ylabel="dH (nats)")
+        axes[i, 1].axhline(0, color="k", lw=0.5)
+        for ax in axes[i]:
+            ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -228,26 +232,35 @@ def analyse(model, samples, final_norm, batch_size=4):
 
 
 def analyse_model(name, args, out):
-    """Sample answers with one model, analyse them in each convention; writes CSVs, a summary and a figure under out."""
+    """Sample answers with one model, analyse them in each convention; writes CSVs, a summary and a figure under out.
+    A convention already in out/summary.json is read back, so an interrupted comparison resumes where it stopped."""
     model, tok = load_model(name)
     label = os.path.basename(str(model.config._name_or_path).rstrip("/"))
     problems = task_problems(args.data, args.n, 0, "test")
     samples = sample_responses(model, tok, problems, args.max_new_tokens, args.temperature, args.seed,
                                os.path.join(out, "responses.jsonl"))
-    results, summary = {}, {"model": label, "num_layers": model.config.num_hidden_layers}
+    path = os.path.join(out, "summary.json")
+    summary = read_json(path) if os.path.exists(path) else {"model": label, "num_layers": model.config.num_hidden_layers}
+    results = {}
     for fn in ([False, True] if args.compare_norm else [args.final_norm]):
-        conv = "logit lens (final norm)" if fn else "raw residual (paper)"
-        res = analyse(model, samples, fn)
-        stages = eic_stages(res["dH_ffn"])
+        conv, tag = ("logit lens (final norm)", "final_norm") if fn else ("raw residual (paper)", "raw")
+        if tag not in summary:
+            res = analyse(model, samples, fn)
+            summary[tag] = {"stages": eic_stages(res["dH_ffn"]), "entropy": res}
+            write_csv(os.path.join(out, f"entropy_{tag}.csv"), res, summary[tag]["stages"])
+            with open(path + ".tmp", "w") as f:
+                json.dump(summary, f, indent=1)
+            os.replace(path + ".tmp", path)
+        res, stages = summary[tag]["entropy"], summary[tag]["stages"]
         results[conv] = (res, stages)
-        tag = "final_norm" if fn else "raw"
-        write_csv(os.path.join(out, f"entropy_{tag}.csv"), res, stages)
-        summary[tag] = {"stages": stages, "entropy": res}
         print(f"\n{label}, {conv}, {len(samples)} answers:\n{table(res, stages)}\nstages: {stages}")
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
     plot(os.path.join(out, "entropy.png"), results, f"{label}, {args.data}, n={len(samples)}")
     return label, results
+
+
+def family_dir(name):
+    """The sub-dir of one model in a comparison: its short name, or the last part of its path or hub id."""
+    return os.path.basename(os.path.normpath(name)) if name else "smollm2"
 
 
 def main(argv=None):
@@ -267,6 +280,7 @@ def main(argv=None):
     check(args.n >= 1 and args.max_new_tokens >= 1, "--n and --max-new-tokens must be >= 1")
     check(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}")
     names = args.model.split(",") if args.model else [None]
+    check(len({family_dir(n) for n in names}) == len(names), f"--model {args.model}: name each model once (by distinct dir names)")
     for name in names:
         model_config(name)  # a bad --model fails here, before any work
     task_problems(args.data, 1, 0, "test")  # and a bad --data
@@ -274,13 +288,12 @@ def main(argv=None):
     with claim_run_dir(args.out, settings, resume=True, overwrite=args.overwrite):
         families = {}
         for name in names:
-            out = args.out if len(names) == 1 else os.path.join(args.out, name or "smollm2")
+            out = args.out if len(names) == 1 else os.path.join(args.out, family_dir(name))
             os.makedirs(out, exist_ok=True)
             label, results = analyse_model(name, args, out)
-            families[label] = next(iter(results.values()))
+            families[label] = results
         if len(names) > 1:
-            plot_families(os.path.join(args.out, "families.png"), families, f"{args.data}, n={args.n}, "
-                          f"{'logit lens' if args.final_norm and not args.compare_norm else 'raw residual (paper)'}")
+            plot_families(os.path.join(args.out, "families.png"), families, f"{args.data}, n={args.n} answers per model")
     print(f"wrote {args.out}: entropy.png, summary.json and the CSVs" + (", families.png" if len(names) > 1 else ""))
 
 

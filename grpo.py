@@ -14,7 +14,7 @@ PPO ratio in float32), where the drift from float32 is small (README). A run is 
 dir: locked while written, resumed only with its own settings, checkpointed at the end
 and on Ctrl-C (and every --save-every steps).
 
-    python grpo.py                        # CPU preset: default model, arithmetic task, 20 steps, ~4 min
+    python grpo.py                        # CPU preset: default model, arithmetic task, 10 steps, ~3 min
     python grpo.py --bench                # one step's parts, timed, against the matmul peak
     python grpo.py --preset paper --model Qwen/Qwen3-4B --task deepmath   # the paper's setting
     torchrun --nproc_per_node=2 grpo.py   # the same, data parallel over 2 processes (distributed.py)
@@ -43,7 +43,7 @@ from decompose import load_model, model_config
 from evaluate import evaluate, summarize
 from grade import problem_reward
 from loss import aggregate, group_advantages, kl_penalty, policy_loss
-from policy import compute_precision, output_policy, pad_rows
+from policy import compute_precision, decoder_tokens, output_policy, pad_rows
 from problems import prompt_ids, task_problems
 from report import CURVES, plot_panels, run_series
 from rollout import generate
@@ -310,6 +310,9 @@ BENCH_OFF = {  # each change to a training step, as --bench switches it off: the
     "logits by memory budget": {"logits_budget": 1 << 24},  # 85 rows at V=49k, each chunk checkpointed: the lm_head ran twice
     "on-policy first mini-batch": {"on_policy_first": False},
     "denormals flushed": {"flush": False},
+    "prompts shared by a group": {"share_prompts": False},
+    "fused AdamW": {"fused_adam": False},
+    "bf16 rollout": {"rollout_dtype": "float32"},
 }
 
 
@@ -325,18 +328,20 @@ def matmul_peak(dtype, n=2048):
 
 
 def pass_flops(model, batch, cfg, rows):
-    """Forward FLOPs over the micro-batches of `rows`: 2 per decoder weight and token (padding too), 2 per lm_head
+    """Forward FLOPs over the micro-batches of `rows`: 2 per decoder weight and token run (padding too), 2 per lm_head
     weight and scored token (attention scores, < 3% here, are left out). A backward costs twice a forward."""
     lm = model.lm_head.weight.numel()
     dec = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
-    return sum(2 * dec * ids.numel() + 2 * lm * int(resp[:, 1:].sum()) for _, ids, _, resp, _ in micro_slices(batch, rows, cfg.micro_batch))
+    return sum(2 * dec * decoder_tokens(ids, att, resp) + 2 * lm * int(resp[:, 1:].sum())
+               for _, ids, att, resp, _ in micro_slices(batch, rows, cfg.micro_batch))
 
 
 def bench_step(cfg, off, repeats=2):
     """One step's parts, in seconds, with the changes in `off` switched off; meant for a fresh process (see bench)."""
     torch.set_flush_denormal(off.get("flush", True))  # before any parallel op: every thread of the pool inherits it
     policy_lib.LOGITS_BUDGET = off.get("logits_budget", policy_lib.LOGITS_BUDGET)
-    cfg = GRPOConfig(**{**cfg, "precision": off.get("precision", cfg["precision"])})
+    policy_lib.SHARE_PROMPTS = off.get("share_prompts", True)
+    cfg = GRPOConfig(**{**cfg, **{k: off[k] for k in ("precision", "rollout_dtype") if k in off}})
     model, tok = load_model(cfg.model, dtype=torch.float32)
     t = time.perf_counter()
     batch, _ = rollout_step(model, tok, task_problems(cfg.task, cfg.prompts_per_step, cfg.seed, "train"), cfg, 0)
@@ -344,7 +349,7 @@ def bench_step(cfg, off, repeats=2):
     N, first = batch.input_ids.shape[0], cfg.mini_batch_prompts * cfg.group_size if off.get("on_policy_first", True) else 0
     for _ in range(repeats + 1):  # the first is a warm-up
         runner = distributed.Policy(copy.deepcopy(model).train())
-        opt = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, fused=True)
+        opt = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=off.get("fused_adam", True))
         t = time.perf_counter()
         old, ent = policy_logprobs(output_policy, runner, batch, cfg, rows=torch.arange(first, N))
         t1 = time.perf_counter()

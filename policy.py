@@ -32,6 +32,7 @@ from cli import InputError
 from decompose import check_inputs, unembed
 
 LOGITS_BUDGET = 1 << 30  # bytes of float32 logits materialized at once (a chunk of rows x V)
+SHARE_PROMPTS = True  # residuals() runs a group's prompt once; grpo.py --bench switches it off
 PRECISIONS = ("float32", "bfloat16")
 
 
@@ -136,12 +137,9 @@ def residuals(model, input_ids, attention_mask, mask, k=None):
         check_layer(model.config, k)
     check_inputs(model, input_ids, attention_mask)
     B, T = input_ids.shape
-    starts = torch.where(mask.any(1), mask.int().argmax(1), T).tolist()  # (B,) first response token of each row
-    groups = {}
-    for i, p in enumerate(starts):
-        groups.setdefault(tuple(input_ids[i, :p].tolist()), []).append(i)
     checkpointing = model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") else model.is_gradient_checkpointing
-    if len(groups) == B or min(starts) < 1 or max(starts) == T or checkpointing:
+    groups = None if checkpointing else prompt_groups(input_ids, mask)
+    if groups is None:
         return _forward(model, input_ids, attention_mask, k)
     h = None
     for prompt, rows in groups.items():
@@ -156,6 +154,25 @@ def residuals(model, input_ids, attention_mask, mask, k=None):
         h = h if h is not None else h_resp.new_zeros(B, T, h_resp.shape[-1])
         h = h.index_put((rows[:, None], torch.arange(P - 1, end, device=h.device)), torch.cat([h_prompt.expand(len(rows), -1, -1), h_resp], 1))
     return h
+
+
+def prompt_groups(input_ids, mask):
+    """{prompt tuple: rows} for residuals() to run each prompt once, or None where one plain forward is run:
+    no two rows share a prompt, a row has no response or no prompt, or SHARE_PROMPTS is off (grpo.py --bench)."""
+    B, T = input_ids.shape
+    starts = torch.where(mask.any(1), mask.int().argmax(1), T).tolist()  # (B,) first response token of each row
+    groups = {}
+    for i, p in enumerate(starts):
+        groups.setdefault(tuple(input_ids[i, :p].tolist()), []).append(i)
+    return None if not SHARE_PROMPTS or len(groups) == B or min(starts) < 1 or max(starts) == T else groups
+
+
+def decoder_tokens(input_ids, attention_mask, mask):
+    """Token positions the decoder runs in residuals() (its FLOP count): each distinct prompt once, or the whole batch."""
+    groups = prompt_groups(input_ids, mask)
+    if groups is None:
+        return input_ids.numel()
+    return sum(len(p) + len(rows) * (int(attention_mask[rows].sum(1).max()) - len(p)) for p, rows in groups.items())
 
 
 def _forward(model, input_ids, attention_mask, k=None, cache=None, position_ids=None):

@@ -13,7 +13,7 @@ import grpo
 from cli import InputError
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
 from distributed import Policy
-from policy import layer_policy, pad_rows
+from policy import layer_policy, output_policy, pad_rows
 from rollout import generate
 
 
@@ -132,3 +132,19 @@ def test_sweep_and_methods(tmp_path, monkeypatch):
                        (dict(methods="ppo"), "--methods"), (dict(seeds="0"), "--seeds"), (dict(layer="x"), "--layer")]:
         with pytest.raises(InputError, match=match):
             bupo.experiment(replace(cfg, out=str(tmp_path / "bad"), **bad))
+
+
+def test_logged_entropies_are_those_of_the_policies_trained():
+    """The per-step entropy readout: pi_k's in float32 also in a bf16 run (as phase 1 trains it), the output
+    policy's under the run's precision; both token means over the response tokens."""
+    model = tiny_model("qwen3")
+    g = torch.Generator().manual_seed(1)
+    ids, att, resp = pad_rows([torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 3, 6)],
+                              [torch.randint(3, 97, (n,), generator=g).tolist() for n in (4, 7, 2)], 0)
+    with torch.no_grad():
+        got = bupo.readout_entropies(model, ids, att, resp, 0.9, [1], "bfloat16")
+        n = resp[:, 1:].sum()
+        assert got[1] == pytest.approx((layer_policy(1)(model, ids, att, 0.9, resp)[1].sum() / n).item(), rel=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = output_policy(model, ids, att, 0.9, resp)[1].sum() / n
+    assert got["output"] == pytest.approx(out.item(), rel=1e-6)

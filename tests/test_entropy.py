@@ -1,4 +1,5 @@
 """entropy.py: analytic entropies, the streamed analysis against a direct one, the EIC rule."""
+import json
 import math
 
 import pytest
@@ -97,3 +98,29 @@ def test_eic_stages_rule():
     assert s["exploration"] is None and s["convergence"] == [3, 4] and s["suggested_layer"] == 0
     s = E.eic_stages([1.0, 1.0, 1.0, 1.0])  # all exploring: k stays an internal layer
     assert s["exploration"] == [0, 3] and s["suggested_layer"] == 2
+
+
+def test_family_comparison_resumes_without_recomputing(tmp_path, monkeypatch):
+    """`--model a,b --compare-norm` analyses each model in both conventions; a rerun reads the finished
+    analyses back from summary.json (no entropy pass) and redraws the same comparison."""
+    import entropy
+    from conftest import fake_load, tiny_model
+    dirs = []
+    for arch in ("llama", "gemma3_text"):
+        tiny_model(arch).save_pretrained(tmp_path / arch)
+        dirs.append(str(tmp_path / arch))
+    monkeypatch.setattr(entropy, "load_model", fake_load)
+    argv = ["--model", ",".join(dirs), "--data", "arithmetic", "--n", "3", "--max-new-tokens", "5", "--compare-norm",
+            "--out", str(tmp_path / "cmp")]
+    entropy.main(argv)
+    first = {a: json.load(open(tmp_path / "cmp" / a / "summary.json")) for a in ("llama", "gemma3_text")}
+    assert {k for s in first.values() for k in s} >= {"raw", "final_norm"}
+    assert first["llama"]["raw"]["entropy"] != first["llama"]["final_norm"]["entropy"]
+
+    def no_pass(*a, **k):
+        raise AssertionError("a finished analysis was computed again")
+    monkeypatch.setattr(entropy, "analyse", no_pass)
+    (tmp_path / "cmp" / "families.png").unlink()
+    entropy.main(argv)
+    assert (tmp_path / "cmp" / "families.png").exists()
+    assert {a: json.load(open(tmp_path / "cmp" / a / "summary.json")) for a in ("llama", "gemma3_text")} == first

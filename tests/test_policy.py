@@ -156,3 +156,21 @@ def test_shared_prompts_give_the_full_forward(arch, k):
     torch.testing.assert_close(ent, ent2, atol=1e-5, rtol=1e-5)
     for a, b in zip(g1, [p.grad for p in model.parameters()]):
         assert (a is None) == (b is None) and (a is None or (a - b).norm() <= 1e-5 * a.norm())
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_decoder_tokens_counts_what_the_decoder_runs(share, monkeypatch):
+    """grpo.py --bench counts FLOPs with decoder_tokens: it equals the positions the first decoder layer receives,
+    with a group's prompt run once (3 prompts x 3 rows) and with sharing off (every padded position of every row)."""
+    monkeypatch.setattr(policy, "SHARE_PROMPTS", share)
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (9, 4, 7)]
+    responses = [torch.randint(3, 97, (int(n),), generator=g).tolist() for n in torch.randint(1, 8, (9,), generator=g)]
+    ids, att, resp = pad_rows([p for p in prompts for _ in range(3)], responses, 0)
+    seen = []
+    model.model.layers[0].register_forward_hook(lambda m, a, out: seen.append(a[0].shape[0] * a[0].shape[1]))
+    with torch.no_grad():
+        output_policy(model, ids, att, 1.0, resp)
+    assert sum(seen) == policy.decoder_tokens(ids, att, resp)
+    assert (sum(seen) == ids.numel()) != share

@@ -23,3 +23,26 @@ def test_imports_go_one_way_and_sit_at_the_top():
         for node, target in project_imports(tree):
             assert ORDER.index(target) < i, f"{name}.py imports {target}, which comes after it"
             assert id(node) in top, f"{name}.py imports {target} inside a function"
+
+
+def readme_blocks():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    return [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith("bash\n")]
+
+
+def test_the_files_table_lists_the_files_in_import_order():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    table = text[text.index("## The files"):text.index("### From the paper")]
+    listed = [line.split("`")[1][:-3] for line in table.splitlines() if line.startswith("| `")]
+    assert listed == ORDER
+
+
+def test_ci_installs_and_tests_exactly_as_the_readme_says():
+    """.ci/run = README's set-up block without its last line (the main job), then README's test command."""
+    setup, tests = readme_blocks()[:2]
+    ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines() if line and not line.startswith("#")]
+    setup_lines = setup.strip().splitlines()
+    assert setup_lines[-1] == "python bupo.py"
+    for line in setup_lines[:-1]:
+        assert line in ci, f".ci/run lacks the README's set-up line {line!r}"
+    assert any(line.startswith(tests.strip() + " ") or line == tests.strip() for line in ci), ".ci/run does not run the README's test command"
