@@ -83,7 +83,7 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=()):
         if step == cfg.inter_steps > 0 and distributed.init().main:
             tqdm.write(f"step {step}: switching from pi_{k} to the output policy (plain GRPO)")
         _, ids, att, resp, _ = next(grpo.micro_slices(batch, torch.arange(batch.input_ids.shape[0]), cfg.micro_batch))
-        with distributed.full_weights(runner) as model, torch.no_grad():
+        with distributed.full_weights(runner) as model:
             ent = readout_entropies(model, ids, att, resp, cfg.temperature, layers, cfg.precision)  # this rank's first micro-batch
         n = distributed.all_sum([1.0])[0]
         for key, v in zip(ent, distributed.all_sum(list(ent.values()))):
