@@ -33,13 +33,13 @@ import distributed
 import grpo
 from checkpoints import checkpoint_path, read_metrics, remove_checkpoint
 from cli import InputError, check, claim_run_dir, parse_config, read_json, run_main
-from config import BUPO_PRESETS, BuPOConfig
+from config import BUPO_PRESETS, BuPOConfig, check_config
 from decompose import load_model, model_config
 from entropy import eic_stages, internal_entropy
-from policy import check_layer, compute_precision, layer_logprobs, layer_policy, output_policy
+from loss import policy_loss
+from policy import check_layer, compute_precision, layer_logprobs, layer_policy, micro_slices, output_policy
 from problems import task_problems
-from report import (CURVES, fmt_interval, markdown_table, mean_interval, paired_difference, plot_intervals, plot_panels,
-                    run_series)
+from results import report
 
 
 # ----------------------------------------------------------------------------- BuPO
@@ -71,18 +71,37 @@ def readout_entropies(model, ids, att, resp, temperature, layers, precision):
     return out | {k: layer_logprobs(model, ids, att, k, temperature, resp)[1].sum().item() / n for k in layers}
 
 
+# The experiment's methods: verl's estimator, and what happens in the first s_inter steps (the paper's Table 1, 5, 11).
+METHODS = {
+    "grpo": ("GRPO", "grpo"),
+    "bupo": ("BuPO", "grpo"),                                  # pi_k (raw residual h_k) for s_inter steps, then GRPO
+    "ppo": ("PPO", "gae"),                                     # a critic from the same weights, GAE (critic.py)
+    "rloo": ("RLOO", "rloo"),
+    "reinforce_plus_plus": ("Reinforce++", "reinforce_plus_plus"),
+    "bupo_ln": ("BuPO, final norm on h_k", "grpo"),           # Table 5: pi_k = softmax(lm_head(norm(h_k)))
+    "grpo_frozen": ("GRPO, layers > k frozen", "grpo"),       # Table 11 (a): for s_inter steps only what pi_k reaches learns
+    "grpo_layer_lr": ("GRPO, 0.1x lr above k", "grpo"),       # Table 11 (b): for s_inter steps the layers above k at 0.1x lr
+}
+INTERNAL = ("bupo", "bupo_ln", "grpo_frozen", "grpo_layer_lr")  # methods with a first phase of s_inter steps
+
+
 def train_bupo(cfg, k, model, tok, desc="BuPO", layers=()):
-    """grpo.train with pi_k for steps < inter_steps, then the output policy; logs the entropies of pi_k (k in layers) and of the output."""
+    """grpo.train of one method (cfg.methods, one of METHODS; BuPO if it names several): BuPO's pi_k for steps <
+    inter_steps, then the output policy; logs the entropies of pi_k (k in layers) and of the output."""
     layers = sorted(set(layers) | {k})
+    method = cfg.methods if cfg.methods in METHODS else "bupo"
+    upper = {"grpo_frozen": (k, lambda s: 0.0 if s < cfg.inter_steps else 1.0),
+             "grpo_layer_lr": (k, lambda s: 0.1 if s < cfg.inter_steps else 1.0)}.get(method)
 
     def policy_for_step(step):
-        return layer_policy(k) if step < cfg.inter_steps else output_policy
+        internal = method in ("bupo", "bupo_ln") and step < cfg.inter_steps
+        return layer_policy(k, final_norm=method == "bupo_ln") if internal else output_policy
 
     def on_step(step, runner, tok, batch, m):
-        m["phase"] = "internal" if step < cfg.inter_steps else "full"
-        if step == cfg.inter_steps > 0 and distributed.init().main:
-            tqdm.write(f"step {step}: switching from pi_{k} to the output policy (plain GRPO)")
-        _, ids, att, resp, _ = next(grpo.micro_slices(batch, torch.arange(batch.input_ids.shape[0]), cfg.micro_batch))
+        m["phase"] = "internal" if step < cfg.inter_steps and method in INTERNAL else "full"
+        if step == cfg.inter_steps > 0 and method in INTERNAL and distributed.init().main:
+            tqdm.write(f"step {step}: {desc}: phase 1 ends, plain GRPO from now on")
+        _, ids, att, resp, _ = next(micro_slices(batch, torch.arange(batch.input_ids.shape[0]), cfg.micro_batch))
         with distributed.full_weights(runner) as model:
             ent = readout_entropies(model, ids, att, resp, cfg.temperature, layers, cfg.precision)  # this rank's first micro-batch
         n = distributed.all_sum([1.0])[0]
@@ -92,7 +111,7 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=()):
             with distributed.full_weights(runner) as model:  # every rank profiles the same responses
                 prof = entropy_profile(model, tok, cfg)
             m["profile_layer"], m["profile_dH_ffn"] = prof["layer"], prof["dH_ffn"]
-    return grpo.train(cfg, policy_for_step, on_step, model=model, tok=tok, desc=desc)
+    return grpo.train(cfg, policy_for_step, on_step, model=model, tok=tok, desc=desc, upper=upper)
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -114,25 +133,30 @@ def parse_sweep(cfg):
     key, _, values = cfg.sweep.partition("=")
     check(key in ("layer", "inter_steps"), f"--sweep must be layer=... or inter_steps=..., got '{cfg.sweep}'")
     try:
-        return key, [int(v) for v in values.split(",")]
+        out = [int(v) for v in values.split(",")]
     except ValueError:
         raise InputError(f"--sweep {key}= needs comma-separated integers, got '{values}'") from None
+    check(len(set(out)) == len(out), f"--sweep {key}= lists a value twice: '{values}'")
+    return key, out
 
 
 def plan(cfg, k, seeds):
-    """[(group, seed, run config)]: per seed a GRPO run and a BuPO run per sweep value (groups share seeds: paired)."""
+    """[(group, seed, run config)]: per seed a run of each method, BuPO's once per sweep value (groups share seeds: paired)."""
     key, values = parse_sweep(cfg)
     methods = cfg.methods.split(",")
     runs = []
     for seed in seeds:
         base = replace(cfg, seed=seed, seeds=f"{seed},", sweep="", keep_checkpoints=False, save_final=cfg.keep_checkpoints,
                        eval_before=False, resume=False, overwrite=False, layer=str(k))
-        if "grpo" in methods:
-            runs.append(("GRPO", seed, replace(base, methods="grpo", inter_steps=0, out=os.path.join(cfg.out, f"seed{seed}", "grpo"))))
+        for method in methods:
+            name, estimator = METHODS[method]
+            if method != "bupo":  # bupo's runs follow, one per sweep value
+                runs.append((name, seed, replace(base, methods=method, adv_estimator=estimator, out=os.path.join(cfg.out, f"seed{seed}", method),
+                                                 inter_steps=cfg.inter_steps if method in INTERNAL else 0)))
         for v in values if "bupo" in methods else []:
             group = "BuPO" if key is None else f"BuPO {key}={v}"
             same = key is None or str(v) == str(getattr(cfg, key))  # the unswept BuPO run: one dir, shared with a sweep over it
-            run = replace(base, methods="bupo", out=os.path.join(cfg.out, f"seed{seed}", "bupo" if same else f"bupo-{key}{v}"),
+            run = replace(base, methods="bupo", adv_estimator="grpo", out=os.path.join(cfg.out, f"seed{seed}", "bupo" if same else f"bupo-{key}{v}"),
                           **({key: v} if key == "inter_steps" else {}))
             runs.append((group, seed, replace(run, layer=str(v)) if key == "layer" else run))
     return runs
@@ -149,16 +173,19 @@ def check_experiment(cfg):
     """Settings of the experiment, before any work: seeds, methods, sweep, layers against the model's config."""
     seeds = parse_seeds(cfg)
     methods = cfg.methods.split(",")
-    check(methods and set(methods) <= {"bupo", "grpo"} and len(set(methods)) == len(methods), f"--methods must be bupo, grpo or bupo,grpo, got '{cfg.methods}'")
+    check(methods and set(methods) <= set(METHODS) and len(set(methods)) == len(methods),
+          f"--methods must be a comma list of distinct methods out of {', '.join(METHODS)}; got '{cfg.methods}'")
+    check(cfg.eval_every >= 1, "--eval-every must be >= 1: the experiment compares the runs' held-out accuracy after the last step")
     key, values = parse_sweep(cfg)
     check(key is None or "bupo" in methods, "--sweep varies BuPO: include bupo in --methods")
-    check(cfg.inter_steps >= 0 and all(v is None or v >= 0 for v in values), "--inter-steps must be >= 0")
+    steps = [cfg.inter_steps] + (values if key == "inter_steps" else [])
+    check(all(0 <= v <= cfg.steps for v in steps), f"--inter-steps must lie in 0..--steps ({cfg.steps}), got {', '.join(map(str, steps))}")
     check(cfg.profile_samples >= 1 and cfg.profile_every >= 0, "--profile-samples must be >= 1 and --profile-every >= 0")
     config = model_config(cfg.model)
     check(cfg.layer == "auto" or cfg.layer.lstrip("-").isdigit(), f"--layer must be an integer or auto, got '{cfg.layer}'")
     for k in ([int(cfg.layer)] if cfg.layer != "auto" else []) + (values if key == "layer" else []):
         check_layer(config, k)
-    grpo.check_config(cfg, config)
+    check_config(cfg, config)
     return seeds, config
 
 
@@ -185,7 +212,7 @@ def experiment(cfg):
             runs.setdefault(group, {})[seed] = hist
         distributed.close()
         if d.main:
-            report(cfg, start, runs)
+            report(cfg, start, runs, parse_sweep(cfg))
 
 
 def _initial(cfg, model, tok, d):
@@ -194,99 +221,12 @@ def _initial(cfg, model, tok, d):
     if os.path.exists(path):
         return read_json(path)
     runner = distributed.Policy(model)
-    start = {"layer": resolve_layer(cfg, model, tok), "eval": grpo.run_eval(runner, tok, cfg, d) if cfg.eval_every else {},
+    start = {"layer": resolve_layer(cfg, model, tok), "eval": grpo.evaluations(runner, tok, cfg, d, sampled=True),
              "profile": entropy_profile(model, tok, cfg) if cfg.profile_every else None}
     if d.main:
         with open(path, "w") as f:
             json.dump(start, f, indent=1)
     return start
-
-
-# ----------------------------------------------------------------------------- the report
-
-def final_accuracy(hist):
-    return hist[-1].get("eval/avg")
-
-
-def summarize_runs(start, runs):
-    """{"per_seed", "stats", "paired"}: final held-out accuracy of each group and seed, its mean and interval,
-    and each BuPO group's paired difference from GRPO over the seeds both have."""
-    per_seed = {g: {s: final_accuracy(h) for s, h in sorted(r.items())} for g, r in runs.items()}
-    stats = {g: mean_interval(list(v.values())) for g, v in per_seed.items() if None not in v.values()}
-    paired = {}
-    for g, v in per_seed.items():
-        if g != "GRPO" and "GRPO" in per_seed:
-            seeds = [s for s in v if s in per_seed["GRPO"]]
-            paired[g] = paired_difference([v[s] for s in seeds], [per_seed["GRPO"][s] for s in seeds])
-    return {"initial": start["eval"].get("eval/avg"), "per_seed": per_seed, "stats": stats, "paired": paired}
-
-
-def results_table(summary):
-    """Markdown: one row per group with each seed's accuracy, mean +- sd, 95% interval; then the paired differences."""
-    seeds = sorted({s for v in summary["per_seed"].values() for s in v})
-    rows = [["initial"] + [summary["initial"]] * len(seeds) + ["", ""]]
-    for g, v in summary["per_seed"].items():
-        st = summary["stats"].get(g)
-        rows.append([g] + [v.get(s) for s in seeds] + ([f"{st['mean']:.1f} ± {st['sd']:.1f}", f"[{st['lo']:.1f}, {st['hi']:.1f}]"] if st else ["", ""]))
-    for g, p in summary["paired"].items():
-        diffs = [summary["per_seed"][g][s] - summary["per_seed"]["GRPO"][s] for s in seeds if s in summary["per_seed"][g]]
-        rows.append([f"{g} − GRPO (paired)"] + [f"{x:+.1f}" for x in diffs] + [f"{p['mean']:+.1f} ± {p['sd']:.1f}",
-                     f"[{p['lo']:+.1f}, {p['hi']:+.1f}]" + (" *" if p["significant"] else "")])
-    return markdown_table(["held-out accuracy (%)"] + [f"seed {s}" for s in seeds] + ["mean ± sd", "95% interval"], rows)
-
-
-def report(cfg, start, runs):
-    """results.md / results.json, comparison.png (mean curves with min-max bands), profiles.png, sweep.png."""
-    k, summary = start["layer"], summarize_runs(start, runs)
-    panels = [("eval", "held-out accuracy (%)"), ("reward_mean", "train reward"), ("entropy_output", "entropy of the output policy"),
-              (f"entropy_layer{k}", f"entropy of pi_{k} (layer {k + 1})")]
-    groups = {g: [_with_start(run_series(h, [p for p, _ in panels]), start) for h in r.values()] for g, r in runs.items()}
-    plot_panels(os.path.join(cfg.out, "comparison.png"), groups, panels, marks=[cfg.inter_steps - 0.5] if cfg.inter_steps else (),
-                title=f"BuPO (pi_{k} for {cfg.inter_steps} steps, then GRPO) vs GRPO; mean over seeds, band: min-max; dotted: the switch")
-    plot_panels(os.path.join(cfg.out, "curves.png"), {g: [run_series(h, [c for c, _ in CURVES]) for h in r.values()]
-                                                      for g, r in runs.items()}, CURVES)
-    if start["profile"]:
-        _plot_profiles(os.path.join(cfg.out, "profiles.png"), start, runs, k)
-    key, values = parse_sweep(cfg)
-    if key:
-        _plot_sweep(os.path.join(cfg.out, "sweep.png"), key, values, summary)
-    table = results_table(summary)
-    verdict = "\n".join(f"{g} − GRPO: {fmt_interval(p)} points ({'significant' if p['significant'] else 'no significant difference'} "
-                        f"at 95%, {p['n']} paired seeds)" for g, p in summary["paired"].items())
-    with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(table + "\n" + verdict + "\n")
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump({"layer": k, "inter_steps": cfg.inter_steps, "steps": cfg.steps, "sweep": cfg.sweep, **summary,
-                   "reward_first_last": {g: {s: [h[0]["reward_mean"], h[-1]["reward_mean"]] for s, h in r.items()} for g, r in runs.items()},
-                   "profile_initial": start["profile"] and start["profile"]["layer"]}, f, indent=1)
-    print(f"\nheld-out accuracy (%), greedy, after {cfg.steps} steps; k={k}, s_inter={cfg.inter_steps}:\n{table}\n{verdict}")
-    print(f"wrote {cfg.out}/results.md, results.json, comparison.png, curves.png" + (", profiles.png" if start["profile"] else "")
-          + (", sweep.png" if key else ""))
-
-
-def _with_start(series, start):
-    """The held-out curve of a run begins at the shared start's accuracy (step 0)."""
-    steps, vals = series["eval"]
-    if "eval/avg" in start["eval"] and steps[:1] != [0]:
-        series["eval"] = ([0] + steps, [start["eval"]["eval/avg"]] + vals)
-    return series
-
-
-def _plot_profiles(path, start, runs, k):
-    """Entropy of every internal layer policy and dH_ffn before and after training (mean over seeds)."""
-    profiles = {"initial": [start["profile"]]} | {f"after {g}": [{"layer": h[-1]["profile_layer"], "dH_ffn": h[-1]["profile_dH_ffn"]}
-                                                              for h in r.values()] for g, r in runs.items()}
-    groups = {n: [{key: (list(range(len(p[key]))), p[key]) for key in ("layer", "dH_ffn")} for p in ps] for n, ps in profiles.items()}
-    plot_panels(path, groups, [("layer", "entropy of pi_l (0 = embedding)"), ("dH_ffn", "FFN entropy change dH_ffn")],
-                marks=[k + 1], xlabel="layer")
-
-
-def _plot_sweep(path, key, values, summary):
-    """Final held-out accuracy against the swept value: BuPO's mean with its 95% interval, and GRPO's (one value)."""
-    series = {"BuPO": [(v, summary["stats"][f"BuPO {key}={v}"]) for v in values]}
-    if "GRPO" in summary["stats"]:
-        series["GRPO"] = [(v, summary["stats"]["GRPO"]) for v in values]
-    plot_intervals(path, key, series, f"after training, by {key}: mean and 95% interval over seeds")
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -303,7 +243,7 @@ def bench(cfg, repeats=2):
 
     def update(policy):
         lp, _ = policy(model, ids, att, 1.0, batch.response_mask)
-        grpo.policy_loss(lp, lp.detach(), batch.advantages, batch.response_mask)[0].backward()
+        policy_loss(lp, lp.detach(), batch.advantages, batch.response_mask)[0].backward()
 
     def plain():
         logits = model(ids, attention_mask=att).logits[:, :-1].float()

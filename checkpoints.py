@@ -33,8 +33,9 @@ def _clean_partial(out):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_checkpoint(out, runner, tok, optimizer, step, cfg, d):
-    """out/checkpoint: the model in HF format, optimizer state by parameter name, RNG states, the next step.
+def save_checkpoint(out, runner, tok, optimizer, step, cfg, d, critic=None):
+    """out/checkpoint: the model in HF format, optimizer state by parameter name, RNG states, the next step;
+    with critic = (module, optimizer) (PPO, one process) also critic.pt, both their states.
 
     All ranks call (FSDP gathers the shards); rank 0 writes. Each operation leaves a whole checkpoint behind.
     """
@@ -47,6 +48,8 @@ def save_checkpoint(out, runner, tok, optimizer, step, cfg, d):
     tok.save_pretrained(os.path.join(tmp, "model"))
     torch.save({"optimizer": optim_sd, "step": step, "config": asdict(cfg), "world": d.world,
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, os.path.join(tmp, "trainer.pt"))
+    if critic is not None:
+        torch.save({"model": critic[0].state_dict(), "optimizer": critic[1].state_dict()}, os.path.join(tmp, "critic.pt"))
     if os.path.exists(final):
         if os.path.exists(old):  # a save killed after its rename: checkpoint/ is the newer, whole one
             shutil.rmtree(old)
@@ -78,7 +81,10 @@ def load_checkpoint(out, device):
         raise InputError(f"--resume: no checkpoint in {out}; start afresh with --overwrite (or another --out)")
     _clean_partial(out)
     model, tok = load_model(os.path.join(path, "model"), dtype=torch.float32, device=device)
-    return model, tok, torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
+    state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
+    if os.path.exists(os.path.join(path, "critic.pt")):
+        state["critic"] = torch.load(os.path.join(path, "critic.pt"), map_location=device, weights_only=True)
+    return model, tok, state
 
 
 def read_metrics(path, before_step):

@@ -8,10 +8,12 @@ BuPO-vs-GRPO experiment (3 paired seeds) takes about 15 minutes. Every field is 
 (cli.parse_config: --field-name, help from the comment beside it); check_config refuses a
 bad setting before any work.
 """
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from cli import check
+from advantages import ESTIMATORS
 from loss import AGGREGATIONS, KL_ESTIMATORS
 from policy import PRECISIONS
 
@@ -26,6 +28,8 @@ class GRPOConfig:
     eval_every: int = 10               # evaluate every N steps (and before the first, after the last; 0 = never)
     eval_max_new_tokens: int = 8192    # response limit of the evaluation
     eval_before: bool = True           # evaluate before the first step (bupo.py evaluates the shared start once instead)
+    eval_samples: int = 16             # Avg@K and Pass@K: K samples per held-out question at temperature 1.0, at the start and after the last step (0 = off)
+    eval_samples_limit: int = 0        # first N questions of each held-out set for the sampled metric (0 = --eval-limit's)
     steps: int = 300                   # training steps
     prompts_per_step: int = 128        # prompts per step (the paper's batch)
     group_size: int = 8                # responses per prompt
@@ -44,6 +48,11 @@ class GRPOConfig:
     clip_low: float = 0.2              # PPO ratio clip below 1
     clip_high: float = 0.2             # PPO ratio clip above 1
     clip_c: float = 10.0               # dual clip for negative advantages
+    adv_estimator: str = "grpo"        # verl's algorithm.adv_estimator: grpo | rloo | reinforce_plus_plus | gae (PPO, with a critic)
+    critic_lr: float = 1e-5            # PPO: the critic's AdamW learning rate (the paper's)
+    cliprange_value: float = 0.5       # PPO: the value clip (verl's cliprange_value)
+    gamma: float = 1.0                 # PPO and Reinforce++: discount (verl's default)
+    lam: float = 1.0                   # PPO: GAE's lambda (verl's default)
     loss_agg: str = "token-mean"       # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     scale_adv: bool = True             # divide by the group std (False: Dr. GRPO)
     kl_coef: float = 0.0               # KL penalty to the frozen initial policy (0 = off, as the paper)
@@ -68,12 +77,16 @@ PRESETS = {
     "paper": {},
     "cpu": dict(task="arithmetic", eval_data="arithmetic", eval_limit=256, eval_every=5, eval_max_new_tokens=48,
                 steps=10, prompts_per_step=4, group_size=8, mini_batch_prompts=2, micro_batch=16,
-                precision="bfloat16", rollout_dtype="bfloat16", max_new_tokens=48, lr=2e-5),
+                precision="bfloat16", rollout_dtype="bfloat16", max_new_tokens=48, lr=2e-5, critic_lr=1e-4,
+                eval_samples=16, eval_samples_limit=16),
 }
 
 
 def check_config(cfg, config, world=1):
     """Every setting, against the model's config where needed, before any work (InputError names the flag)."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        check(not isinstance(v, float) or math.isfinite(v), f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
     check(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}")
     for name in ("prompts_per_step", "group_size", "mini_batch_prompts", "micro_batch", "max_new_tokens", "eval_max_new_tokens"):
         check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -95,6 +108,16 @@ def check_config(cfg, config, world=1):
     check(not (cfg.resume and cfg.overwrite), "--resume continues the run in --out, --overwrite deletes it: give one")
     check(config.max_position_embeddings >= cfg.max_new_tokens, f"--max-new-tokens {cfg.max_new_tokens} exceeds the model's context ({config.max_position_embeddings})")
     check(cfg.loss_agg in AGGREGATIONS, f"--loss-agg must be one of {', '.join(AGGREGATIONS)} (a loss aggregation), got {cfg.loss_agg}")
+    check(cfg.kl_coef >= 0 and cfg.entropy_coef >= 0 and cfg.weight_decay >= 0,
+          f"--kl-coef, --entropy-coef and --weight-decay must be >= 0, got {cfg.kl_coef}, {cfg.entropy_coef}, {cfg.weight_decay}")
+    check(cfg.max_nonfinite >= 1, f"--max-nonfinite must be >= 1 (non-finite updates in a row before stopping), got {cfg.max_nonfinite}")
+    check(config.max_position_embeddings >= cfg.eval_max_new_tokens,
+          f"--eval-max-new-tokens {cfg.eval_max_new_tokens} exceeds the model's context ({config.max_position_embeddings})")
+    check(cfg.adv_estimator in ESTIMATORS, f"--adv-estimator must be one of {', '.join(ESTIMATORS)}, got {cfg.adv_estimator}")
+    check(cfg.critic_lr > 0 and cfg.cliprange_value > 0, "--critic-lr and --cliprange-value must be > 0")
+    check(0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1, f"--gamma and --lam must lie in [0, 1], got {cfg.gamma}, {cfg.lam}")
+    check(cfg.adv_estimator != "gae" or world == 1, "PPO (--adv-estimator gae) trains its critic on one process: run it without torchrun")
+    check(cfg.eval_samples >= 0 and cfg.eval_samples_limit >= 0, "--eval-samples and --eval-samples-limit must be >= 0")
     check(cfg.kl_estimator in KL_ESTIMATORS, f"--kl-estimator must be one of {', '.join(KL_ESTIMATORS)}, got {cfg.kl_estimator}")
 
 

@@ -7,12 +7,23 @@ the cache in place. On CPU every linear weight is packed once into oneDNN's layo
 Supports the architectures of decompose.SUPPORTED: pre-norm Llama/Qwen2/Qwen3 blocks and
 Gemma 3's sandwich blocks with sliding-window layers.
 """
+import copy
 import inspect
 
 import torch
 import torch.nn.functional as F
 
 from decompose import is_sandwich, softcap
+
+def cast_copy(model, dtype):
+    """A copy of the model in dtype whose rotary frequencies stay float32, as in a model built in that dtype:
+    inv_freq rounded to bf16 would give each frequency its own slightly wrong base, an error that grows with position."""
+    out = copy.deepcopy(model).to(dtype)
+    for mod, src in zip(out.modules(), model.modules()):
+        for name in [n for n in mod._buffers if "inv_freq" in n]:
+            mod._buffers[name] = src._buffers[name].detach().float().clone()
+    return out
+
 
 def pack_linears(model):
     """oneDNN-prepacked copies of every linear weight, on CPU (the layout torch.compile uses), for one generate call.

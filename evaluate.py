@@ -47,6 +47,25 @@ def summarize(records, k):
     return out
 
 
+def pass_ks(n):
+    """K = 1, 2, 4, ... up to n, and n: the points of a Pass@K curve from n samples per problem."""
+    ks = [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]
+    return ks + ([n] if ks[-1] != n else [])
+
+
+def pass_curve(records, n):
+    """{source: {"avg@n", "pass@K" for K in pass_ks(n)}} from n graded samples per problem (percent):
+    the paper's Avg@K (Table 1: pass@1 averaged over the n samples) and its Pass@K curve (Fig. 6)."""
+    by = {}
+    for r in records:
+        by.setdefault(r["source"], {}).setdefault(r["id"], []).append(r["correct"])
+    out = {}
+    for src, probs in by.items():
+        out[src] = {f"avg@{n}": 100 * sum(sum(v) / len(v) for v in probs.values()) / len(probs)}
+        out[src] |= {f"pass@{k}": 100 * sum(pass_at_k(len(v), sum(v), k) for v in probs.values()) / len(probs) for k in pass_ks(n)}
+    return out
+
+
 def evaluate(model, tokenizer, problems, k=1, max_new_tokens=1024, temperature=1.0, top_p=1.0,
              batch_size=64, seed=0, done=None, on_record=None, progress=True, dtype=None):
     """Sample k answers per problem with rollout.generate, grade them; returns (summary, records).

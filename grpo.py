@@ -22,14 +22,12 @@ and on Ctrl-C (and every --save-every steps).
 import contextlib
 import copy
 import json
-import math
 import multiprocessing
 import os
 import random
 import time
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
@@ -39,161 +37,49 @@ import policy as policy_lib
 from checkpoints import StopRequest, load_checkpoint, read_metrics, save_checkpoint
 from cli import check, claim_run_dir, parse_config, run_main
 from config import PRESETS, GRPOConfig, check_config
+from critic import make_critic
 from decompose import load_model, model_config
-from evaluate import evaluate, summarize
-from grade import problem_reward
-from loss import aggregate, group_advantages, kl_penalty, policy_loss
-from policy import compute_precision, decoder_tokens, output_policy, pad_rows
-from problems import prompt_ids, task_problems
+from evaluate import evaluate, pass_curve, summarize
+from policy import decoder_tokens, micro_slices, output_policy
+from problems import task_problems
 from report import CURVES, plot_panels, run_series
-from rollout import generate
-
-
-# ----------------------------------------------------------------------------- one step
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor       # (N, T) prompt + response, right-padded
-    attention_mask: torch.Tensor  # (N, T)
-    response_mask: torch.Tensor   # (N, T) True at response tokens (policy.py's convention)
-    advantages: torch.Tensor      # (N,)
-
-
-def rollout_step(model, tok, problems, cfg, step, prompt_index=None):
-    """Sample the groups of `problems`, reward them, compute advantages. Returns (batch, per-row results).
-
-    prompt_index: (n,) the problems' places among the step's cfg.prompts_per_step prompts
-    when this process samples only its share; each row then gets the random draws it
-    gets when one process samples them all.
-    """
-    G = cfg.group_size
-    prompts = [p for p in prompt_ids(tok, problems) for _ in range(G)]
-    index = torch.arange(len(problems)) if prompt_index is None else prompt_index  # (n,)
-    rows = (index[:, None] * G + torch.arange(G)).view(-1)  # (n*G,) rows of the whole step
-    r = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=cfg.seed * 1_000_003 + step,
-                 dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None, batch_index=rows,
-                 batch_rows=(len(problems) if prompt_index is None else cfg.prompts_per_step) * G, max_batch=cfg.rollout_batch)
-    responses = [t[:n] for t, n in zip(r.tokens.tolist(), r.lengths.tolist())]
-    texts = tok.batch_decode(responses, skip_special_tokens=True)
-    rewards = torch.tensor([problem_reward(t, problems[i // G]) for i, t in enumerate(texts)])
-    results = {"reward": rewards, "length": r.lengths.float().cpu(), "truncated": (~r.finished).float().cpu()}
-    batch = Batch(*pad_rows(prompts, responses, tok.pad_token_id, model.device),
-                  group_advantages(rewards, G, scale=cfg.scale_adv).to(model.device))
-    return batch, results
-
-
-def rollout_metrics(results, group_size):
-    """Step metrics from the per-row results of rollout_step (of all ranks)."""
-    rewards, lengths = results["reward"], results["length"]
-    groups = rewards.view(-1, group_size)
-    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-            "accuracy": (rewards == 1).float().mean().item(), "zero_std_groups": (groups.std(1) == 0).float().mean().item(),
-            "response_len_mean": lengths.mean().item(), "response_len_max": lengths.max().item(),
-            "truncated": results["truncated"].mean().item()}
-
-
-def micro_slices(batch, idx, size):
-    """Micro-batches of rows idx, each trimmed to its longest row: (rows, ids, att, resp, adv)."""
-    for i in range(0, len(idx), size):
-        j = idx[i:i + size]
-        T = int(batch.attention_mask[j].sum(1).max())
-        yield j, batch.input_ids[j, :T], batch.attention_mask[j, :T], batch.response_mask[j, :T], batch.advantages[j]
-
-
-@torch.no_grad()
-def policy_logprobs(policy, runner, batch, cfg, rows=None):
-    """Log-probs and entropies (N, T) of the batch under `policy` (0 outside `rows`, default all), micro-batch by micro-batch.
-
-    runner: distributed.Policy(model), or its DDP/FSDP wrapper; runner(policy, ...) = policy(model, ...).
-    """
-    logp = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
-    ent = torch.zeros_like(logp)
-    rows = torch.arange(batch.input_ids.shape[0]) if rows is None else rows
-    for j, ids, att, resp, _ in micro_slices(batch, rows, cfg.micro_batch):
-        with compute_precision(cfg.precision, ids.device):
-            lp, en = runner(policy, ids, att, cfg.temperature, resp)
-        logp[j, :lp.shape[1]], ent[j, :lp.shape[1]] = lp, en
-    return logp, ent
-
-
-def ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, world=1, on_policy_first=True):
-    """PPO updates of one step: consecutive mini-batches of whole groups (the rows come shuffled), micro-batch accumulation.
-
-    old_logp (N, T) holds the log-probs of the rows from before the first update. The
-    first mini-batch is on-policy (on_policy_first): its old log-probs are its own,
-    detached (ratio 1, as verl and TRL when a batch is used once), so old_logp needs only
-    the later mini-batches' rows, and its entropies are written into ent (N, T) here. With several
-    ranks, each holds its 1/world of every mini-batch; the loss divides by the
-    mini-batch's token count over all ranks (verl's global token-mean) and is scaled by
-    world, so the gradient mean of DDP/FSDP is the gradient of one process over the whole
-    mini-batch. Statistics are token-weighted and summed over ranks.
-    """
-    rows = cfg.mini_batch_prompts // world * cfg.group_size  # this rank's rows of a mini-batch
-    stats, skipped = [], 0
-    for m in range(0, batch.input_ids.shape[0], rows):
-        idx = torch.arange(m, m + rows)
-        n_tokens = max(distributed.all_sum([batch.response_mask[idx].sum().item()])[0], 1.0)
-        agg_kw = dict(n_tokens=n_tokens, n_seqs=rows * world, max_len=cfg.max_new_tokens)  # Dr. GRPO's is the budget
-        sums = defaultdict(float)  # loss terms (already / n_tokens) and token-weighted fractions
-        micro = list(micro_slices(batch, idx, cfg.micro_batch))
-        for i, (j, ids, att, resp, adv) in enumerate(micro):
-            with distributed.accumulate(runner, last=i == len(micro) - 1):
-                with compute_precision(cfg.precision, ids.device):
-                    logp, en = runner(policy, ids, att, cfg.temperature, resp, entropy_grad=cfg.entropy_coef > 0)
-                fresh = m == 0 and on_policy_first
-                old = logp.detach() if fresh else old_logp[j, :logp.shape[1]]
-                if fresh:
-                    ent[j, :logp.shape[1]] = en.detach()
-                loss, st = policy_loss(logp, old, adv, resp, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.loss_agg, **agg_kw)
-                sums["pg_loss"] += loss.item()
-                if cfg.kl_coef:
-                    kl = aggregate(kl_penalty(logp, ref_logp[j, :logp.shape[1]], cfg.kl_estimator), resp, cfg.loss_agg, **agg_kw)
-                    loss = loss + cfg.kl_coef * kl
-                    sums["kl"] += kl.item()
-                if cfg.entropy_coef:
-                    loss = loss - cfg.entropy_coef * aggregate(en, resp, cfg.loss_agg, **agg_kw)
-                (loss * world).backward()
-            sums["loss"] += loss.item()
-            for k, v in st.items():
-                sums[k] += v.item() * resp.sum().item() / n_tokens
-        sums = dict(zip(sums, distributed.all_sum(list(sums.values()))))
-        grad_norm = torch.nn.utils.clip_grad_norm_(runner.parameters(), cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
-        if not (math.isfinite(sums.pop("loss")) and math.isfinite(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)  # skip: never step on a NaN/inf
-            skipped += 1
-            continue
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats.append({**sums, "grad_norm": grad_norm})
-    out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if stats else {}
-    return {**out, "updates": len(stats), "skipped_updates": skipped}
+from step import param_groups, policy_logprobs, ppo_update, rollout_step, scale_upper, train_step
 
 
 # ----------------------------------------------------------------------------- the loop
 
-def run_eval(runner, tok, cfg, d):
-    """Held-out accuracy (greedy, one sample) per set, as metrics; each rank answers 1/world of the problems.
+def run_eval(runner, tok, cfg, d, sampled=False):
+    """Held-out accuracy per set, as metrics; each rank answers 1/world of the problems.
 
-    The answers are sampled as the rollouts are, with --rollout-dtype's copy of the weights (bf16 in the CPU preset: 2x
-    faster; a start, GRPO and BuPO are all measured so)."""
-    problems = [p for name in cfg.eval_data.split(",") for p in task_problems(name, cfg.eval_limit, cfg.seed, "test")]
+    Greedy, one answer per question ("eval/<set>", "eval/avg"), or sampled: the paper's
+    metric, cfg.eval_samples answers per question at temperature 1.0 on the first
+    cfg.eval_samples_limit questions, giving Avg@K and the unbiased Pass@K curve
+    ("sampled/<set>/avg@K", "sampled/<set>/pass@j", "sampled/avg/..."). The answers are
+    sampled as the rollouts are, with --rollout-dtype's copy of the weights (bf16 in the
+    CPU preset: 2x faster; a start, GRPO and BuPO are all measured so).
+    """
+    k, limit, temperature = (cfg.eval_samples, cfg.eval_samples_limit or cfg.eval_limit, 1.0) if sampled else (1, cfg.eval_limit, 0.0)
+    problems = [p for name in cfg.eval_data.split(",") for p in task_problems(name, limit, cfg.seed, "test")]
     with distributed.full_weights(runner) as model:
-        _, records = evaluate(model, tok, problems[d.rank::d.world], k=1, max_new_tokens=cfg.eval_max_new_tokens,
-                              temperature=0.0, batch_size=cfg.rollout_batch or 256, progress=False,
+        _, records = evaluate(model, tok, problems[d.rank::d.world], k=k, max_new_tokens=cfg.eval_max_new_tokens,
+                              temperature=temperature, batch_size=cfg.rollout_batch or 256, progress=False, seed=cfg.seed,
                               dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None)
-    summary = summarize(distributed.gather_lists(records), 1)
-    out = {f"eval/{src}": s["avg@1"] for src, s in sorted(summary.items())}
-    out["eval/avg"] = sum(out.values()) / len(out)
-    return out
+    records = distributed.gather_lists(records)
+    if not sampled:
+        out = {f"eval/{src}": s["avg@1"] for src, s in sorted(summarize(records, 1).items())}
+        return out | {"eval/avg": sum(out.values()) / len(out)}
+    curve = pass_curve(records, k)
+    out = {f"sampled/{src}/{key}": v for src, s in sorted(curve.items()) for key, v in s.items()}
+    return out | {f"sampled/avg/{key}": sum(s[key] for s in curve.values()) / len(curve) for key in next(iter(curve.values()))}
 
 
-def setup(cfg, d, model=None, tok=None, find_unused=False):
-    """(runner, tok, optimizer, ref runner, first step, metrics so far), fresh or from out/checkpoint with --resume.
+def setup(cfg, d, model=None, tok=None, find_unused=False, upper_k=None):
+    """(runner, tok, optimizer, ref runner, critic, first step, metrics so far), fresh or from out/checkpoint with --resume.
 
     model, tok: the initial policy (default: loaded from cfg.model). Resuming, the trained
     weights come from the checkpoint, and the KL reference is still the initial policy.
+    upper_k: the parameters above layer k get a param group of their own (Table 11's controls).
+    critic: (Critic, its optimizer) for PPO (cfg.adv_estimator "gae"), else None.
     """
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -203,15 +89,19 @@ def setup(cfg, d, model=None, tok=None, find_unused=False):
     state = None
     if cfg.resume:
         model, tok, state = load_checkpoint(cfg.out, d.device)
+    critic = make_critic(model, cfg) if cfg.adv_estimator == "gae" else None  # the policy's architecture (its state: below)
     check(tok is not None, f"{cfg.model} has no tokenizer to write prompts with; see decompose.random_model")
     if cfg.activation_checkpointing:  # Hugging Face's, per decoder layer (the old name before transformers 5.2x)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     runner = distributed.wrap(model.train(), d, cfg.fsdp, find_unused=find_unused)
-    optimizer = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=not cfg.fsdp)  # fused: 5x faster on CPU
+    optimizer = torch.optim.AdamW(param_groups(runner, upper_k), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=not cfg.fsdp)  # fused: 5x faster on CPU
     start = 0
     if state is not None:
         distributed.load_optimizer_state(runner, optimizer, state["optimizer"])
+        if critic is not None:
+            critic[0].load_state_dict(state["critic"]["model"])
+            critic[1].load_state_dict(state["critic"]["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         start = state["step"]
@@ -220,42 +110,15 @@ def setup(cfg, d, model=None, tok=None, find_unused=False):
     if d.main:
         with open(path, "w") as f:  # a resumed run drops what was logged after its checkpoint
             f.writelines(json.dumps(m) + "\n" for m in history)
-    return runner, tok, optimizer, ref, start, history
+    return runner, tok, optimizer, ref, critic, start, history
 
 
-def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d):
-    """One step on this rank's share of the prompts. Returns (batch, metrics of all ranks)."""
-    t0 = time.perf_counter()
-    # 1. the step's prompts, shuffled into mini-batches (reproducible on resume); this rank's share of each
-    order = torch.randperm(cfg.prompts_per_step, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
-    mine = distributed.rank_share(order, cfg.mini_batch_prompts, d.rank, d.world)  # (n / world,)
-    step_problems = [problems[(step * cfg.prompts_per_step + i) % len(problems)] for i in mine.tolist()]
-    # 2. sample and reward the groups
-    with distributed.full_weights(runner) as model:
-        batch, results = rollout_step(model, tok, step_problems, cfg, step, mine)
-    m = rollout_metrics({k: distributed.gather_rows(v) for k, v in results.items()}, cfg.group_size)
-    t1 = time.perf_counter()
-    # 3. old log-probs of the later mini-batches (the first is on-policy), reference log-probs
-    first = cfg.mini_batch_prompts // d.world * cfg.group_size
-    old_logp, ent = policy_logprobs(policy, runner, batch, cfg, rows=torch.arange(first, batch.input_ids.shape[0]))
-    ref_logp = policy_logprobs(policy, ref, batch, cfg)[0] if ref is not None else None
-    t2 = time.perf_counter()
-    # 4. the PPO updates
-    m.update(ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, d.world))
-    resp = batch.response_mask
-    ent_sum, n = distributed.all_sum([(ent * resp).sum().item(), resp.sum().item()])
-    m.update(entropy=ent_sum / max(n, 1), lr=cfg.lr, time_rollout=t1 - t0, time_old_logprobs=t2 - t1,
-             time_update=time.perf_counter() - t2)
-    if d.device.type == "cuda":
-        m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(d.device) / 1e9
-    return batch, m
-
-
-def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="GRPO"):
+def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="GRPO", upper=None):
     """The GRPO loop, on one process or on each rank under torchrun; returns (metrics of every step, model, tokenizer).
 
     policy_for_step(step) -> the policy fn whose log-probs the update uses (default: the
-    output policy); on_step(step, runner, tok, batch, metrics) may add metrics. The
+    output policy); on_step(step, runner, tok, batch, metrics) may add metrics; upper =
+    (k, scale(step)): the layers above k learn at lr * scale(step) (0: frozen). The
     model returned is the plain HF model (with FSDP: a full copy on rank 0, None elsewhere).
     """
     d = distributed.init()
@@ -263,25 +126,28 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
     check_config(cfg, model.config if model is not None else model_config(cfg.model), d.world)
     partial = any(policy_for_step(s) is not output_policy for s in range(cfg.steps))  # a policy that may skip parameters
     problems = task_problems(cfg.task, 0, cfg.seed, "train")
-    for name in cfg.eval_data.split(",") if cfg.eval_every else []:
+    for name in cfg.eval_data.split(",") if cfg.eval_every or cfg.eval_samples else []:
         task_problems(name, 1, 0, "test")  # a bad held-out set fails now, not after the first step
     with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=cfg.SAFE_ON_RESUME, writer=d.main):
-        runner, tok, optimizer, ref, start, history = setup(cfg, d, model, tok, find_unused=partial)
+        runner, tok, optimizer, ref, critic, start, history = setup(cfg, d, model, tok, find_unused=partial, upper_k=upper and upper[0])
         bad_in_a_row, bar = 0, tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=not d.main)
         log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if d.main else contextlib.nullcontext()  # only rank 0 writes
         with StopRequest(d.world) as stop, log_file as log:
             for step in bar:
                 t0, last = time.perf_counter(), step == cfg.steps - 1
-                before = {f"{k}_before": v for k, v in run_eval(runner, tok, cfg, d).items()} if cfg.eval_every and cfg.eval_before and step == 0 else {}
-                batch, m = train_step(runner, tok, optimizer, ref, problems, cfg, step, policy_for_step(step), d)
+                before = evaluations(runner, tok, cfg, d, sampled=True) if cfg.eval_before and step == 0 else {}
+                before = {f"{k}_before": v for k, v in before.items()}
+                if upper:
+                    scale_upper(optimizer, cfg.lr, upper[1](step))
+                batch, m = train_step(runner, tok, optimizer, ref, problems, cfg, step, policy_for_step(step), d, critic)
                 m = {"step": step, **before, **m}
                 if on_step:
                     on_step(step, runner, tok, batch, m)
                 if m["skipped_updates"] and d.main:
                     tqdm.write(f"step {step}: {m['skipped_updates']} update(s) skipped, non-finite loss or gradient")
                 bad_in_a_row = bad_in_a_row + 1 if m["skipped_updates"] and not m["updates"] else 0
-                if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
-                    m.update(run_eval(runner, tok, cfg, d))
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
+                    m.update(evaluations(runner, tok, cfg, d, sampled=last))
                 m["time_step"] = time.perf_counter() - t0
                 history.append(m)
                 if d.main:
@@ -289,18 +155,24 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
                     log.flush()
                 bar.set_postfix(reward=f"{m['reward_mean']:.3f}", s_step=f"{m['time_step']:.1f}")
                 if bad_in_a_row >= cfg.max_nonfinite:
-                    save_checkpoint(cfg.out, runner, tok, optimizer, step + 1, cfg, d)
+                    save_checkpoint(cfg.out, runner, tok, optimizer, step + 1, cfg, d, critic)
                     raise RuntimeError(f"{bad_in_a_row} steps in a row had only non-finite losses or gradients; stopped "
                                        f"(checkpoint in {cfg.out}/checkpoint): lower --lr and --resume")
                 stopping = distributed.any_rank(stop.requested)  # a Ctrl-C on any rank stops them all after this step
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 or last and cfg.save_final or stopping:
-                    save_checkpoint(cfg.out, runner, tok, optimizer, step + 1, cfg, d)
+                    save_checkpoint(cfg.out, runner, tok, optimizer, step + 1, cfg, d, critic)
                 if stopping:
                     if d.main:
                         tqdm.write(f"stopped after step {step}; continue with --resume --out {cfg.out}")
                     break
     model = distributed.plain_model(runner)
     return history, model.eval() if model is not None else None, tok
+
+
+def evaluations(runner, tok, cfg, d, sampled):
+    """The greedy held-out metrics (if cfg.eval_every), and with `sampled` the sampled ones (if cfg.eval_samples)."""
+    out = run_eval(runner, tok, cfg, d) if cfg.eval_every else {}
+    return out | (run_eval(runner, tok, cfg, d, sampled=True) if sampled and cfg.eval_samples else {})
 
 
 # ----------------------------------------------------------------------------- benchmark

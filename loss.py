@@ -1,29 +1,16 @@
-"""The GRPO objective: group-relative advantages, verl's clipped policy loss with the dual clip, a KL penalty.
+"""The GRPO objective: verl's clipped policy loss with the dual clip, its loss aggregations, a KL penalty.
 
 GRPO (Shao et al. 2024, DeepSeekMath) scores a group of responses per prompt and uses the
 group-normalized reward as every token's advantage in a PPO clipped objective; BuPO (Tan
 et al., arXiv 2512.19673, Sec. 3) uses the same objective on an internal policy. Settings
 as the paper's: advantages (r - mean) / (std + 1e-6) with the unbiased std, clip 0.2 / 0.2,
 dual clip c = 10 for negative advantages, token-mean aggregation over the mini-batch, no
-KL. Pure functions on tensors; grpo.py runs them.
+KL. Pure functions on tensors; grpo.py runs them (advantages.py estimates the advantages).
 """
 import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k3")
-
-
-def group_advantages(rewards, group_size, eps=1e-6, scale=True):
-    """(r - mean_group) / (std_group + eps), unbiased std as verl; scale=False gives r - mean (Dr. GRPO).
-
-    rewards: (N,) with the group_size samples of each prompt adjacent. A group of equal
-    rewards gets advantage 0. A group of one sample has no baseline: advantage 0.
-    """
-    r = rewards.float().view(-1, group_size)  # (prompts, G)
-    centered = r - r.mean(1, keepdim=True)
-    if scale and group_size > 1:
-        centered = centered / (r.std(1, keepdim=True) + eps)
-    return centered.view(-1) if group_size > 1 else torch.zeros_like(rewards, dtype=torch.float)
 
 
 def aggregate(loss, mask, agg="token-mean", n_seqs=None, n_tokens=None, max_len=None):
@@ -82,5 +69,6 @@ def kl_penalty(logp, ref_logp, kind="k3"):
     if kind == "k1":
         return -d
     if kind == "k3":
-        return d.clamp(-20, 20).exp() - 1 - d
+        d = d.clamp(-20, 20)
+        return (d.exp() - 1 - d).clamp(-10, 10)  # as verl's low_var_kl: bounded, so one rare token cannot dominate
     raise ValueError(f"unknown KL estimator '{kind}': use k1 or k3")

@@ -23,6 +23,7 @@ budget needs more than one. Entropies carry no gradient unless asked (an entropy
 """
 import contextlib
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -75,6 +76,23 @@ def pad_rows(prompts, responses, pad_id, device=None):
     for i, (p, r) in enumerate(zip(prompts, rows)):
         ids[i, :len(r)], att[i, :len(r)], resp[i, len(p):len(r)] = torch.tensor(r), 1, True
     return ids.to(device), att.to(device), resp.to(device)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # (N, T) prompt + response, right-padded
+    attention_mask: torch.Tensor  # (N, T)
+    response_mask: torch.Tensor   # (N, T) True at response tokens (policy.py's convention)
+    advantages: torch.Tensor      # (N,) one per response, or (N, T) per token (PPO's GAE, Reinforce++)
+
+
+def micro_slices(batch, idx, size):
+    """Micro-batches of rows idx, each trimmed to its longest row: (rows, ids, att, resp, adv), adv (n,) or (n, T)."""
+    for i in range(0, len(idx), size):
+        j = idx[i:i + size]
+        T = int(batch.attention_mask[j].sum(1).max())
+        adv = batch.advantages[j] if batch.advantages.dim() == 1 else batch.advantages[j, :T]
+        yield j, batch.input_ids[j, :T], batch.attention_mask[j, :T], batch.response_mask[j, :T], adv
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -208,9 +226,11 @@ def check_layer(model_config, k):
                          f"(k={L - 1} is the last layer, whose policy GRPO already trains)")
 
 
-def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0, mask=None, entropy_grad=False):
+def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0, mask=None, entropy_grad=False, final_norm=False):
     """Log-probs and entropies (B, T) under pi_k = softmax(lm_head(h_k) / T); mask None scores every token after the first.
 
+    final_norm=True applies the model's final norm to h_k first (the logit-lens convention;
+    the paper's Table 5 ablation); the paper's BuPO uses the raw residual.
     Always in float32, also inside a bf16 autocast: the raw residual's norm makes pi_k's
     logits hundreds of nats wide, and bf16 rounding then moves log-probs by ~0.2 nats
     between two nearly equal weight sets (the default model, layer 4), which would put
@@ -219,12 +239,26 @@ def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0, mask=No
     mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
     with torch.autocast(input_ids.device.type, enabled=False):
         h = residuals(model, input_ids, attention_mask, mask, k)
-        return logprobs_from_hidden(model, h, input_ids, mask, temperature, final_norm=False, entropy_grad=entropy_grad)
+        return logprobs_from_hidden(model, h, input_ids, mask, temperature, final_norm=final_norm, entropy_grad=entropy_grad)
 
 
-def layer_policy(k):
-    """The policy fn of pi_k (BuPO's first phase)."""
+def layer_policy(k, final_norm=False):
+    """The policy fn of pi_k (BuPO's first phase); final_norm: the logit-lens variant (Table 5)."""
     def policy(model, input_ids, attention_mask, temperature=1.0, mask=None, entropy_grad=False):
-        return layer_logprobs(model, input_ids, attention_mask, k, temperature, mask, entropy_grad)
-    policy.layer = k
+        return layer_logprobs(model, input_ids, attention_mask, k, temperature, mask, entropy_grad, final_norm)
+    policy.layer, policy.final_norm = k, final_norm
     return policy
+
+
+def upper_parameters(named_parameters, k):
+    """Names of the parameters above layer k: decoder layers k+1.. and the final norm, which pi_k never reaches
+    (Table 11's layer-aware controls train them frozen or slower). Works on wrapped names (DDP, Policy)."""
+    out = []
+    for name, _ in named_parameters:
+        parts = name.split(".")
+        if "layers" in parts and parts[parts.index("layers") + 1].isdigit():
+            if int(parts[parts.index("layers") + 1]) > k:
+                out.append(name)
+        elif parts[-2:] == ["norm", "weight"] or parts[-2:] == ["norm", "bias"]:
+            out.append(name)
+    return out

@@ -91,11 +91,11 @@ def run_series(hist, keys):
     return out
 
 
-def plot_panels(path, groups, panels, title=None, marks=(), xlabel="step"):
+def plot_panels(path, groups, panels, title=None, marks=(), xlabel="step", logx=False):
     """One panel per (key, title) of `panels`; per group, the mean over its runs as a line, their min-max as a band.
 
     groups: {name: [run_series(...) of each run]} (the runs of a group share their steps);
-    marks: x positions of dotted vertical lines (e.g. BuPO's switch step).
+    marks: x positions of dotted vertical lines (e.g. BuPO's switch step); logx: a log2 x axis (Pass@K's K).
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
     for ax, (key, panel_title) in zip(axes[0], panels):
@@ -113,6 +113,8 @@ def plot_panels(path, groups, panels, title=None, marks=(), xlabel="step"):
         for x in marks:
             ax.axvline(x, color="k", ls=":", lw=0.8)
         ax.set(title=panel_title, xlabel=xlabel)
+        if logx:
+            ax.set_xscale("log", base=2)
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -31,9 +31,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from cli import InputError, run_main
+from cli import InputError, check, run_main
 from decompose import EMBEDDED, RANDOM, load_model
-from engine import forward, pack_linears, prefill
+from engine import cast_copy, forward, pack_linears, prefill
 from policy import output_policy, pad_rows
 from problems import load_problems, prompt_ids
 
@@ -178,25 +178,16 @@ def _compact(s, cache, b, filled, static):
 # ----------------------------------------------------------------------------- generate
 
 def check_args(model, prompts, max_new_tokens, temperature, top_p, top_k):
-    if not prompts:
-        raise InputError("prompts is empty: pass a list of token-id lists")
-    if any(len(p) == 0 for p in prompts):
-        raise InputError(f"prompt {[len(p) for p in prompts].index(0)} is empty: every prompt needs at least one token")
-    n_ctx = getattr(model.config, "max_position_embeddings", None)
-    longest = max(len(p) for p in prompts)
-    if n_ctx and longest + max_new_tokens > n_ctx:
-        raise InputError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
-                         f"context of {n_ctx}; shorten the prompt or lower max_new_tokens")
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise InputError(f"top_p must lie in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise InputError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if getattr(model.config, "attn_logit_softcapping", None):
-        raise InputError("attention logit soft-capping (Gemma 2) is not supported by rollout.py")
+    check(len(prompts) > 0, "prompts is empty: pass a list of token-id lists")
+    check(all(len(p) for p in prompts), f"prompt {[len(p) for p in prompts].index(0) if prompts else 0} is empty: every prompt needs at least one token")
+    n_ctx, longest = getattr(model.config, "max_position_embeddings", None), max(len(p) for p in prompts)
+    check(not n_ctx or longest + max_new_tokens <= n_ctx, f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
+          f"exceeds the model's context of {n_ctx}; shorten the prompt or lower max_new_tokens")
+    check(max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check(0 <= temperature < float("inf"), f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    check(0 < top_p <= 1, f"top_p must lie in (0, 1], got {top_p}")
+    check(top_k >= 0, f"top_k must be >= 0 (0 = off), got {top_k}")
+    check(not getattr(model.config, "attn_logit_softcapping", None), "attention logit soft-capping (Gemma 2) is not supported by rollout.py")
 
 
 @torch.no_grad()
@@ -225,7 +216,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     if len(index) != len(prompts) or int(index.min()) < 0 or int(index.max()) >= batch_rows or len(set(index.tolist())) < len(index):
         raise InputError(f"batch_index must be {len(prompts)} distinct rows in 0..{batch_rows - 1} (batch_rows), one per prompt")
     if dtype is not None and dtype != model.dtype:
-        model = copy.deepcopy(model).to(dtype)
+        model = cast_copy(model, dtype)
     dev, N = model.device, max_new_tokens
     static = dev.type == "cuda" if static is None else static
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None

@@ -66,7 +66,7 @@ def tiny_cfg(tmp_path, cls=None, **kw):
     import grpo
     base = dict(task="arithmetic", eval_data="arithmetic", eval_limit=4, eval_every=0, eval_max_new_tokens=4,
                 steps=3, prompts_per_step=4, group_size=4, mini_batch_prompts=2, micro_batch=5, max_new_tokens=6,
-                precision="float32", lr=1e-2, save_every=1, out=str(tmp_path / "run"), seed=0)
+                precision="float32", lr=1e-2, save_every=1, out=str(tmp_path / "run"), seed=0, eval_samples=0)
     return (cls or grpo.GRPOConfig)(**{**base, **kw})
 
 

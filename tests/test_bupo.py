@@ -10,19 +10,20 @@ import torch
 import bupo
 import checkpoints
 import grpo
+import step
 from cli import InputError
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
 from distributed import Policy
-from policy import layer_policy, output_policy, pad_rows
+from policy import Batch, layer_policy, output_policy, pad_rows, upper_parameters
 from rollout import generate
 
 
 def test_phase_one_update_moves_only_layers_up_to_k_and_the_unembedding():
     model = tiny_model("llama", num_hidden_layers=4, tie_word_embeddings=False)
-    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=4, lr=1e-2, weight_decay=0.01, precision="float32")
+    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=4, lr=1e-2, weight_decay=0.0, precision="float32")
     prompts = [[5, 6, 7, 8]] * 4
     r = generate(model, prompts, max_new_tokens=6, seed=0)
-    batch = grpo.Batch(*pad_rows(prompts, [r.tokens[i, :r.lengths[i]].tolist() for i in range(4)], 0), torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    batch = Batch(*pad_rows(prompts, [r.tokens[i, :r.lengths[i]].tolist() for i in range(4)], 0), torch.tensor([1.0, -1.0, 0.5, -0.5]))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     policy, runner = layer_policy(1), Policy(model)
     old, ent = grpo.policy_logprobs(policy, runner, batch, cfg)
@@ -36,7 +37,7 @@ def test_phase_one_update_moves_only_layers_up_to_k_and_the_unembedding():
 @pytest.mark.parametrize("steps,moved", [(2, False), (3, True)])
 def test_the_upper_layers_move_only_after_the_switch(tmp_path, monkeypatch, steps, moved):
     """inter_steps=2: after 2 steps layer 2 (above k=1) is untouched; one full step later it has moved."""
-    monkeypatch.setattr(grpo, "problem_reward", text_reward)
+    monkeypatch.setattr(step, "problem_reward", text_reward)
     cfg = tiny_cfg(tmp_path, bupo.BuPOConfig, steps=steps, inter_steps=2, layer="1", profile_samples=2)
     hist, trained, _ = bupo.train_bupo(cfg, 1, tiny_model("llama"), FakeTok())
     init = tiny_model("llama")
@@ -44,6 +45,36 @@ def test_the_upper_layers_move_only_after_the_switch(tmp_path, monkeypatch, step
     assert any(not torch.equal(a, b) for a, b in zip(layer2(trained), layer2(init))) == moved
     assert all(m["updates"] == 2 for m in hist) and "profile_layer" in hist[-1] and len(hist[-1]["profile_layer"]) == 4
     assert all("entropy_layer1" in m and "entropy_output" in m for m in hist)
+
+
+@pytest.mark.parametrize("method", ["grpo_frozen", "grpo_layer_lr"])
+def test_layer_aware_controls(tmp_path, monkeypatch, method):
+    """Table 11's controls over a phase 1 of 2 steps (no weight decay): (a) the layers above k and the final norm stay
+    exactly as they were while the rest learns; (b) they move 0.1x as far (Adam moves an element ~lr an update)."""
+    monkeypatch.setattr(step, "problem_reward", text_reward)
+    cfg = tiny_cfg(tmp_path, bupo.BuPOConfig, steps=2, inter_steps=2, layer="1", methods=method, weight_decay=0.0, profile_every=0)
+    hist, trained, _ = bupo.train_bupo(cfg, 1, tiny_model("llama"), FakeTok())
+    init = tiny_model("llama")
+    upper = set(upper_parameters(init.named_parameters(), 1))
+    delta = {n: (p - q).abs().max().item() for (n, p), (_, q) in zip(trained.named_parameters(), init.named_parameters())}
+    lower, moved = max(v for n, v in delta.items() if n not in upper), max(delta[n] for n in upper)
+    assert lower > 3.5 * cfg.lr  # 4 Adam updates of ~lr each on the layers pi_k reaches
+    assert moved == 0 if method == "grpo_frozen" else 0.09 < moved / lower < 0.11
+    assert all(m["phase"] == "internal" and m["updates"] == 2 for m in hist)
+
+
+def test_the_final_norm_variant_is_the_logit_lens_of_h_k():
+    """Table 5's variant: pi_k = softmax(lm_head(norm(h_k))), against HF's hidden_states[k+1] through the final norm."""
+    model = tiny_model("qwen3")
+    g = torch.Generator().manual_seed(0)
+    ids, att, resp = pad_rows([[5, 6, 7], [8, 9]], [torch.randint(3, 97, (n,), generator=g).tolist() for n in (4, 6)], 0)
+    with torch.no_grad():
+        lp, _ = layer_policy(1, final_norm=True)(model, ids, att, 1.0, resp)
+        raw, _ = layer_policy(1)(model, ids, att, 1.0, resp)
+        h = model(ids, attention_mask=att, output_hidden_states=True).hidden_states[2]  # the raw residual after layer 1
+        ref = model.lm_head(model.model.norm(h)).log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # token t+1's
+    m = resp[:, 1:]
+    assert torch.allclose(lp[:, 1:][m], ref[m], atol=1e-5) and not torch.allclose(raw[:, 1:][m], ref[m], atol=1e-2)
 
 
 def test_auto_layer_is_the_end_of_exploration(tmp_path, monkeypatch):
@@ -54,7 +85,7 @@ def test_auto_layer_is_the_end_of_exploration(tmp_path, monkeypatch):
 
 
 def test_tiny_end_to_end_with_interruption_and_resume(tmp_path, monkeypatch):
-    monkeypatch.setattr(grpo, "problem_reward", text_reward)
+    monkeypatch.setattr(step, "problem_reward", text_reward)
     base = dict(steps=3, inter_steps=2, layer="1", profile_samples=2, save_every=0)
     full, _, _ = bupo.train_bupo(tiny_cfg(tmp_path / "a", bupo.BuPOConfig, **base), 1, tiny_model("llama"), FakeTok())
     cfg_b = tiny_cfg(tmp_path / "b", bupo.BuPOConfig, **base)
@@ -71,7 +102,7 @@ def test_tiny_end_to_end_with_interruption_and_resume(tmp_path, monkeypatch):
 
 
 def tiny_experiment(tmp_path, monkeypatch, **kw):
-    monkeypatch.setattr(grpo, "problem_reward", text_reward)
+    monkeypatch.setattr(step, "problem_reward", text_reward)
     monkeypatch.setattr(bupo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(bupo, "model_config", lambda *a: tiny_model("llama").config)
     return tiny_cfg(tmp_path, bupo.BuPOConfig, **{**dict(steps=2, eval_every=1, inter_steps=1, layer="1", profile_samples=2,
@@ -83,7 +114,7 @@ def test_experiment_pairs_seeds_and_reports_intervals(tmp_path, monkeypatch):
     cfg = tiny_experiment(tmp_path, monkeypatch)
     bupo.experiment(cfg)
     out = tmp_path / "exp"
-    for f in ("comparison.png", "profiles.png", "curves.png", "results.md", "results.json", "initial.json",
+    for f in ("comparison.png", "profiles.png", "results.md", "results.json", "initial.json",
               "seed0/bupo/metrics.jsonl", "seed1/grpo/metrics.jsonl"):
         assert (out / f).exists(), f
     res = json.load(open(out / "results.json"))
@@ -129,7 +160,7 @@ def test_sweep_and_methods(tmp_path, monkeypatch):
     assert set(res["per_seed"]) == {"BuPO inter_steps=0", "BuPO inter_steps=1"} and res["paired"] == {}
     assert (tmp_path / "exp" / "sweep.png").exists()
     for bad, match in [(dict(sweep="depth=1"), "--sweep must be"), (dict(sweep="layer=1,9"), "out of range"),
-                       (dict(methods="ppo"), "--methods"), (dict(seeds="0"), "--seeds"), (dict(layer="x"), "--layer")]:
+                       (dict(methods="dpo"), "--methods"), (dict(methods="grpo,grpo"), "--methods"), (dict(seeds="0"), "--seeds"), (dict(layer="x"), "--layer")]:
         with pytest.raises(InputError, match=match):
             bupo.experiment(replace(cfg, out=str(tmp_path / "bad"), **bad))
 
@@ -148,3 +179,26 @@ def test_logged_entropies_are_those_of_the_policies_trained():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = output_policy(model, ids, att, 0.9, resp)[1].sum() / n
     assert got["output"] == pytest.approx(out.item(), rel=1e-6)
+
+
+def test_every_method_of_the_paper_in_one_experiment(tmp_path, monkeypatch):
+    """Table 1's methods and the ablations (Tables 5, 11) on 2 paired seeds, with the sampled metric: Avg@K per seed
+    and its interval, each method's paired difference from GRPO, the Pass@K curve (pass@1 = Avg@K exactly)."""
+    cfg = tiny_experiment(tmp_path, monkeypatch, methods=",".join(bupo.METHODS), eval_samples=4, eval_samples_limit=2)
+    bupo.experiment(cfg)
+    out = tmp_path / "exp"
+    res = json.load(open(out / "results.json"))
+    names = {name for name, _ in bupo.METHODS.values()}
+    assert set(res["per_seed"]) == names and set(res["paired"]) == names - {"GRPO"}
+    assert set(res["pass_at_k"]) == names | {"initial"} and list(res["pass_at_k"]["PPO"]) == ["1", "2", "4"]
+    for method, (name, est) in bupo.METHODS.items():
+        hist = [json.loads(x) for x in open(out / "seed1" / method / "metrics.jsonl")]
+        assert res["sampled"]["per_seed"][name]["1"] == hist[-1]["sampled/avg/avg@4"] == hist[-1]["sampled/avg/pass@1"]
+        assert ("critic_loss" in hist[0]) == (est == "gae")
+        assert [m["phase"] for m in hist] == (["internal", "full"] if method in bupo.INTERNAL else ["full", "full"])
+    assert json.load(open(out / "seed0" / "ppo" / "config.json"))["adv_estimator"] == "gae"
+    curve = list(res["pass_at_k"]["initial"].values())
+    assert curve == sorted(curve)  # Pass@K never falls with K
+    text = (out / "results.md").read_text()
+    assert "Avg@4" in text and "| PPO − GRPO (paired) |" in text and "K=4" in text
+    assert (out / "passk.png").exists()

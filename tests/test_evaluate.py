@@ -7,7 +7,7 @@ import pytest
 import evaluate
 from cli import InputError
 from conftest import FakeTok, tiny_model
-from evaluate import pass_at_k, summarize
+from evaluate import pass_at_k, summarize, pass_curve, pass_ks
 from problems import task_problems
 
 
@@ -73,3 +73,11 @@ def test_cli_resumes_the_same_evaluation_and_refuses_to_mix_another(tmp_path, mo
     monkeypatch.undo()
     evaluate.main(args[:1] + [b] + args[2:] + ["--overwrite"])
     assert json.load(open(tmp_path / "ev" / "config.json"))["model"] == b
+
+
+def test_pass_curve_hand_computed():
+    """Two problems, n = 4: 2 correct gives pass@1 0.5, pass@2 1 - C(2,2)/C(4,2) = 5/6, pass@4 1; 0 correct gives 0."""
+    recs = [dict(source="s", id=0, correct=c) for c in (True, False, True, False)] + [dict(source="s", id=1, correct=False)] * 4
+    got = pass_curve(recs, 4)["s"]
+    assert got == pytest.approx({"avg@4": 25.0, "pass@1": 25.0, "pass@2": 100 * (5 / 6) / 2, "pass@4": 50.0})
+    assert pass_ks(64) == [1, 2, 4, 8, 16, 32, 64] and pass_ks(6) == [1, 2, 4, 6]

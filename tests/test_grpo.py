@@ -10,11 +10,12 @@ import torch
 
 import checkpoints
 import grpo
+import step
 from cli import InputError
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
 from distributed import Policy
 from loss import aggregate, kl_penalty
-from policy import output_policy, pad_rows
+from policy import Batch, output_policy, pad_rows
 from rollout import generate
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -27,7 +28,7 @@ def fixed_batch(model, G=4, prompts=((5, 6, 7, 8), (9, 10, 11)), seed=0):
     r = generate(model, rows, max_new_tokens=6, seed=seed, eos_token_id=[5, 6])
     responses = [r.tokens[i, :r.lengths[i]].tolist() for i in range(len(rows))]
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.3, -0.2, 0.9, -1.0][:len(rows)])
-    return grpo.Batch(*pad_rows(rows, responses, 0), adv)
+    return Batch(*pad_rows(rows, responses, 0), adv)
 
 
 class GradRecorder:
@@ -91,9 +92,19 @@ def test_kl_term_by_hand():
     _, stats, old = update_grads(model, batch, cfg, ref=ref_logp)
     lp = old[batch.response_mask]  # the policy before the update: the first (only) mini-batch is on-policy
     r = torch.exp(ref_logp[batch.response_mask] - lp)
-    assert stats["kl"] == pytest.approx((r - 1 - torch.log(r)).mean().item(), rel=1e-5)
-    assert kl_penalty(lp, ref_logp[batch.response_mask], "k3").mean().item() == pytest.approx(stats["kl"], rel=1e-5)
-    assert aggregate(kl_penalty(old, ref_logp, "k1"), batch.response_mask).item() == pytest.approx((lp - ref_logp[batch.response_mask]).mean().item(), rel=1e-5)
+    k3 = r - 1 - torch.log(r)
+    assert (k3 > 10).any()  # this pair of random models has tokens past verl's bound
+    assert stats["kl"] == pytest.approx(k3.clamp(max=10).mean().item(), rel=1e-5)  # verl's low_var_kl clamps to [-10, 10]
+
+
+def test_kl_estimators_hand_computed():
+    """k1 and k3 on hand-set log-probs: log pi = -1, log ref = -2 gives k1 = 1, k3 = e^-1 - 1 + 1 = 0.3679;
+    a token 30 nats apart gives k3 = e^30 - 31, clamped to 10."""
+    logp, ref = torch.tensor([-1.0, -1.0, -31.0]), torch.tensor([-2.0, -1.0, -1.0])
+    assert kl_penalty(logp, ref, "k1").tolist() == pytest.approx([1.0, 0.0, -30.0])
+    assert kl_penalty(logp, ref, "k3").tolist() == pytest.approx([0.36787944, 0.0, 10.0])
+    mask = torch.tensor([[True, True, False]])
+    assert aggregate(kl_penalty(logp, ref, "k1")[None], mask).item() == pytest.approx(0.5)
 
 
 def test_updates_on_a_fixed_batch_lower_the_loss():
@@ -127,12 +138,13 @@ def ctrl_c_at(at):
     return on_step
 
 
-@pytest.mark.parametrize("kl", [0.0, 0.1])
-def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, kl):
-    """Also with a KL term: the resumed run's reference is still the initial policy, not the checkpoint's weights."""
-    monkeypatch.setattr(grpo, "problem_reward", text_reward)
-    full, _, _ = grpo.train(tiny_cfg(tmp_path / "a", kl_coef=kl, save_every=0), model=tiny_model("llama"), tok=FakeTok())
-    cfg = tiny_cfg(tmp_path / "b", kl_coef=kl, save_every=0)
+@pytest.mark.parametrize("kl,est", [(0.0, "grpo"), (0.1, "grpo"), (0.0, "gae"), (0.0, "rloo"), (0.0, "reinforce_plus_plus")])
+def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, kl, est):
+    """Also with a KL term: the resumed run's reference is still the initial policy, not the checkpoint's weights;
+    with PPO (gae) the critic and its optimizer resume too; every estimator of Table 1 resumes exactly."""
+    monkeypatch.setattr(step, "problem_reward", text_reward)
+    full, _, _ = grpo.train(tiny_cfg(tmp_path / "a", kl_coef=kl, save_every=0, adv_estimator=est), model=tiny_model("llama"), tok=FakeTok())
+    cfg = tiny_cfg(tmp_path / "b", kl_coef=kl, save_every=0, adv_estimator=est)
     part, _, _ = grpo.train(cfg, on_step=ctrl_c_at(1), model=tiny_model("llama"), tok=FakeTok())
     assert [m["step"] for m in part] == [0, 1]  # stopped at the end of step 1, checkpoint saved on Ctrl-C
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
@@ -140,6 +152,7 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypat
     assert strip(resumed) == strip(full)  # bit-identical metrics after the interruption
     assert all(m["reward_std"] > 0 and m["pg_loss"] != 0 for m in full)  # real updates, so resuming restored the optimizer
     assert not kl or all(m["kl"] > 0 for m in full[1:])
+    assert (est == "gae") == all(m.get("critic_loss", 0) > 0 for m in full)
     lines = [json.loads(x) for x in open(tmp_path / "b" / "run" / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [0, 1, 2]
 
@@ -147,7 +160,7 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypat
 def test_run_dirs_are_never_mixed(tmp_path, monkeypatch):
     """A fresh run into a dir holding a run is refused; --overwrite replaces it; --resume needs the same settings,
     except those that may change (steps); no checkpoint to resume is a clear error."""
-    monkeypatch.setattr(grpo, "problem_reward", text_reward)
+    monkeypatch.setattr(step, "problem_reward", text_reward)
     cfg = tiny_cfg(tmp_path, steps=1)
     grpo.train(cfg, model=tiny_model("llama"), tok=FakeTok())
     with pytest.raises(InputError, match="holds a run already.*--resume.*--overwrite"):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from loss import aggregate, group_advantages, kl_penalty, policy_loss
+from loss import aggregate, kl_penalty, policy_loss
+from advantages import group_advantages
 
 
 def test_group_advantages_hand_computed():

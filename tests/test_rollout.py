@@ -208,3 +208,18 @@ def test_a_shared_prefix_is_prefilled_once(arch, mode):
         n = s.lengths[i].item()
         want = model(torch.tensor([p + s.tokens[i, :n].tolist()])).logits[0, len(p) - 1:-1].log_softmax(-1)
         torch.testing.assert_close(s.logprobs[i, :n], want.gather(-1, s.tokens[i, :n, None])[:, 0], atol=1e-4, rtol=0)
+
+
+def test_the_bf16_sampling_copy_keeps_float32_rotary_frequencies():
+    """generate(dtype=bf16) samples from a copy whose cos/sin are float32's rounded once to bf16, at every position up
+    to 8k (a bf16 inv_freq would be off by up to 2.0 there), as in a model built in bf16."""
+    from engine import cast_copy
+    model = tiny_model("llama", max_position_embeddings=8192, rope_theta=10000.0)
+    copy = cast_copy(model, torch.bfloat16)
+    assert copy.model.rotary_emb.inv_freq.dtype == torch.float32 and copy.dtype == torch.bfloat16
+    pos = torch.arange(8192)[None]
+    cos32, sin32 = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    cos16, sin16 = copy.model.rotary_emb(torch.zeros(1, dtype=torch.bfloat16), pos)
+    assert torch.equal(cos16, cos32.to(torch.bfloat16)) and torch.equal(sin16, sin32.to(torch.bfloat16))
+    naive = copy.model.rotary_emb.inv_freq.to(torch.bfloat16).float()  # what a plain .to(bf16) kept
+    assert (pos[0, -1] * (naive - model.model.rotary_emb.inv_freq)).abs().max() > 0.5  # radians off at position 8k

@@ -4,7 +4,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORDER = ["cli", "report", "problems", "decompose", "policy", "engine", "rollout", "grade", "evaluate", "entropy",
-         "distributed", "checkpoints", "loss", "config", "grpo", "bupo"]
+         "distributed", "checkpoints", "loss", "advantages", "critic", "config", "step", "grpo", "results", "bupo"]
 
 
 def project_imports(tree):
