@@ -37,6 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 CHUNK_BUDGET = LOGITS_BUDGET // 8  # bytes of float32 logits per chunk: ~4 such blocks exist at once (logits, log-softmax, exp, product)
 KEYS = {"attn_in": "attn_in", "attn": "attn_out", "ffn_in": "ffn_in", "ffn": "ffn_out"}
+COLUMNS = ("attn_in", "attn_out", "dH_attn", "ffn_in", "ffn_out", "dH_ffn", "cos_attn", "cos_ffn")  # per layer, in tables and CSVs
 
 
 def _entropy_sum(model, x, final_norm, chunk):
@@ -65,13 +66,20 @@ def entropy_sums(model, input_ids, response_mask, attention_mask=None, final_nor
     chunk = chunk_rows(V, CHUNK_BUDGET)
     sums = {k: torch.zeros(L, dtype=torch.float64) for k in KEYS.values()}
     sums["layer"] = torch.zeros(L + 1, dtype=torch.float64)
+    sums["cos_attn"], sums["cos_ffn"] = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
+    h = {}  # the residual the next module writes into: h_l, then h_l + A_l
 
     def on(kind, l, x):
         x = x[pos]  # (N, D) response positions only
+        if kind in ("attn", "ffn"):  # Fig. 12: cos(A_l, h_l) and cos(F_l, h_l + A_l), token sums
+            sums[f"cos_{kind}"][l] = torch.cosine_similarity(x.double(), h["cur"].double(), dim=-1).sum()
+            h["cur"] = h["cur"] + x
         if kind == "embed":
             sums["layer"][0] = _entropy_sum(model, x, final_norm, chunk)
+            h["cur"] = x
         elif kind == "layer":  # h_{l+1}; the last one is the model's output policy, with the final norm
             sums["layer"][l + 1] = _entropy_sum(model, x, final_norm or l == L - 1, chunk)
+            h["cur"] = x
         else:
             sums[KEYS[kind]][l] = _entropy_sum(model, x, final_norm, chunk)
     with capture(model, on):
@@ -93,31 +101,47 @@ def internal_entropy(model, input_ids, response_mask, final_norm=False, attentio
     """Per-layer mean entropies over the response tokens (paper Sec. 2).
 
     Returns {"layer": L+1 values (h_0..h_L, the last with the final norm: the output
-    policy), "attn_in", "attn_out", "ffn_in", "ffn_out", "dH_attn", "dH_ffn": L values}.
+    policy), "attn_in", "attn_out", "ffn_in", "ffn_out", "dH_attn", "dH_ffn": L values,
+    and the residual cosines of Fig. 12, "cos_attn" = cos(A_l, h_l), "cos_ffn" =
+    cos(F_l, h_l + A_l) (token means, L values: ~0 writes new orthogonal features, < 0
+    suppresses, > 0 amplifies what the residual holds)}.
     """
     return finish(*entropy_sums(model, input_ids, response_mask, attention_mask, final_norm))
+
+
+def boundary_layer(dh_ffn, rel_tol=0.1):
+    """The paper's layer for BuPO (Sec. 5.3): the last layer of the exploration stage, i.e. of the run of FFNs that raise
+    the entropy (dH_ffn > rel_tol * max |dH_ffn|) from layer 0 on, before they turn to integration (~0) or
+    convergence (< 0). None when the first FFN does not raise it (no exploration stage)."""
+    tol = rel_tol * max(abs(d) for d in dh_ffn)
+    b = -1
+    while b + 1 < len(dh_ffn) and dh_ffn[b + 1] > tol:
+        b += 1
+    return b if b >= 0 else None
 
 
 def eic_stages(dh_ffn, rel_tol=0.1):
     """Exploration / Integration / Convergence layer ranges from the FFN entropy changes.
 
     Rule: a change counts when |dH| > rel_tol * max_l |dH| (smaller ones are treated as 0).
-    Exploration = layers 0..e, where e is the first layer at which the cumulative
-    significant change peaks (the FFNs have added the most uncertainty). Convergence
-    starts at the first layer after e with a significant negative change; Integration is
-    what lies between. The suggested BuPO layer is e, the end of exploration (paper Sec.
-    3: Qwen3-4B's layer 6), capped at L-2 so that it stays an internal layer.
-    Returns {"exploration", "integration", "convergence": [first, last] or None, "suggested_layer"}.
+    Exploration = layers 0..e: the boundary layer (the paper's rule, boundary_layer) where
+    one exists, else the layer at which the cumulative significant change peaks (the FFNs
+    have added the most uncertainty; -1 when it never rises). Convergence starts at the
+    first layer after e with a significant negative change; Integration is what lies
+    between. The suggested BuPO layer is e (paper Sec. 3: Qwen3-4B's layer 6), capped to
+    0..L-2 so that it stays an internal layer.
+    Returns {"exploration", "integration", "convergence": [first, last] or None, "boundary_layer", "suggested_layer"}.
     """
     L = len(dh_ffn)
     tol = rel_tol * max(abs(d) for d in dh_ffn)
     sig = [d if abs(d) > tol else 0.0 for d in dh_ffn]
     cum = torch.tensor(sig).cumsum(0)
-    e = int(cum.argmax()) if cum.max() > 0 else -1
+    b = boundary_layer(dh_ffn, rel_tol)
+    e = b if b is not None else int(cum.argmax()) if cum.max() > 0 else -1
     c = next((l for l in range(e + 1, L) if sig[l] < 0), L)
     span = lambda a, b: [a, b] if a <= b else None
     return {"exploration": span(0, e), "integration": span(e + 1, c - 1), "convergence": span(c, L - 1),
-            "suggested_layer": min(max(e, 0), L - 2)}
+            "boundary_layer": b, "suggested_layer": min(max(e, 0), L - 2)}
 
 
 def stage_of(l, stages):
@@ -132,20 +156,19 @@ def stage_of(l, stages):
 
 def table(result, stages):
     """Plain-text table, one row per layer (row L: the output policy)."""
-    L = len(result["dH_ffn"])
-    head = f"{'layer':>5} {'H(h_l)':>8} {'attn_in':>8} {'attn_out':>8} {'dH_attn':>8} {'ffn_in':>8} {'ffn_out':>8} {'dH_ffn':>8}  stage"
-    rows = [head]
+    L, cols = len(result["dH_ffn"]), [c for c in COLUMNS if c in result]
+    rows = [f"{'layer':>5} {'H(h_l)':>8} " + " ".join(f"{c:>8}" for c in cols) + "  stage"]
     for l in range(L + 1):
         cells = [f"{result['layer'][l]:8.3f}"]
         if l < L:
-            cells += [f"{result[k][l]:8.3f}" for k in ("attn_in", "attn_out", "dH_attn", "ffn_in", "ffn_out", "dH_ffn")]
+            cells += [f"{result[k][l]:8.3f}" for k in cols]
         rows.append(f"{l:>5} " + " ".join(cells) + (f"  {stage_of(l, stages)}" if l < L else "  (output)"))
     return "\n".join(rows)
 
 
 def write_csv(path, result, stages):
     L = len(result["dH_ffn"])
-    cols = ["attn_in", "attn_out", "dH_attn", "ffn_in", "ffn_out", "dH_ffn"]
+    cols = [c for c in COLUMNS if c in result]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["layer", "H_layer"] + cols + ["stage"])
@@ -172,6 +195,37 @@ def plot(path, results, title):
         bottom.axvline(stages["suggested_layer"], color="k", ls="--", lw=0.8, label=f"suggested k={stages['suggested_layer']}")
         bottom.set(title="entropy change of each module", xlabel="layer (0-indexed)", ylabel="dH (nats)")
         bottom.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def flow_points(res):
+    """Fig. 2's continuous entropy flow: (x, H) through layer input -> attention output -> FFN output -> next layer input,
+    x = l, l + 1/3, l + 2/3, l + 1 for layer l (the last point is the output policy)."""
+    L = len(res["dH_ffn"])
+    xs, hs = [0.0], [res["layer"][0]]
+    for l in range(L):
+        xs += [l + 1 / 3, l + 2 / 3, l + 1.0]
+        hs += [res["attn_out"][l], res["ffn_out"][l], res["layer"][l + 1]]
+    return xs, hs
+
+
+def plot_flow(path, results, title):
+    """Fig. 2 and Fig. 12 for one model: the continuous entropy flow, and the residual cosines per layer (convention-free)."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7))
+    for name, (res, _) in results.items():
+        top.plot(*flow_points(res), marker=".", ms=3, lw=0.9, label=name)
+    top.set(title=f"{title}\ncontinuous entropy flow: layer input -> ATTN output -> FFN output -> next layer",
+            xlabel="layer (fractions: inside the layer)", ylabel="H (nats)")
+    top.legend(fontsize=8)
+    res = next(iter(results.values()))[0]
+    x = torch.arange(len(res["cos_attn"]))
+    bottom.bar(x - 0.2, res["cos_attn"], width=0.4, label="cos(A_l, h_l)  attention")
+    bottom.bar(x + 0.2, res["cos_ffn"], width=0.4, label="cos(F_l, h_l + A_l)  FFN")
+    bottom.axhline(0, color="k", lw=0.5)
+    bottom.set(title="residual cosine: > 0 amplifies, ~ 0 writes new features, < 0 suppresses", xlabel="layer (0-indexed)", ylabel="cosine")
+    bottom.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -255,6 +309,8 @@ def analyse_model(name, args, out):
         results[conv] = (res, stages)
         print(f"\n{label}, {conv}, {len(samples)} answers:\n{table(res, stages)}\nstages: {stages}")
     plot(os.path.join(out, "entropy.png"), results, f"{label}, {args.data}, n={len(samples)}")
+    if all("cos_attn" in res for res, _ in results.values()):  # summaries written before the cosines existed lack them
+        plot_flow(os.path.join(out, "flow.png"), results, f"{label}, {args.data}, n={len(samples)}")
     return label, results
 
 
@@ -294,7 +350,7 @@ def main(argv=None):
             families[label] = results
         if len(names) > 1:
             plot_families(os.path.join(args.out, "families.png"), families, f"{args.data}, n={args.n} answers per model")
-    print(f"wrote {args.out}: entropy.png, summary.json and the CSVs" + (", families.png" if len(names) > 1 else ""))
+    print(f"wrote {args.out}: entropy.png, flow.png, summary.json and the CSVs" + (", families.png" if len(names) > 1 else ""))
 
 
 if __name__ == "__main__":

@@ -179,7 +179,8 @@ def _compact(s, cache, b, filled, static):
 
 def check_args(model, prompts, max_new_tokens, temperature, top_p, top_k):
     check(len(prompts) > 0, "prompts is empty: pass a list of token-id lists")
-    check(all(len(p) for p in prompts), f"prompt {[len(p) for p in prompts].index(0) if prompts else 0} is empty: every prompt needs at least one token")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    check(not empty, f"prompt {empty[0] if empty else 0} is empty: every prompt needs at least one token")
     n_ctx, longest = getattr(model.config, "max_position_embeddings", None), max(len(p) for p in prompts)
     check(not n_ctx or longest + max_new_tokens <= n_ctx, f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
           f"exceeds the model's context of {n_ctx}; shorten the prompt or lower max_new_tokens")

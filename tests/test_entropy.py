@@ -93,11 +93,21 @@ def test_bad_masks():
 
 def test_eic_stages_rule():
     s = E.eic_stages([0.5, 0.4, 0.02, -0.01, 0.03, -0.6, -0.8])
-    assert s == {"exploration": [0, 1], "integration": [2, 4], "convergence": [5, 6], "suggested_layer": 1}
+    assert s == {"exploration": [0, 1], "integration": [2, 4], "convergence": [5, 6], "boundary_layer": 1, "suggested_layer": 1}
     s = E.eic_stages([0.01, 0.02, -0.01, -2.0, -3.0])  # Llama-like: flat, then abrupt convergence
-    assert s["exploration"] is None and s["convergence"] == [3, 4] and s["suggested_layer"] == 0
+    assert s["exploration"] is None and s["convergence"] == [3, 4] and s["suggested_layer"] == 0 and s["boundary_layer"] is None
     s = E.eic_stages([1.0, 1.0, 1.0, 1.0])  # all exploring: k stays an internal layer
     assert s["exploration"] == [0, 3] and s["suggested_layer"] == 2
+
+
+def test_boundary_layer_is_the_end_of_the_first_exploring_run():
+    """The paper's rule (Sec. 5.3): the last FFN of the run that raises the entropy from layer 0, before the first
+    that does not; a later rise does not count (the cumulative peak of the old rule would take layer 3 here)."""
+    dh = [0.5, -0.3, 0.6, 0.2, -0.9]
+    assert E.boundary_layer(dh) == 0 and E.eic_stages(dh)["suggested_layer"] == 0
+    assert E.boundary_layer([0.3, 0.2, 0.01, -0.4]) == 1  # 0.01 is below 10% of the largest change: integration
+    assert E.boundary_layer([-0.2, 0.5, -0.1]) is None  # no exploration stage at the bottom
+    assert E.eic_stages([-0.2, 0.5, 0.4, -0.1])["suggested_layer"] == 2  # then the cumulative peak decides
 
 
 def test_family_comparison_resumes_without_recomputing(tmp_path, monkeypatch):
@@ -116,6 +126,8 @@ def test_family_comparison_resumes_without_recomputing(tmp_path, monkeypatch):
     first = {a: json.load(open(tmp_path / "cmp" / a / "summary.json")) for a in ("llama", "gemma3_text")}
     assert {k for s in first.values() for k in s} >= {"raw", "final_norm"}
     assert first["llama"]["raw"]["entropy"] != first["llama"]["final_norm"]["entropy"]
+    assert all((tmp_path / "cmp" / a / "flow.png").exists() for a in ("llama", "gemma3_text"))  # Fig. 2 and Fig. 12
+    assert first["llama"]["raw"]["entropy"]["cos_ffn"] == first["llama"]["final_norm"]["entropy"]["cos_ffn"]  # convention-free
 
     def no_pass(*a, **k):
         raise AssertionError("a finished analysis was computed again")
@@ -124,3 +136,30 @@ def test_family_comparison_resumes_without_recomputing(tmp_path, monkeypatch):
     entropy.main(argv)
     assert (tmp_path / "cmp" / "families.png").exists()
     assert {a: json.load(open(tmp_path / "cmp" / a / "summary.json")) for a in ("llama", "gemma3_text")} == first
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_residual_cosines_against_the_decomposition(arch):
+    """Fig. 12's cos(A_l, h_l) and cos(F_l, h_l + A_l), token means over the response, from decompose()'s h_0, A_l, F_l."""
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 97, (2, 9), generator=g)
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[0, 4:], resp[1, 6:] = True, True
+    got = E.internal_entropy(model, ids, resp)
+    dec = decompose(model, ids)
+    pos = torch.zeros_like(resp)
+    pos[:, :-1] = resp[:, 1:]  # positions that produce a response token
+    for l in range(model.config.num_hidden_layers):
+        h = dec.hidden(l)
+        ca = torch.cosine_similarity(dec.attn[l], h, dim=-1)[pos].mean().item()
+        cf = torch.cosine_similarity(dec.ffn[l], h + dec.attn[l], dim=-1)[pos].mean().item()
+        assert got["cos_attn"][l] == pytest.approx(ca, abs=1e-5) and got["cos_ffn"][l] == pytest.approx(cf, abs=1e-5)
+
+
+def test_flow_points_run_through_each_module():
+    """Fig. 2's line: H(h_0), then per layer H(A_l), H(F_l), H(h_{l+1}), at l + 1/3, l + 2/3, l + 1."""
+    res = {"layer": [8.0, 5.0, 1.0], "attn_out": [7.0, 4.0], "ffn_out": [6.0, 3.0], "dH_ffn": [0.0, 0.0]}
+    xs, hs = E.flow_points(res)
+    assert hs == [8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 1.0]
+    assert xs == pytest.approx([0, 1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2])
