@@ -32,7 +32,7 @@ from tqdm import tqdm
 import distributed
 import grpo
 from checkpoints import checkpoint_path, read_metrics, remove_checkpoint
-from cli import InputError, check, claim_run_dir, parse_config, read_json, run_main
+from cli import InputError, Stopped, check, claim_run_dir, parse_config, read_json, run_main
 from config import BUPO_PRESETS, BuPOConfig, check_config
 from decompose import load_model, model_config
 from entropy import eic_stages, internal_entropy
@@ -207,6 +207,9 @@ def experiment(cfg):
                 run_cfg = replace(run_cfg, resume=has_ckpt, overwrite=not has_ckpt)  # a run killed before any checkpoint restarts
                 hist, _, _ = train_bupo(run_cfg, int(run_cfg.layer), copy.deepcopy(init).to(d.device), tok,
                                         desc=f"{group}, seed {seed}", layers=layers)
+                if len(hist) < run_cfg.steps:  # stopped on request: keep its checkpoint, report nothing
+                    raise Stopped(f"{group}, seed {seed} after step {len(hist) - 1} of {run_cfg.steps}, checkpoint saved; "
+                                  f"continue the experiment with --resume --out {cfg.out}")
                 if not cfg.keep_checkpoints and d.main:
                     remove_checkpoint(run_cfg.out)  # its metrics hold all the report needs
             runs.setdefault(group, {})[seed] = hist

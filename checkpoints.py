@@ -93,26 +93,31 @@ def read_metrics(path, before_step):
 
 
 class StopRequest:
-    """Ctrl-C sets a flag; the loop saves a checkpoint at the end of the step and exits. A second Ctrl-C kills.
+    """Ctrl-C or SIGTERM (what `timeout`, schedulers and `docker stop` send) sets a flag; the loop saves a checkpoint at
+    the end of the step and stops. A second Ctrl-C kills.
 
-    Under torchrun (several ranks) the later Ctrl-Cs are ignored, as torchrun forwards
+    Under torchrun (several ranks) the later signals are ignored, as torchrun forwards
     its own copy: it waits 30 s for the workers, then kills them.
     """
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self, world=1):
-        self.requested, self.world = False, world
+        self.requested, self.world, self.old = False, world, {}
 
     def __enter__(self):
-        self.old = signal.signal(signal.SIGINT, self.handle) if _main_thread() else None
+        if _main_thread():
+            self.old = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
         return self
 
-    def handle(self, *_):
+    def handle(self, signum, _frame):
         self.requested = True
-        signal.signal(signal.SIGINT, self.old if self.world == 1 else signal.SIG_IGN)
-        tqdm.write("Ctrl-C: finishing this step, saving a checkpoint, then stopping" + (" (Ctrl-C again to abort)" if self.world == 1 else ""))
+        signal.signal(signum, self.old[signum] if self.world == 1 else signal.SIG_IGN)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        tqdm.write(f"{name}: finishing this step, saving a checkpoint, then stopping" + (" (Ctrl-C again to abort)" if self.world == 1 else ""))
 
     def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
+        for s, old in self.old.items():
+            signal.signal(s, old)
 
 
 def _main_thread():

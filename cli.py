@@ -2,7 +2,8 @@
 
 - InputError: something the user gave is wrong (a path, a data set, a setting). `run_main`
   prints it as one line, `error: <what is wrong and what to do>`, and exits with status 2;
-  any other exception is a bug and keeps its traceback.
+  Stopped (a run interrupted on request, its work saved) exits with 130; any other
+  exception is a bug and keeps its traceback.
 - parse_config: a typed @dataclass becomes argparse flags (help from the comment beside each
   field), over a preset; with --resume, over the config saved in the run dir.
 - claim_run_dir: an output dir holds one run. It is checked writable before any work,
@@ -29,6 +30,10 @@ class InputError(ValueError):
     """A user's input is wrong; the message says what is wrong and what to do."""
 
 
+class Stopped(Exception):
+    """A run stopped on request (Ctrl-C, SIGTERM) before its last step, its checkpoint saved; the message says how to go on."""
+
+
 def run_main(main, argv=None):
     """Call main(argv); an InputError becomes `error: ...` on stderr and exit status 2.
 
@@ -43,6 +48,9 @@ def run_main(main, argv=None):
     except InputError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
         sys.exit(2)
+    except Stopped as e:
+        print("stopped: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(130)  # as a shell reports a run ended by Ctrl-C: not a success
 
 
 # ----------------------------------------------------------------------------- flags

@@ -133,7 +133,9 @@ class BuPOConfig(GRPOConfig):
     keep_checkpoints: bool = False     # keep each finished run's final checkpoint (1.6 GB for the default model)
     out: str = "runs/bupo"             # output dir: seed*/<run>/, results.md, results.json and the figures
 
-    SAFE_ON_RESUME: ClassVar[tuple] = GRPOConfig.SAFE_ON_RESUME + ("seeds", "methods", "sweep", "keep_checkpoints", "profile_every")
+    # an experiment's finished runs stop at --steps, their checkpoints deleted: steps may not change on resume
+    SAFE_ON_RESUME: ClassVar[tuple] = tuple(f for f in GRPOConfig.SAFE_ON_RESUME if f != "steps") + (
+        "seeds", "methods", "sweep", "keep_checkpoints", "profile_every")
 
 
 BUPO_PRESETS = {"paper": dict(layer="auto", out="runs/bupo"),

@@ -35,7 +35,7 @@ from tqdm import tqdm
 import distributed
 import policy as policy_lib
 from checkpoints import StopRequest, load_checkpoint, read_metrics, save_checkpoint
-from cli import check, claim_run_dir, parse_config, run_main
+from cli import Stopped, check, claim_run_dir, parse_config, run_main
 from config import PRESETS, GRPOConfig, check_config
 from critic import make_critic
 from decompose import load_model, model_config
@@ -162,8 +162,6 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 or last and cfg.save_final or stopping:
                     save_checkpoint(cfg.out, runner, tok, optimizer, step + 1, cfg, d, critic)
                 if stopping:
-                    if d.main:
-                        tqdm.write(f"stopped after step {step}; continue with --resume --out {cfg.out}")
                     break
     model = distributed.plain_model(runner)
     return history, model.eval() if model is not None else None, tok
@@ -260,6 +258,8 @@ def main(argv=None):
     d = distributed.init()
     history, _, _ = train(cfg)
     distributed.close()
+    if len(history) < cfg.steps:
+        raise Stopped(f"after step {len(history) - 1} of {cfg.steps}, checkpoint saved; continue with --resume --out {cfg.out}")
     if not d.main:
         return
     plot_panels(os.path.join(cfg.out, "curves.png"), {"GRPO": [run_series(history, [k for k, _ in CURVES])]}, CURVES)

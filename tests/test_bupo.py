@@ -202,3 +202,37 @@ def test_every_method_of_the_paper_in_one_experiment(tmp_path, monkeypatch):
     text = (out / "results.md").read_text()
     assert "Avg@4" in text and "| PPO − GRPO (paired) |" in text and "K=4" in text
     assert (out / "passk.png").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_experiment_keeps_its_work_and_resumes(tmp_path, monkeypatch, sig):
+    """Ctrl-C or SIGTERM in the first run's step 0: exit 130, nothing reported, the run's checkpoint kept; --resume
+    continues it from step 1 and finishes the experiment with the uninterrupted run's metrics."""
+    import cli
+    cfg = tiny_experiment(tmp_path, monkeypatch, seeds="0,")
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in [("steps", 2), ("eval_every", 1), ("inter_steps", 1), ("layer", "1"),
+            ("profile_samples", 2), ("seeds", "0,"), ("task", "arithmetic"), ("eval_data", "arithmetic"), ("eval_limit", 4),
+            ("eval_max_new_tokens", 4), ("prompts_per_step", 4), ("group_size", 4), ("mini_batch_prompts", 2), ("micro_batch", 5),
+            ("max_new_tokens", 6), ("precision", "float32"), ("lr", 0.01), ("eval_samples", 0), ("out", cfg.out)]]
+    real, calls = bupo.readout_entropies, []
+
+    def kill_once(*a):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), sig)
+        return real(*a)
+    monkeypatch.setattr(bupo, "readout_entropies", kill_once)
+    with pytest.raises(SystemExit) as stop:
+        cli.run_main(bupo.main, argv)
+    assert stop.value.code == 130
+    out = tmp_path / "exp"
+    assert not (out / "results.md").exists() and (out / "seed0" / "grpo" / "checkpoint" / "trainer.pt").exists()
+    assert len((out / "seed0" / "grpo" / "metrics.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(SystemExit) as refused:
+        cli.run_main(bupo.main, argv + ["--resume", "--steps=3"])  # a finished run would not have step 3
+    assert refused.value.code == 2
+    monkeypatch.setattr(checkpoints, "load_model", fake_load)
+    cli.run_main(bupo.main, argv + ["--resume"])
+    grpo0 = [json.loads(x) for x in open(out / "seed0" / "grpo" / "metrics.jsonl")]
+    assert [m["step"] for m in grpo0] == [0, 1] and (out / "results.md").exists()
+    assert not (out / "seed0" / "grpo" / "checkpoint").exists()

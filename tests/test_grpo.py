@@ -226,3 +226,24 @@ def test_held_out_set_without_a_limit_is_the_whole_split(tmp_path):
     m = grpo.run_eval(Policy(tiny_model("llama")), FakeTok(), cfg, Dist())
     assert set(m) == {"eval/arithmetic", "eval/avg"} and 0 <= m["eval/avg"] <= 100
     assert len(task_problems("arithmetic", 0, 0, "test")) > 256
+
+
+def test_sigterm_stops_grpo_py_with_its_checkpoint_and_a_nonzero_exit(tmp_path, monkeypatch, capsys):
+    """SIGTERM (timeout, schedulers, docker stop) is handled like Ctrl-C: the step finishes, a checkpoint is saved, the
+    script exits 130 without its "finished" line; --resume then completes the run."""
+    import cli
+    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(grpo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
+    monkeypatch.setattr(grpo, "model_config", lambda *a: tiny_model("llama").config)
+    monkeypatch.setattr(checkpoints, "load_model", fake_load)
+    real = grpo.train_step
+    monkeypatch.setattr(grpo, "train_step", lambda *a, **k: (os.kill(os.getpid(), signal.SIGTERM), real(*a, **k))[1])
+    argv = ["--steps=3", "--eval-every=0", "--eval-samples=0", "--prompts-per-step=4", "--group-size=4", "--mini-batch-prompts=2",
+            "--micro-batch=5", "--max-new-tokens=6", "--precision=float32", "--lr=0.01", "--rollout-dtype=", f"--out={tmp_path / 'run'}"]
+    with pytest.raises(SystemExit) as stop:
+        cli.run_main(grpo.main, argv)
+    assert stop.value.code == 130 and (tmp_path / "run" / "checkpoint" / "trainer.pt").exists()
+    assert "reward" not in capsys.readouterr().out  # no "finished" line
+    monkeypatch.setattr(grpo, "train_step", real)
+    cli.run_main(grpo.main, argv + ["--resume"])
+    assert [json.loads(x)["step"] for x in open(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2]
