@@ -18,7 +18,7 @@ import torch
 
 from advantages import value_loss
 from loss import aggregate
-from policy import compute_precision, micro_slices, residuals
+from policy import compute_precision, micro_slices, residuals, update_slices
 
 
 class Critic(torch.nn.Module):
@@ -50,8 +50,9 @@ def make_critic(model, cfg):
 def critic_values(critic, batch, cfg):
     """Values (N, T) of every row of the step before any update (GAE's V and the value clip's V_old)."""
     out = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
-    for j, ids, att, resp, _ in micro_slices(batch, torch.arange(batch.input_ids.shape[0]), cfg.micro_batch):
-        v = critic(ids, att, resp, cfg.precision)
+    rows = torch.arange(batch.input_ids.shape[0])
+    for j, ids, att, resp, _ in update_slices(batch, rows, cfg.mini_batch_prompts * cfg.group_size, cfg.micro_batch):
+        v = critic(ids, att, resp, cfg.precision)  # the update's micro-batches: V_old is the update's first V, also in bf16
         out[j, :v.shape[1]] = v
     return out
 

@@ -95,6 +95,15 @@ def micro_slices(batch, idx, size):
         yield j, batch.input_ids[j, :T], batch.attention_mask[j, :T], batch.response_mask[j, :T], adv
 
 
+def update_slices(batch, rows, mini, micro):
+    """micro_slices of `rows`, cut at the mini-batch boundaries (multiples of `mini` rows) first: the micro-batches
+    that the update runs, so that a no-grad pass over them (old log-probs, old values) computes, under bf16 too,
+    exactly what the update's first forward computes (ratio 1 before any update)."""
+    for m in range(0, batch.input_ids.shape[0], mini):
+        idx = rows[(rows >= m) & (rows < m + mini)]
+        yield from micro_slices(batch, idx, micro) if len(idx) else ()
+
+
 # ----------------------------------------------------------------------------- log-probs
 
 def _chunk(model, h, targets, temperature, final_norm, entropy_grad):

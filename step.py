@@ -22,7 +22,7 @@ from advantages import gae_advantages, group_advantages, reinforce_pp_advantages
 from critic import critic_update, critic_values
 from grade import problem_reward
 from loss import aggregate, kl_penalty, policy_loss
-from policy import Batch, compute_precision, micro_slices, pad_rows, upper_parameters
+from policy import Batch, compute_precision, micro_slices, pad_rows, update_slices, upper_parameters
 from problems import prompt_ids
 from rollout import generate
 
@@ -74,15 +74,16 @@ def rollout_metrics(results, group_size):
 
 
 @torch.no_grad()
-def policy_logprobs(policy, runner, batch, cfg, rows=None):
-    """Log-probs and entropies (N, T) of the batch under `policy` (0 outside `rows`, default all), micro-batch by micro-batch.
+def policy_logprobs(policy, runner, batch, cfg, rows=None, world=1):
+    """Log-probs and entropies (N, T) of the batch under `policy` (0 outside `rows`, default all), in the micro-batches
+    of the update (policy.update_slices: this rank's mini-batches of cfg.mini_batch_prompts // world groups).
 
     runner: distributed.Policy(model), or its DDP/FSDP wrapper; runner(policy, ...) = policy(model, ...).
     """
     logp = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
     ent = torch.zeros_like(logp)
     rows = torch.arange(batch.input_ids.shape[0]) if rows is None else rows
-    for j, ids, att, resp, _ in micro_slices(batch, rows, cfg.micro_batch):
+    for j, ids, att, resp, _ in update_slices(batch, rows, cfg.mini_batch_prompts // world * cfg.group_size, cfg.micro_batch):
         with compute_precision(cfg.precision, ids.device):
             lp, en = runner(policy, ids, att, cfg.temperature, resp)
         logp[j, :lp.shape[1]], ent[j, :lp.shape[1]] = lp, en
@@ -184,8 +185,8 @@ def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d, crit
     t1 = time.perf_counter()
     # 3. old log-probs of the later mini-batches (the first is on-policy), reference log-probs
     first = cfg.mini_batch_prompts // d.world * cfg.group_size
-    old_logp, ent = policy_logprobs(policy, runner, batch, cfg, rows=torch.arange(first, batch.input_ids.shape[0]))
-    ref_logp = policy_logprobs(policy, ref, batch, cfg)[0] if ref is not None else None
+    old_logp, ent = policy_logprobs(policy, runner, batch, cfg, rows=torch.arange(first, batch.input_ids.shape[0]), world=d.world)
+    ref_logp = policy_logprobs(policy, ref, batch, cfg, world=d.world)[0] if ref is not None else None
     t2 = time.perf_counter()
     # 4. the PPO updates
     m.update(ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, d.world))

@@ -247,3 +247,33 @@ def test_sigterm_stops_grpo_py_with_its_checkpoint_and_a_nonzero_exit(tmp_path, 
     monkeypatch.setattr(grpo, "train_step", real)
     cli.run_main(grpo.main, argv + ["--resume"])
     assert [json.loads(x)["step"] for x in open(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2]
+
+
+class CallRecorder:
+    """A runner that records the rows (token ids) of every forward it runs."""
+    def __init__(self, runner):
+        self.runner, self.calls = runner, []
+
+    def __call__(self, policy, ids, *args, **kw):
+        self.calls.append(ids.tolist())
+        return self.runner(policy, ids, *args, **kw)
+
+    def parameters(self):
+        return self.runner.parameters()
+
+
+@pytest.mark.parametrize("micro", [3, 5, 8])
+def test_old_logprobs_run_the_updates_micro_batches(micro):
+    """The old-log-prob pass runs exactly the update's micro-batches (cut at mini-batch boundaries first), so that
+    under bf16 the ratio of unchanged weights is 1 whatever the kernels' blocking, for any --micro-batch; with
+    lr 0 every ratio is 1 and nothing is clipped."""
+    model = tiny_model("qwen3")
+    batch = fixed_batch(model)
+    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=micro, max_new_tokens=6, precision="bfloat16", lr=0.0)
+    old_pass, update = CallRecorder(Policy(model)), CallRecorder(Policy(model))
+    old, ent = grpo.policy_logprobs(output_policy, old_pass, batch, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    stats = grpo.ppo_update(update, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=False)
+    assert old_pass.calls == update.calls and len(update.calls) == 2 * -(-4 // micro)
+    assert stats["updates"] == 2 and stats["approx_kl"] == 0.0
+    assert stats["clip_frac_upper"] == stats["clip_frac_lower"] == 0.0
