@@ -3,12 +3,25 @@ import math
 
 import pytest
 
-from report import markdown_table, mean_interval, paired_difference, t_quantile
+from report import markdown_table, mean_interval, paired_difference, t_cdf, t_quantile
 
 
 @pytest.mark.parametrize("df,q", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423), (200, 1.9719)])
 def test_t_quantiles_match_the_table(df, q):
     assert t_quantile(0.975, df) == pytest.approx(q, abs=2e-4)
+
+
+@pytest.mark.parametrize("df,p,q", [(1, 0.9995, 636.6192), (2, 0.9995, 31.5991), (3, 0.9995, 12.9240), (5, 0.995, 4.0321),
+                                    (10, 0.9995, 4.5869)])
+def test_t_quantiles_in_the_tails(df, p, q):
+    assert t_quantile(p, df) == pytest.approx(q, rel=1e-4)
+
+
+@pytest.mark.parametrize("t", [-30.0, -1.5, 0.0, 0.7, 4.0, 600.0])
+def test_t_cdf_closed_forms(t):
+    """df 1 is Cauchy's, df 2 has the closed form 1/2 + t / (2 sqrt(t^2 + 2))."""
+    assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-15)
+    assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(t * t + 2)), abs=1e-15)
 
 
 def test_mean_interval_by_hand():
@@ -26,6 +39,8 @@ def test_paired_difference_by_hand():
     assert p["lo"] == pytest.approx(10.25 - half, abs=1e-3) and p["significant"]
     q = paired_difference([70.0, 60.0, 65.0], [65.0, 66.0, 64.0])  # 5, -6, 1: the interval holds 0
     assert q["lo"] < 0 < q["hi"] and not q["significant"]
+    z = paired_difference([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])  # identical differences: a zero-width interval, no evidence
+    assert z["lo"] == z["hi"] == 2.0 and not z["significant"]
     with pytest.raises(ValueError, match="same seeds"):
         paired_difference([1.0], [1.0, 2.0])
 
