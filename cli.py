@@ -123,6 +123,17 @@ def read_jsonl(path):
     return out
 
 
+def write_jsonl(path, records):
+    """Write records as JSON lines in place of path's content, atomically (a temp file, fsynced, then renamed):
+    a resumed run drops a cut last line or what followed its checkpoint before appending."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def check(ok, message):
     """Raise InputError(message) unless ok: settings are checked before any work."""
     if not ok:

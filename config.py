@@ -22,7 +22,7 @@ from policy import PRECISIONS
 class GRPOConfig:
     """Defaults are the paper's (BuPO Sec. 3); PRESETS["cpu"] fits a 2-core CPU."""
     model: str = None                  # HF checkpoint dir, hub id, short name (smollm2, gemma3-270m) or random:CONFIG; None: smollm2
-    task: str = "deepmath"             # training problems: arithmetic, deepmath, math500, ... or a parquet path
+    task: str = "deepmath"             # training problems: arithmetic, deepmath, math500, ... or a data file or hub id (problems.py)
     eval_data: str = "aime24,aime25,amc23,math500"  # held-out sets (comma list; "arithmetic" = the held-out half of the task)
     eval_limit: int = 0                # first N problems of each held-out set (0 = all)
     eval_every: int = 10               # evaluate every N steps (and before the first, after the last; 0 = never)

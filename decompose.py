@@ -21,6 +21,7 @@ unembeds them. It does not compute entropies (entropy.py) or train (bupo.py).
 """
 import argparse
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -115,6 +116,18 @@ def resolve(name_or_path):
     if name_or_path is None or name_or_path in EMBEDDED:
         return embedded_checkpoint(name_or_path or DEFAULT)
     return str(name_or_path)
+
+
+def weights_id(name_or_path):
+    """What the weights of --model are, for keying results: a hash of a local checkpoint's config and weight files'
+    names, sizes and mtimes (one path that now holds other weights is another model; --model smollm2 and no --model
+    are the same one); a hub id or random:NAME as is."""
+    path = resolve(name_or_path) if not str(name_or_path).startswith(RANDOM) else str(name_or_path)
+    if not os.path.isdir(path):
+        return path
+    files = sorted(f for f in os.listdir(path) if f == "config.json" or f.endswith((".safetensors", ".bin", ".gguf")))
+    stats = [(f, os.stat(os.path.join(path, f)).st_size, os.stat(os.path.join(path, f)).st_mtime_ns) for f in files]
+    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
 
 
 def model_config(name_or_path):

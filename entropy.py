@@ -323,7 +323,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Entropy of internal layer and modular policies (BuPO Sec. 2).")
     p.add_argument("--model", default=None, help=f"HF checkpoint dir, hub id or short name ({', '.join(EMBEDDED)}; default: smollm2); "
                    "a comma list compares the models on one figure")
-    p.add_argument("--data", default="math500", help=f"problem set ({', '.join(TASKS)}) or parquet path")
+    p.add_argument("--data", default="math500", help=f"problem set ({', '.join(TASKS)}), a parquet, JSON, JSONL or CSV file or a hub dataset id")
     p.add_argument("--n", type=int, default=16, help="number of problems to answer")
     p.add_argument("--max-new-tokens", type=int, default=256, help="response length limit")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the answers")

@@ -14,10 +14,11 @@ import json
 import math
 import os
 
+import torch
 from tqdm import tqdm
 
-from cli import check, claim_run_dir, read_jsonl, run_main
-from decompose import EMBEDDED, load_model
+from cli import check, claim_run_dir, read_jsonl, run_main, write_jsonl
+from decompose import EMBEDDED, load_model, model_config, weights_id
 from grade import final_answer, math_reward
 from problems import TASKS, prompt_ids, task_problems
 from report import markdown_table
@@ -34,11 +35,18 @@ def pass_at_k(n, c, k):
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def summarize(records, k):
-    """{source: {"avg@k", "pass@k", "n"}} from graded records (one per sample, k per problem)."""
+def by_problem(records):
+    """{source: {(set, id): [correct of each sample]}}: a problem is named by its set (file) and row, so two
+    files with the same data_source are one column of different problems."""
     by = {}
     for r in records:
-        by.setdefault(r["source"], {}).setdefault(r["id"], []).append(r["correct"])
+        by.setdefault(r["source"], {}).setdefault((r["set"], r["id"]), []).append(r["correct"])
+    return by
+
+
+def summarize(records, k):
+    """{source: {"avg@k", "pass@k", "n"}} from graded records (one per sample, k per problem)."""
+    by = by_problem(records)
     out = {}
     for src, probs in by.items():
         out[src] = {f"avg@{k}": 100 * sum(sum(v) / len(v) for v in probs.values()) / len(probs),
@@ -56,9 +64,7 @@ def pass_ks(n):
 def pass_curve(records, n):
     """{source: {"avg@n", "pass@K" for K in pass_ks(n)}} from n graded samples per problem (percent):
     the paper's Avg@K (Table 1: pass@1 averaged over the n samples) and its Pass@K curve (Fig. 6)."""
-    by = {}
-    for r in records:
-        by.setdefault(r["source"], {}).setdefault(r["id"], []).append(r["correct"])
+    by = by_problem(records)
     out = {}
     for src, probs in by.items():
         out[src] = {f"avg@{n}": 100 * sum(sum(v) / len(v) for v in probs.values()) / len(probs)}
@@ -78,9 +84,9 @@ def evaluate(model, tokenizer, problems, k=1, max_new_tokens=1024, temperature=1
     this dtype (rollout.generate's), e.g. bf16 as the training rollouts do.
     """
     records = list(done or [])
-    have = {(r["source"], r["id"], r["sample"]) for r in records}
+    have = {(r["set"], r["id"], r["sample"]) for r in records}
     rows = [(p, j) for p in problems for j in range(k)]
-    todo = [i for i, (p, j) in enumerate(rows) if (p["source"], p["id"], j) not in have]
+    todo = [i for i, (p, j) in enumerate(rows) if (p["set"], p["id"], j) not in have]
     bar = tqdm(total=len(todo), desc="evaluate", disable=not progress)
     for b in range(0, len(todo), batch_size):
         chunk = todo[b:b + batch_size]
@@ -90,7 +96,7 @@ def evaluate(model, tokenizer, problems, k=1, max_new_tokens=1024, temperature=1
         for (p, j), toks, n in zip([rows[i] for i in chunk], out.tokens.tolist(), out.lengths.tolist()):
             text = tokenizer.decode(toks[:n], skip_special_tokens=True)
             pred = final_answer(text, p.get("last_number", False))
-            rec = dict(source=p["source"], id=p["id"], sample=j, response=text, pred=pred, gold=p["answer"],
+            rec = dict(source=p["source"], set=p["set"], id=p["id"], sample=j, response=text, pred=pred, gold=p["answer"],
                        correct=bool(math_reward(text, p["answer"], p.get("last_number", False))), length=n)
             records.append(rec)
             if on_record:
@@ -113,7 +119,7 @@ def results_table(summary, k, columns):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmark accuracy (avg@k, pass@k) of a model on math sets.")
     p.add_argument("--model", default=None, help=f"HF checkpoint dir, hub id or short name ({', '.join(EMBEDDED)}; default: smollm2)")
-    p.add_argument("--data", default="math500,amc23,aime24,aime25", help=f"comma list of sets ({', '.join(TASKS)}) or parquet paths; "
+    p.add_argument("--data", default="math500,amc23,aime24,aime25", help=f"comma list of sets ({', '.join(TASKS)}) or data files (parquet, JSON, JSONL, CSV) or hub ids; "
                    "arithmetic is the held-out half of the CPU task")
     p.add_argument("--limit", type=int, default=None, help="first N problems of each set (default: all)")
     p.add_argument("--k", type=int, default=1, help="samples per problem")
@@ -129,12 +135,19 @@ def main(argv=None):
     check(args.k >= 1, f"--k must be >= 1 (samples per problem), got {args.k}")
     check(args.limit is None or args.limit >= 1, f"--limit must be >= 1 (leave it out for all problems), got {args.limit}")
     check(args.batch_size >= 1 and args.max_new_tokens >= 1, "--batch-size and --max-new-tokens must be >= 1")
-    check(args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature must be >= 0 and --top-p in (0, 1]")
+    check(math.isfinite(args.temperature) and args.temperature >= 0 and 0 < args.top_p <= 1,
+          "--temperature must be a finite number >= 0 and --top-p in (0, 1]")
+    n_ctx = getattr(model_config(args.model), "max_position_embeddings", None)
+    check(n_ctx is None or args.max_new_tokens < n_ctx, f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
+          f"in the model's context of {n_ctx}; lower it")
     problems = [q for name in args.data.split(",") for q in task_problems(name, args.limit or 0, 0, "test")]
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "batch_size")}
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # load_model's default, and its dtype
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "batch_size")} | {
+        "weights": weights_id(args.model), "device": device, "dtype": "bfloat16" if device == "cuda" else "float32", "records": 2}
     with claim_run_dir(args.out, settings, resume=True, overwrite=args.overwrite):  # same settings: resume; others: refused
         path = os.path.join(args.out, "responses.jsonl")
         done = read_jsonl(path)
+        write_jsonl(path, done)  # drop a line cut off by a killed run before appending
         model, tok = load_model(args.model)
         with open(path, "a") as f:
             summary, _ = evaluate(model, tok, problems, k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -35,7 +35,7 @@ from tqdm import tqdm
 import distributed
 import policy as policy_lib
 from checkpoints import StopRequest, load_checkpoint, read_metrics, save_checkpoint
-from cli import Stopped, check, claim_run_dir, parse_config, run_main
+from cli import Stopped, check, claim_run_dir, parse_config, run_main, write_jsonl
 from config import PRESETS, GRPOConfig, check_config
 from critic import make_critic
 from decompose import load_model, model_config
@@ -108,8 +108,7 @@ def setup(cfg, d, model=None, tok=None, find_unused=False, upper_k=None):
     path = os.path.join(cfg.out, "metrics.jsonl")
     history = read_metrics(path, start)
     if d.main:
-        with open(path, "w") as f:  # a resumed run drops what was logged after its checkpoint
-            f.writelines(json.dumps(m) + "\n" for m in history)
+        write_jsonl(path, history)  # a resumed run drops what was logged after its checkpoint
     return runner, tok, optimizer, ref, critic, start, history
 
 

@@ -6,10 +6,14 @@ answer within \\boxed{}." and the problem as the user turn. Those five sets ship
 in verl's parquet schema. The arithmetic task is this project's own: a 135M model solves
 too few competition problems to learn from (README, grpo.py).
 
-A problem is a dict {"messages", "answer", "source", "id"} (+ "last_number" for the
-arithmetic task, whose answers may be unboxed). Reads parquet with pyarrow alone, so the
-GPU benchmark machines, which lack `datasets`, can load the arithmetic task too.
+A problem is a dict {"messages", "answer", "source", "set", "id"} (+ "last_number" for the
+arithmetic task, whose answers may be unboxed); (set, id) names it, source is its column
+in the tables (verl's data_source). Other data come through datasets.load_dataset: a hub
+id, or a parquet, JSON, JSONL or CSV file in verl's schema or with problem/answer columns.
+The shipped sets are read with pyarrow alone, so the GPU machines, which lack `datasets`,
+load them too.
 """
+import math
 import os
 import random
 
@@ -18,31 +22,82 @@ import pyarrow.parquet as pq
 
 from cli import InputError
 
+try:
+    import datasets
+    datasets.disable_progress_bars()  # a bar per small file split is noise
+    datasets.logging.set_verbosity_error()
+except ImportError:  # the GPU machines: the shipped sets and parquet files need only pyarrow
+    datasets = None
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DATASETS = {"math500": "math500.parquet", "amc23": "amc2023.parquet", "aime24": "aime_2024.parquet",
             "aime25": "aime_2025.parquet", "deepmath": "deepmath-5k.parquet"}
 TASKS = ("arithmetic",) + tuple(DATASETS)
+FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+NOTED = set()
+SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-def load_problems(name_or_path):
-    """Problems of a shipped set (see DATASETS) or of any parquet file in verl's schema."""
-    path = os.path.join(DATA_DIR, DATASETS[name_or_path]) if name_or_path in DATASETS else name_or_path
-    if not os.path.isfile(path):
-        raise InputError(f"no data set '{name_or_path}': use one of {', '.join(TASKS)} or the path of a parquet file")
+def read_rows(name):
+    """The rows (dicts) of a data set: a shipped one by name (pyarrow), a local parquet, JSON, JSONL or CSV file or
+    dataset dir, or a hub dataset id ("owner/name", or "owner/name:split"; default split train). A parquet file is read
+    with pyarrow (as datasets reads it; the GPU machines lack datasets), the rest with datasets.load_dataset, cached as
+    datasets caches."""
+    if name in DATASETS or (name.lower().endswith(".parquet") and os.path.isfile(name)):
+        path = os.path.join(DATA_DIR, DATASETS[name]) if name in DATASETS else name
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise InputError(f"{path} is not a readable parquet file ({e}); pass a parquet file in verl's schema") from e
+    ext = os.path.splitext(name)[1].lower()
+    local = os.path.exists(name) or ext in FORMATS or os.path.isabs(name) or name.startswith(".")
+    if (local and not os.path.exists(name)) or (not local and name.count("/") != 1):
+        raise InputError(f"no data set '{name}': use one of {', '.join(TASKS)}, a parquet, JSON, JSONL or CSV file, "
+                         "a dataset dir or a hub dataset id (owner/name[:split])")
+    if os.path.isfile(name) and ext not in FORMATS:
+        raise InputError(f"{name}: unknown data file type '{ext}'; use a parquet, JSON, JSONL or CSV file")
+    if datasets is None:
+        raise InputError(f"reading {name} needs the datasets package: pip install datasets (or pass a parquet file)")
+    repo, _, split = name.rpartition(":") if not local and ":" in name else (name, "", "")
     try:
-        rows = pq.read_table(path).to_pylist()
-    except (pyarrow.ArrowException, OSError) as e:
-        raise InputError(f"{path} is not a readable parquet file ({e}); pass a parquet file in verl's schema") from e
+        ds = (datasets.load_dataset(FORMATS[ext], data_files=name, split="train") if os.path.isfile(name)
+              else datasets.load_dataset(repo, split=split or "train"))
+    except Exception as e:  # datasets raises many kinds: a bad file, no such id, no network, no such split
+        what = f"a readable {FORMATS.get(ext, 'data')} file" if local else "a reachable hub dataset"
+        raise InputError(f"{name} is not {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    return ds.to_list()
+
+
+def gold_text(x):
+    """The gold answer as text: None, NaN and blanks are '' (no answer), numbers without a spurious '.0'."""
+    if x is None or isinstance(x, float) and math.isnan(x):
+        return ""
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x).strip()
+
+
+def row_problem(row, i, name):
+    """A problem from a row in verl's schema (prompt messages, reward_model.ground_truth) or with plain problem and
+    answer columns (the paper's system prompt is added)."""
+    if "prompt" in row and "reward_model" in row:
+        messages, gold = row["prompt"], (row["reward_model"] or {}).get("ground_truth")
+    elif "problem" in row and "answer" in row:
+        messages, gold = row["problem"] and [{"role": "system", "content": SYSTEM}, {"role": "user", "content": row["problem"]}], row["answer"]
+    else:
+        raise InputError(f"{name} has neither verl's columns (prompt: chat messages, reward_model: {{ground_truth}}) nor plain "
+                         f"problem and answer columns; it has {', '.join(row)}")
+    if not messages or not all(isinstance(m, dict) and m.get("content") for m in messages):
+        raise InputError(f"{name}, row {i}: the prompt is empty or not a list of chat messages; fix or drop that row")
+    source = name if name in DATASETS else row.get("data_source") or os.path.splitext(os.path.basename(name.rstrip("/")))[0]
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages], "answer": gold_text(gold),
+            "source": source, "set": name, "id": i}
+
+
+def load_problems(name):
+    """Problems of a data set (read_rows): {"messages", "answer", "source", "set", "id"}; (set, id) names a problem."""
+    rows = read_rows(name)
     if not rows:
-        raise InputError(f"{path} holds no rows: nothing to train or evaluate on")
-    for col in ("prompt", "reward_model"):
-        if col not in rows[0]:
-            raise InputError(f"{path} has no '{col}' column (it has {', '.join(rows[0])}); expected verl's schema: "
-                             "prompt (chat messages), reward_model {ground_truth}")
-    source = name_or_path if name_or_path in DATASETS else None
-    return [{"messages": [{"role": m["role"], "content": m["content"]} for m in row["prompt"]],
-             "answer": str((row["reward_model"] or {}).get("ground_truth") or ""),
-             "source": source or row.get("data_source") or "data", "id": i} for i, row in enumerate(rows)]
+        raise InputError(f"{name} holds no rows: nothing to train or evaluate on")
+    return [row_problem(row, i, name) for i, row in enumerate(rows)]
 
 
 def arithmetic_problems(n=0, split=None, seed=0, low=1, high=25):
@@ -58,7 +113,7 @@ def arithmetic_problems(n=0, split=None, seed=0, low=1, high=25):
              if split is None or (random.Random(a * 100_003 + b).random() < 0.5) == (split == "test")]
     random.Random(seed).shuffle(pairs)
     return [{"messages": [{"role": "user", "content": f"What is {a} + {b}? Put the final answer within \\boxed{{}}."}],
-             "answer": str(a + b), "source": "arithmetic", "id": i, "last_number": True}
+             "answer": str(a + b), "source": "arithmetic", "set": "arithmetic", "id": i, "last_number": True}
             for i, (a, b) in enumerate(pairs[:n or None])]
 
 
@@ -66,20 +121,20 @@ def task_problems(name, n, seed, split):
     """The problems of a task: n of the arithmetic split (train: shuffled by seed; test: one fixed order
     for every seed), or of a data set (train: shuffled by seed; test: its first n); n=0: all.
 
-    Training problems without a gold answer are dropped (with a note): their reward is 0 whatever the model writes.
+    Problems without a gold answer are left out (with a note): their reward is 0 whatever the model writes.
     """
     if name == "arithmetic":
         return arithmetic_problems(n, split, seed=seed if split == "train" else 0)
     problems = load_problems(name)
     if split == "train":
         random.Random(seed).shuffle(problems)
-        empty = sum(not p["answer"].strip() for p in problems)
-        if empty == len(problems):
-            raise InputError(f"every gold answer of '{name}' is empty: the reward would be 0 forever; check reward_model.ground_truth")
-        if empty:
-            print(f"note: {empty} of {len(problems)} problems of '{name}' have no gold answer and are left out")
-            problems = [p for p in problems if p["answer"].strip()]
-    return problems[:n or None]
+    empty = sum(not p["answer"] for p in problems)
+    if empty == len(problems):
+        raise InputError(f"every gold answer of '{name}' is empty: the reward would be 0 forever; check its answers")
+    if empty and name not in NOTED:  # once a process, not at every evaluation
+        NOTED.add(name)
+        print(f"note: {empty} of {len(problems)} problems of '{name}' have no gold answer and are left out")
+    return [p for p in problems if p["answer"]][:n or None]
 
 
 def plain_prompt(messages):

@@ -17,7 +17,7 @@ def test_pass_at_k_exact():
             for k in range(1, n + 1):
                 exact = 1 - math.comb(n - c, k) / math.comb(n, k)
                 assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12)
-    recs = [dict(source="s", id=i, correct=c) for i, cs in enumerate([[1, 0, 0, 0], [0, 0, 0, 0]]) for c in cs]
+    recs = [dict(source="s", set="s", id=i, correct=c) for i, cs in enumerate([[1, 0, 0, 0], [0, 0, 0, 0]]) for c in cs]
     s = summarize(recs, 2)["s"]
     assert s["avg@2"] == pytest.approx(12.5) and s["pass@2"] == pytest.approx(25.0)
 
@@ -26,7 +26,7 @@ def test_pass_at_k_needs_k_samples():
     with pytest.raises(ValueError, match="at least 4 samples"):
         pass_at_k(1, 0, 4)  # one wrong sample is not "solved at pass@4"
     with pytest.raises(ValueError):
-        summarize([dict(source="s", id=0, correct=True)], 2)
+        summarize([dict(source="s", set="s", id=0, correct=True)], 2)
 
 
 def test_evaluate_resumes_where_it_stopped():
@@ -77,7 +77,47 @@ def test_cli_resumes_the_same_evaluation_and_refuses_to_mix_another(tmp_path, mo
 
 def test_pass_curve_hand_computed():
     """Two problems, n = 4: 2 correct gives pass@1 0.5, pass@2 1 - C(2,2)/C(4,2) = 5/6, pass@4 1; 0 correct gives 0."""
-    recs = [dict(source="s", id=0, correct=c) for c in (True, False, True, False)] + [dict(source="s", id=1, correct=False)] * 4
+    recs = [dict(source="s", set="s", id=0, correct=c) for c in (True, False, True, False)] + [dict(source="s", set="s", id=1, correct=False)] * 4
     got = pass_curve(recs, 4)["s"]
     assert got == pytest.approx({"avg@4": 25.0, "pass@1": 25.0, "pass@2": 100 * (5 / 6) / 2, "pass@4": 50.0})
     assert pass_ks(64) == [1, 2, 4, 8, 16, 32, 64] and pass_ks(6) == [1, 2, 4, 6]
+
+
+def test_problems_are_named_by_file_and_row():
+    """Row 0 of two files with the same data_source are two problems of one column: pass@2 of one right and one
+    wrong problem is 50%, not the 100% of one problem solved once in two samples."""
+    recs = [dict(source="math", set=f, id=0, correct=c) for f, c in (("a.parquet", True), ("b.parquet", False))] * 2
+    assert summarize(recs, 2)["math"] == {"avg@2": 50.0, "pass@2": 50.0, "n": 2}
+
+
+def parquet_set(path, answers):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = {"prompt": [[{"role": "user", "content": f"What is {a - 1} + 1?"}] for a in answers],
+            "reward_model": [{"ground_truth": str(a)} for a in answers]}
+    pq.write_table(pa.table(rows), path)
+    return str(path)
+
+
+def test_cli_two_files_without_data_source_cut_line_and_rewritten_weights(tmp_path, monkeypatch):
+    """Two parquet files without data_source are two columns and 2 x 2 problems; a last line cut by a kill is
+    dropped before the resume appends (the file stays valid, nothing is lost); a checkpoint dir that now holds
+    other weights is another model (refused), and --max-new-tokens beyond the context is refused before --out exists."""
+    a, one, two = tiny_checkpoint(tmp_path / "a"), parquet_set(tmp_path / "one.parquet", [3, 4]), parquet_set(tmp_path / "two.parquet", [5, 6])
+    out = tmp_path / "ev"
+    args = ["--model", a, "--data", f"{one},{two}", "--k", "2", "--max-new-tokens", "3", "--out", str(out)]
+    evaluate.main(args)
+    path = out / "responses.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 8 and {(r["set"], r["id"]) for r in map(json.loads, lines)} == {(f, i) for f in (one, two) for i in (0, 1)}
+    assert set(json.load(open(out / "summary.json"))["summary"]) == {"one", "two"}
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # killed while writing the last record
+    evaluate.main(args)
+    evaluate.main(args)  # and again: the file it left is valid
+    assert path.read_text().splitlines() == lines
+    tiny_model("llama", seed=3).save_pretrained(a)  # the same path, other weights
+    with pytest.raises(InputError, match="other settings: .*weights"):
+        evaluate.main(args)
+    with pytest.raises(InputError, match="--max-new-tokens 256 leaves no room"):
+        evaluate.main(args[:-4] + ["--max-new-tokens", "256", "--out", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()
