@@ -1,15 +1,15 @@
 """Grading math answers: extraction, normalization, equivalence and the reward (BuPO Sec. 3: 1 if the boxed answer matches).
 
-The grader normalizes LaTeX the way a careful human grader of MATH-style answers would,
-then compares integers and fractions exactly, a decimal against anything with a relative
-tolerance of 1e-6 (a written decimal is inexact; a decimal of 6+ digits may round a
-fraction), tuples/intervals element-wise with their brackets, unordered lists as
-multisets, and other expressions symbolically with sympy under a time limit, after
-refusing any whose value would be astronomically large (a power tower such as
-10^{10^5}, which sympy would expand in one uninterruptible C call). It never rewards a
-different value, and whatever a response holds, the reward is 0.0 or 1.0, never an
-exception (tests: ~170 hand-written pairs from the real golds, perturbed golds, big
-numbers and powers, fuzzing).
+The grader normalizes LaTeX the way a careful human grader of MATH-style answers would
+(units, sets, \\pm, "and" lists, a Unicode minus), then compares integers, fractions and
+decimals exactly (a decimal is the rational it writes), except that a decimal of 6+
+digits may round a non-integer value (to 1e-6); tuples/intervals element-wise with their
+brackets; unordered lists and sets as multisets; other expressions symbolically with
+sympy (i and e are constants) under a time limit, after refusing any whose value would be
+astronomically large (a power tower such as 10^{10^5}, which sympy would expand in one
+uninterruptible C call). It never rewards a different value, and whatever a response
+holds, the reward is 0.0 or 1.0, never an exception (tests: ~200 hand-written pairs from
+the real golds and math-verify's classes, perturbed golds, big numbers, fuzzing).
 """
 import math
 import re
@@ -57,21 +57,44 @@ def extract_answer(text):
 
 # ----------------------------------------------------------------------------- normalization
 
+UNITS = ("mm|cm|km|m|meters?|centimeters?|kilometers?|inch|inches|in|feet|foot|ft|yards?|yd|miles?|mi|units?|square units|"
+         "sq units|degrees?|dollars?|cents?|hours?|hrs?|minutes?|mins?|seconds?|secs?|s|days?|weeks?|months?|years?|kg|g|grams?|"
+         "kilograms?|lbs?|pounds?|ounces?|oz|liters?|l|ml|mph|km/h|m/s|cm/s|people|students|ways|times")
+
+
 def _strip_text_units(s):
     s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{\s*\(?([A-E])\)?\s*\}", r"\1", s)  # \text{(C)} -> C
-    s = re.sub(r"(\d)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}\s*(\^\{?\d\}?)?$", r"\1", s)  # 5\text{ cm}^2 -> 5
+    s = re.sub(r"([\d}])\s*\\(?:text|mbox|mathrm)\{[^{}]*\}\s*(\^\{?\d\}?)?$", r"\1", s)  # 5\text{ cm}^2, \frac12\text{ cm} -> 5
     return re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
 
 
+SAME_UNIT = {w + e: u for u, ws in {"m": ["meter"], "cm": ["centimeter"], "km": ["kilometer"], "in": ["inch"], "ft": ["feet", "foot"],
+                                   "yd": ["yard"], "mi": ["mile"], "s": ["second", "sec"], "min": ["minute"], "h": ["hour", "hr"],
+                                   "g": ["gram"], "kg": ["kilogram"], "lb": ["pound"], "l": ["liter"], "unit": ["units"]}.items()
+             for w in ws + [u] for e in ("", "s", "es") if w + e != u}
+
+
+def unit(s):
+    """(value, unit) of an answer that ends in a plain unit after a number or a closing brace ("5 cm", "5cm",
+    "\\frac{1}{2} m^2"), else (s, None): i and e, written after a number, are constants, not units."""
+    s = str(s).strip()
+    m = re.fullmatch(rf"(.*[\d}}])\s*(?:\\text\{{\s*)?({UNITS})\}}?(\^\{{?[23]\}}?)?", s)
+    if m and re.search(r"\d", m.group(1)) and (m.group(2) not in ("m", "s", "g", "l", "in") or re.search(r"\d\s+\S+$", s)):
+        return m.group(1), m.group(2) + (m.group(3) or "")
+    return s, None
+
+
 def normalize(s):
-    """A canonical string for MATH-style answers (spacing, \\left, \\dfrac, units, degrees, %, x=)."""
-    s = _matrix_to_tuple(str(s).strip())
+    """A canonical string for MATH-style answers (spacing, \\left, \\dfrac, units, degrees, %, x=, sets, \\pm, "and")."""
+    s = _matrix_to_tuple(unit(str(s).replace("\u2212", "-"))[0])
     s = re.sub(r"\\[,;:! ]|\\q?quad|~", " ", s).replace("\\left", "").replace("\\right", "")
     s = s.replace("\\$", "").replace("$", "").replace("\\displaystyle", "")
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     s = _strip_text_units(s)
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\%|%|\\degree", "", s)
+    s = re.sub(r"\s*,?\s+(?:and|or)\s+", ",", s)  # "1 and 2", "1, 2, and 3": a list
     s = re.sub(r"\s+", "", s).rstrip(".")
+    s = re.sub(r"^\\\{(.*)\\\}$", r"\1", s)  # a set \{1,0\}: its elements, an unordered list
     s = re.sub(r"(\d)\{,\}(\d\d\d)", r"\1\2", s)  # 1{,}000
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # 10,000 -> 10000 (a lone number only)
         s = s.replace(",", "")
@@ -86,9 +109,9 @@ def normalize(s):
         s = s.strip("()")
     s = re.sub(r"^[a-zA-Z]\\in", "", s)  # x \in [-2,7]
     s = re.sub(r"_\{(\d+)\}", r"_\1", s)  # 4210_{5} -> 4210_5
-    m = re.fullmatch(r"([^,]+)\\pm([^,]+)", s)  # a \pm b -> the list a+b, a-b
+    m = re.fullmatch(r"([^,]*)\\pm([^,]+)", s)  # a \pm b -> the list a+b, a-b; \pm b -> b, -b
     if m:
-        s = f"{m.group(1)}+{m.group(2)},{m.group(1)}-{m.group(2)}"
+        s = f"{m.group(1)}+{m.group(2)},{m.group(1)}-{m.group(2)}" if m.group(1) else f"{m.group(2)},-{m.group(2)}"
     return s
 
 
@@ -123,6 +146,8 @@ def _latex_to_sympy_text(s):
     if re.search(r"[^0-9a-zA-Z+\-*/().! ]", s) or "\\" in s:
         return None
     if re.search(r"[)a-zA-Z]\d", s):  # "(14/3)1", "x1": no one writes a product so; never parse it as one
+        return None
+    if re.search(r"\d{4,}\s*!", s):  # 1000!+ : sympy computes it even unevaluated, for seconds (and 2000! > MAX_BITS)
         return None
     words = re.sub(rf"\b(?:{_FUNCS})\b|\d", " ", re.sub(rf"({_FUNCS[:-4]})", r" \1 ", s))
     if re.search(r"[a-zA-Z]{3,}", words):  # a word, not a formula: compare as text
@@ -176,19 +201,32 @@ def _log2_bound(e):
     return 1.0 + sum(_log2_bound(a) for a in e.args)  # sums, products, functions: at most the sum of the parts
 
 
+CONSTANTS = {"i": sympy.I, "e": sympy.E}  # as MATH's answers use them: 2i, e^2
+
+
 @lru_cache(maxsize=100_000)
-def _sympy(s):
-    """sympy expression of a normalized answer, or None (also where its value would need over MAX_BITS bits)."""
+def _parsed(s):
+    """sympy expression of a normalized answer, or None (also where its value would need over MAX_BITS bits).
+    A timeout raises _Timeout, which lru_cache does not keep: a slow moment is not a wrong answer forever."""
     text = _latex_to_sympy_text(s)
     if text is None:
         return None
-    parse = lambda evaluate: parse_expr(text, transformations=standard_transformations + (
+    parse = lambda evaluate: parse_expr(text, local_dict=CONSTANTS, transformations=standard_transformations + (
         implicit_multiplication_application, convert_xor), evaluate=evaluate)
     try:  # first unevaluated: sympy would expand 10**(10**5) into a 332k-bit integer in one C call, past any alarm
         if _with_time_limit(lambda: _log2_bound(parse(False)), 1.0) > MAX_BITS:
             return None
         return _with_time_limit(lambda: parse(True), 1.0)
-    except (_Timeout, Exception):
+    except _Timeout:
+        raise
+    except Exception:
+        return None
+
+
+def _sympy(s):
+    try:
+        return _parsed(s)
+    except _Timeout:
         return None
 
 
@@ -196,9 +234,16 @@ def _close(a, b, rel=1e-6):
     return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
 
 
+def _decimals(s):
+    """The most digits after a decimal point written in s."""
+    return max((len(d) for d in re.findall(r"\.(\d+)", s)), default=0)
+
+
 def _values_equal(a, b):
     """Numbers: exact, except that a decimal of 6+ digits may round a fraction. Expressions: exact rationals
-    compare exactly, a side with a decimal (a Float) numerically to 1e-6, exact irrationals symbolically."""
+    compare exactly; a written decimal of 6+ digits against an exact non-integer value numerically to 1e-6
+    (0.785398 = pi/4), any other decimal exactly as the rational it writes (3.0000001 is not sqrt(9)),
+    exact irrationals symbolically."""
     x, y = _number(a), _number(b)
     if x is not None and y is not None:
         rounds = lambda d, f: re.search(r"\.\d{6,}$", d) and ("/" in f or "frac" in f)
@@ -214,10 +259,13 @@ def _values_equal(a, b):
             return sympy.simplify(ea - eb) == 0
         if ea.is_Rational and eb.is_Rational:  # integers and fractions: exactly (10^6 is not 1000001)
             return ea == eb
-        if ea.has(sympy.Float) or eb.has(sympy.Float):  # an inexact decimal: a relative tolerance
+        fa, fb = ea.has(sympy.Float), eb.has(sympy.Float)
+        exact = eb if fa and not fb else ea if fb and not fa else None
+        if exact is not None and _decimals(a + b) >= 6 and not exact.is_Integer:  # a decimal that may round: 1e-6
             va, vb = complex(sympy.N(ea)), complex(sympy.N(eb))
             return _close(va.real, vb.real) and _close(va.imag, vb.imag)
-        return sympy.simplify(ea - eb) == 0
+        rational = lambda e: sympy.nsimplify(e, rational=True)  # a written decimal is the rational it writes
+        return sympy.simplify(rational(ea) - rational(eb)) == 0
     try:
         return bool(_with_time_limit(check, 2.0))
     except (_Timeout, Exception):
@@ -280,6 +328,9 @@ def is_equiv(pred, gold):
         return False
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return pred.strip() == gold.strip()
+    (_, up), (_, ug) = unit(pred), unit(gold)
+    if up and ug and SAME_UNIT.get(up, up) != SAME_UNIT.get(ug, ug):  # 5 m is not 5 cm; either without a unit is
+        return False
     p, g = normalize(pred), normalize(gold)
     base = re.search(r"_\{?\d+\}?$", g)  # 4343_6: a bare 4343 means the same base
     if base and re.fullmatch(r"\d+", p):

@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+import grade
 from grade import extract_answer, final_answer, is_equiv, math_reward, problem_reward
 from problems import load_problems
 
@@ -165,3 +166,35 @@ def test_no_false_positive_on_perturbed_golds():
     for p in load_problems("math500"):
         g = p["answer"]
         assert not is_equiv(g + "1", g) and not is_equiv(g + "+1", g) and not is_equiv("2" + g, g), g
+
+
+# Each pair checked against math-verify's verdict (0.8, run once by hand), which we share except where it is wrong:
+# i and e are the constants of MATH's answers (math-verify: i^2 != -1), different units are different answers
+# (math-verify: 5 m = 5 cm), and a unit's spelling or power does not matter (math-verify: 5 centimeters != 5 cm, 6 m^2 != 6).
+@pytest.mark.parametrize("pred,gold,same", [
+    ("999999.5", "10^6", False), ("1000000.5", "10^6", False), ("3.0000001", "\\sqrt{9}", False),  # a decimal is exact...
+    ("3.14159", "\\pi", False), ("1.4142136", "\\sqrt{2}", True), ("0.785398", "\\frac{\\pi}{4}", True),  # ...unless 6+ digits
+    ("\\{1,0\\}", "\\{0,1\\}", True), ("\\left\\{ 2, 1 \\right\\}", "\\{1,2\\}", True), ("\\{1,2\\}", "\\{0,1\\}", False),
+    ("\\pm 1", "1,-1", True), ("-1, 1", "\\pm 1", True), ("\\pm 2", "1,-1", False),
+    ("5 cm", "5", True), ("5", "5 cm", True), ("5cm", "5", True), ("12 inches", "12", True), ("5 m", "5 cm", False),
+    ("5 centimeters", "5\\text{ cm}", True), ("\\frac{1}{2}\\text{ cm}", "\\frac12", True), ("6 m^2", "6", True),
+    ("1 \\text{ and } 2", "1,2", True), ("1, 2, and 3", "3,2,1", True), ("1 and 3", "1,2", False),
+    ("\u22123", "-3", True), ("\u2212\\frac{1}{2}", "-\\frac12", True), ("\u22123", "3", False),
+    ("i^2", "-1", True), ("e", "2.718281828", True), ("e^{2} \\cdot e", "e^3", True), ("2i", "2", False), ("2e", "2", False),
+])
+def test_answer_classes(pred, gold, same):
+    assert is_equiv(pred, gold) == same and is_equiv(gold, pred) == same
+
+
+def test_a_grading_timeout_is_not_remembered(monkeypatch):
+    """A parse that timed out (a slow moment of a busy machine) is tried again next time, not cached as no value."""
+    real, calls = grade._with_time_limit, []
+
+    def slow_once(fn, seconds):
+        calls.append(1)
+        if len(calls) == 1:
+            raise grade._Timeout
+        return real(fn, seconds)
+    monkeypatch.setattr(grade, "_with_time_limit", slow_once)
+    grade._parsed.cache_clear()
+    assert not is_equiv("\\sqrt{16}", "4") and is_equiv("\\sqrt{16}", "4")
