@@ -33,28 +33,52 @@ def _clean_partial(out):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path):
+    """Flush every file and dir under path to the disk: the renames that follow must not outrun the data."""
+    for root, _, files in os.walk(path):
+        for name in files + ["."]:
+            _fsync(os.path.join(root, name))
+
+
 def save_checkpoint(out, runner, tok, optimizer, step, cfg, d, critic=None):
     """out/checkpoint: the model in HF format, optimizer state by parameter name, RNG states, the next step;
     with critic = (module, optimizer) (PPO, one process) also critic.pt, both their states.
 
-    All ranks call (FSDP gathers the shards); rank 0 writes. Each operation leaves a whole checkpoint behind.
+    All ranks call (FSDP gathers the shards); rank 0 writes. Each operation leaves a whole checkpoint behind;
+    a full disk is a one-line error that keeps the last whole checkpoint.
     """
     model_sd, optim_sd = distributed.model_state(runner), distributed.optimizer_state(runner, optimizer)
     if not d.main:
         return
     _clean_partial(out)
     final, old, tmp = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.old", f"checkpoint.tmp{os.getpid()}"))
-    distributed.inner(runner).model.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)
-    tok.save_pretrained(os.path.join(tmp, "model"))
-    torch.save({"optimizer": optim_sd, "step": step, "config": asdict(cfg), "world": d.world,
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, os.path.join(tmp, "trainer.pt"))
-    if critic is not None:
-        torch.save({"model": critic[0].state_dict(), "optimizer": critic[1].state_dict()}, os.path.join(tmp, "critic.pt"))
+    try:
+        distributed.inner(runner).model.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)
+        tok.save_pretrained(os.path.join(tmp, "model"))
+        torch.save({"optimizer": optim_sd, "step": step, "config": asdict(cfg), "world": d.world,
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, os.path.join(tmp, "trainer.pt"))
+        if critic is not None:
+            torch.save({"model": critic[0].state_dict(), "optimizer": critic[1].state_dict()}, os.path.join(tmp, "critic.pt"))
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the checkpoint of {out} before this one is kept" if checkpoint_path(out) else "no checkpoint was kept"
+        raise InputError(f"could not save the checkpoint after step {step} in {out} ({e}); {kept}: free disk space "
+                         "and continue with --resume") from e
     if os.path.exists(final):
         if os.path.exists(old):  # a save killed after its rename: checkpoint/ is the newer, whole one
             shutil.rmtree(old)
         os.rename(final, old)
     os.rename(tmp, final)
+    _fsync(out)  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -81,10 +105,18 @@ def load_checkpoint(out, device):
         raise InputError(f"--resume: no checkpoint in {out}; start afresh with --overwrite (or another --out)")
     _clean_partial(out)
     model, tok = load_model(os.path.join(path, "model"), dtype=torch.float32, device=device)
-    state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
+    state = _load_state(os.path.join(path, "trainer.pt"), "cpu", weights_only=False)
     if os.path.exists(os.path.join(path, "critic.pt")):
-        state["critic"] = torch.load(os.path.join(path, "critic.pt"), map_location=device, weights_only=True)
+        state["critic"] = _load_state(os.path.join(path, "critic.pt"), device, weights_only=True)
     return model, tok, state
+
+
+def _load_state(path, device, weights_only):
+    try:
+        return torch.load(path, map_location=device, weights_only=weights_only)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # a truncated or overwritten file
+        raise InputError(f"{path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}): the checkpoint cannot "
+                         "be resumed; restore it, or move the run dir aside and start afresh") from e
 
 
 def read_metrics(path, before_step):

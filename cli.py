@@ -100,7 +100,8 @@ def read_json(path):
         with open(path) as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON ({e}); delete it or the run dir") from e
+        raise InputError(f"{path} is not valid JSON ({e}); restore it, or move {os.path.dirname(path) or '.'} aside "
+                         "(mv it to a new name: nothing is lost) and start afresh") from e
 
 
 def read_jsonl(path):
@@ -121,6 +122,16 @@ def read_jsonl(path):
                 break
             raise InputError(f"{path}, line {i + 1}, is not valid JSON ({e}); fix or delete that line") from e
     return out
+
+
+def write_json(path, obj):
+    """Write a JSON file atomically (a temp file, fsynced, then renamed): a kill never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def write_jsonl(path, records):
@@ -172,8 +183,7 @@ def claim_run_dir(path, settings, *, resume=False, overwrite=False, mutable=(), 
                              "wait for it to finish or pass another --out") from None
         lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
         _reconcile(path, settings, resume, overwrite, mutable)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(settings, f, indent=1)
+        write_json(os.path.join(path, "config.json"), settings)
         yield
 
 
@@ -187,6 +197,11 @@ def _reconcile(path, settings, resume, overwrite, mutable):
                 shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
         return
     if not os.path.exists(saved_path):
+        held = sorted(n for n in os.listdir(path) if not n.startswith("."))
+        if held:  # outputs whose settings are unknown: never overwritten, whatever --resume says
+            raise InputError(f"{path} holds outputs ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) but no config.json, "
+                             f"so what made them is unknown; move {path} aside (mv it to a new name: nothing is lost) and "
+                             "rerun, or pass --overwrite to delete them")
         return
     if not resume:
         raise InputError(f"{path} holds a run already; continue it with --resume, replace it with --overwrite, "

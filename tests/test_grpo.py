@@ -277,3 +277,48 @@ def test_old_logprobs_run_the_updates_micro_batches(micro):
     assert old_pass.calls == update.calls and len(update.calls) == 2 * -(-4 // micro)
     assert stats["updates"] == 2 and stats["approx_kl"] == 0.0
     assert stats["clip_frac_upper"] == stats["clip_frac_lower"] == 0.0
+
+
+def one_line_error(main, argv, capsys):
+    import cli
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(main, argv)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after any progress bars of the work done before the error
+    assert e.value.code == 2 and "Traceback" not in err and last.startswith("error: "), err[-2000:]
+    return last
+
+
+def test_run_dirs_survive_what_users_do_to_them(tmp_path, monkeypatch, capsys):
+    """Through grpo.py: a corrupt or deleted config.json is refused, with or without --resume, naming a recovery that
+    loses nothing (the metrics stay as they were); a truncated trainer state and a full disk at a save are one-line
+    errors, the latter keeping the last whole checkpoint."""
+    import cli
+    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(grpo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
+    monkeypatch.setattr(grpo, "model_config", lambda *a: tiny_model("llama").config)
+    monkeypatch.setattr(checkpoints, "load_model", fake_load)
+    run = tmp_path / "run"
+    argv = ["--steps=2", "--eval-every=0", "--eval-samples=0", "--prompts-per-step=4", "--group-size=4", "--mini-batch-prompts=2",
+            "--micro-batch=5", "--max-new-tokens=6", "--precision=float32", "--lr=0.01", "--rollout-dtype=", "--save-every=1", f"--out={run}"]
+    cli.run_main(grpo.main, argv)
+    metrics, good = (run / "metrics.jsonl").read_text(), (run / "config.json").read_text()
+    (run / "config.json").write_text(good[:40])
+    err = one_line_error(grpo.main, argv + ["--resume"], capsys)
+    assert "config.json is not valid JSON" in err and "nothing is lost" in err
+    (run / "config.json").unlink()
+    for extra in (["--resume"], []):
+        err = one_line_error(grpo.main, argv + extra, capsys)
+        assert "holds outputs" in err and "no config.json" in err and "nothing is lost" in err
+    assert (run / "metrics.jsonl").read_text() == metrics
+    (run / "config.json").write_text(good)
+    trainer = run / "checkpoint" / "trainer.pt"
+    trainer.write_bytes(trainer.read_bytes()[:200])
+    assert "trainer.pt is damaged" in one_line_error(grpo.main, argv + ["--resume", "--steps=3"], capsys)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoints.torch, "save", full)
+    err = one_line_error(grpo.main, argv[:-1] + [f"--out={tmp_path / 'run2'}"], capsys)
+    assert "could not save the checkpoint after step 1" in err and "No space left" in err and "no checkpoint was kept" in err
+    assert not list((tmp_path / "run2").glob("checkpoint*"))
