@@ -20,6 +20,7 @@ normalized to 0..1, the paper's comparison of families.
 import argparse
 import csv
 import json
+import math
 import os
 
 import matplotlib
@@ -334,11 +335,13 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="empty --out first (it holds another analysis)")
     args = p.parse_args(argv)
     check(args.n >= 1 and args.max_new_tokens >= 1, "--n and --max-new-tokens must be >= 1")
-    check(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}")
+    check(math.isfinite(args.temperature) and args.temperature >= 0, f"--temperature must be a finite number >= 0, got {args.temperature}")
     names = args.model.split(",") if args.model else [None]
     check(len({family_dir(n) for n in names}) == len(names), f"--model {args.model}: name each model once (by distinct dir names)")
-    for name in names:
-        model_config(name)  # a bad --model fails here, before any work
+    for name in names:  # a bad --model fails here, before any work, and so does a response limit beyond its context
+        n_ctx = getattr(model_config(name), "max_position_embeddings", None)
+        check(n_ctx is None or args.max_new_tokens < n_ctx, f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
+              f"in the context of {name or 'smollm2'} ({n_ctx} tokens); lower it")
     task_problems(args.data, 1, 0, "test")  # and a bad --data
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}
     with claim_run_dir(args.out, settings, resume=True, overwrite=args.overwrite):

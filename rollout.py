@@ -26,6 +26,7 @@ it was sampled from after temperature and before top-k/top-p truncation.
 """
 import argparse
 import copy
+import math
 import time
 from dataclasses import dataclass, fields
 
@@ -381,8 +382,12 @@ def main(argv=None):
     p.add_argument("--bandwidth", type=float, default=0.0, help="memory bandwidth in GB/s for the bound (default: the card's by name, else measured)")
     p.add_argument("--prompt", default="What is 12 + 7?", help="without --bench: a user turn to answer, greedily")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda, but torch sees no CUDA device here")
+    check(not args.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda, but torch sees no CUDA device here")
+    check(args.device in ("", "cpu") or args.device.startswith("cuda"), f"--device must be cpu or cuda, got '{args.device}'")
+    check(args.dtype in ("", "bfloat16", "float32"), f"--dtype must be bfloat16 or float32, got '{args.dtype}'")
+    check(all(b >= 1 for b in args.batches or [1]) and args.new_tokens >= 0, "--batches must be >= 1 and --new-tokens >= 0")
+    check(math.isfinite(args.bandwidth) and args.bandwidth >= 0, f"--bandwidth must be a finite number of GB/s >= 0 (0 = measure), "
+          f"got {args.bandwidth}")
     if args.bench:
         return bench(args)
     model, tok = load_model(args.model)

@@ -51,6 +51,20 @@ def bad_inputs(tmp):
         ("bupo.py", ["--sweep", "layer=4,40"], "k=40 out of range"),
         ("bupo.py", ["--seeds", "0"], "--seeds must be"),
         ("rollout.py", ["--bench", "--random-weights", "nope"], "no shipped config 'nope'"),
+        ("rollout.py", ["--bench", "--bandwidth", "-1"], "--bandwidth must be a finite number"),
+        ("rollout.py", ["--bench", "--batches", "0"], "--batches must be >= 1"),
+        ("rollout.py", ["--bench", "--dtype", "float16"], "--dtype must be bfloat16 or float32"),
+        ("entropy.py", ["--max-new-tokens", "8192", "--out", f"{tmp}/ent"], "--max-new-tokens 8192 leaves no room"),
+        ("evaluate.py", ["--max-new-tokens", "9000", "--out", f"{tmp}/ev5"], "--max-new-tokens 9000 leaves no room"),
+        ("evaluate.py", ["--temperature", "inf", "--out", f"{tmp}/ev6"], "--temperature must be a finite number"),
+        ("grpo.py", ["--lr", "inf"] + tiny, "--lr must be a finite number"),
+        ("grpo.py", ["--kl-coef", "nan"] + tiny, "--kl-coef must be a finite number"),
+        ("grpo.py", ["--weight-decay", "-1"] + tiny, "--weight-decay"),
+        ("grpo.py", ["--max-nonfinite", "0"] + tiny, "--max-nonfinite"),
+        ("bupo.py", ["--inter-steps", "20", "--steps", "10"], "--inter-steps must lie in 0..--steps"),
+        ("bupo.py", ["--sweep", "inter_steps=1,1"], "lists a value twice"),
+        ("bupo.py", ["--methods", "grpo,dpo"], "--methods must be a comma list"),
+        ("bupo.py", ["--eval-every", "0"], "--eval-every must be >= 1"),
     ]
 
 
@@ -71,7 +85,7 @@ def test_each_script_turns_bad_input_into_one_line(tmp_path):
         assert_one_line_error(p.returncode, err, cases[script][1], script)
 
 
-@pytest.mark.parametrize("i", range(25))
+@pytest.mark.parametrize("i", range(39))
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys, i):
     """Every case through its script's main and cli.run_main, as `python SCRIPT ARGS` runs them."""
     script, args, want = bad_inputs(tmp_path)[i]
