@@ -82,13 +82,17 @@ def assert_same_metrics(hist2, hist1, tol=1e-4):
 @pytest.mark.parametrize("fsdp,inter_steps,extra", [
     (False, 1, {}),
     (True, 1, dict(kl_coef=0.05, profile_every=2, activation_checkpointing=True)),
-    (False, 0, dict(kl_coef=0.05))], ids=["ddp-bupo", "fsdp-bupo", "ddp-grpo"])
+    (False, 0, dict(kl_coef=0.05)),
+    (True, 1, dict(loss_agg="seq-mean-token-mean")),
+    (False, 0, dict(loss_agg="seq-mean-token-sum-norm"))], ids=["ddp-bupo", "fsdp-bupo", "ddp-grpo", "fsdp-shared-prompts-seq-mean", "ddp-dr-grpo"])
 def test_two_ranks_train_as_one_process_on_the_same_global_batch(tmp_path, fsdp, inter_steps, extra, monkeypatch):
     """Same weights and metrics (rewards, losses, clip fractions, grad norm, held-out accuracy); only rank 0 writes.
 
     BuPO: a step on pi_1 (early exit, layer 2 unused), then a full step; GRPO: two full steps.
-    The FSDP run also has a KL term to a sharded reference, an internal entropy profile
-    (every rank gathers the weights) and recomputes its layers in the backward.
+    The first FSDP run also has a KL term to a sharded reference, an internal entropy profile
+    (every rank gathers the weights) and recomputes its layers in the backward; the second
+    shares each prompt's forward among its group (no recomputation) and averages per
+    sequence (seq-mean-token-mean); the last aggregates as Dr. GRPO (seq-mean-token-sum-norm).
     """
     monkeypatch.setattr(step, "problem_reward", text_reward)
     kw = dict(inter_steps=inter_steps, **{k: v for k, v in extra.items() if k != "activation_checkpointing"})

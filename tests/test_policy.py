@@ -70,6 +70,23 @@ def test_early_exit_runs_only_layers_up_to_k():
     assert ran == [0, 1]
 
 
+def test_early_exit_with_a_response_mask_and_shared_prompts():
+    """A GRPO group (one prompt, three responses of other lengths) under a response mask: pi_1's log-probs and entropies
+    at the response tokens are HF's, 0 elsewhere, and layers above 1 never run (the shared-prompt path, not the plain one)."""
+    model = tiny_model("qwen3", num_hidden_layers=4)
+    ids, att, resp = pad_rows([[5, 6, 7, 8]] * 3, [[9, 10, 11], [12], [13, 14]], pad_id=0)
+    ran = []
+    for l, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda m, a, o, l=l: ran.append(l))
+    logp, ent = layer_logprobs(model, ids, att, 1, temperature=0.7, mask=resp)
+    assert set(ran) == {0, 1}
+    with torch.no_grad():
+        h = model(ids, attention_mask=att, output_hidden_states=True).hidden_states[2]
+    want_lp, want_ent = direct(model.lm_head(h), ids, 0.7)
+    torch.testing.assert_close(logp, torch.where(resp, want_lp, 0.0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, torch.where(resp, want_ent, 0.0), atol=1e-5, rtol=1e-5)
+
+
 def test_layer_out_of_range_is_a_clear_error():
     model = tiny_model("llama")  # 3 layers: k in 0..1
     for k in (-1, 2, 7):
