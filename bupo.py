@@ -21,7 +21,6 @@ ablations. Interrupted, --resume skips the finished runs and continues the other
     python bupo.py --preset paper --model Qwen/Qwen3-4B --layer 5 --inter-steps 30 --methods bupo   # the paper's setting
 """
 import copy
-import json
 import os
 import time
 from dataclasses import replace
@@ -32,12 +31,13 @@ from tqdm import tqdm
 import distributed
 import grpo
 from checkpoints import checkpoint_path, read_metrics, remove_checkpoint
-from cli import InputError, Stopped, check, claim_run_dir, parse_config, read_json, run_main
+from cli import InputError, Stopped, check, claim_run_dir, parse_config, read_json, run_main, write_json
 from config import BUPO_PRESETS, BuPOConfig, check_config
 from decompose import load_model, model_config
 from entropy import eic_stages, internal_entropy
 from loss import policy_loss
 from policy import check_layer, compute_precision, layer_logprobs, layer_policy, micro_slices, output_policy
+from probe import probe, probe_set
 from problems import task_problems
 from results import report
 
@@ -85,9 +85,10 @@ METHODS = {
 INTERNAL = ("bupo", "bupo_ln", "grpo_frozen", "grpo_layer_lr")  # methods with a first phase of s_inter steps
 
 
-def train_bupo(cfg, k, model, tok, desc="BuPO", layers=()):
+def train_bupo(cfg, k, model, tok, desc="BuPO", layers=(), probes=None):
     """grpo.train of one method (cfg.methods, one of METHODS; BuPO if it names several): BuPO's pi_k for steps <
-    inter_steps, then the output policy; logs the entropies of pi_k (k in layers) and of the output."""
+    inter_steps, then the output policy; logs the entropies of pi_k (k in layers) and of the output, and with
+    probes (probe.probe_set's) layer k's feature refinement every cfg.probe_every steps (Fig. 5)."""
     layers = sorted(set(layers) | {k})
     method = cfg.methods if cfg.methods in METHODS else "bupo"
     upper = {"grpo_frozen": (k, lambda s: 0.0 if s < cfg.inter_steps else 1.0),
@@ -111,6 +112,11 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=()):
             with distributed.full_weights(runner) as model:  # every rank profiles the same responses
                 prof = entropy_profile(model, tok, cfg)
             m["profile_layer"], m["profile_dH_ffn"] = prof["layer"], prof["dH_ffn"]
+        if probes and cfg.probe_every and ((step + 1) % cfg.probe_every == 0 or step == cfg.steps - 1):
+            t = time.perf_counter()
+            with distributed.full_weights(runner) as model:  # every rank probes the same responses
+                m |= {f"probe_{key}": v for key, v in probe(model, probes, k, tok.pad_token_id).items()}
+            m["time_probe"] = time.perf_counter() - t
     return grpo.train(cfg, policy_for_step, on_step, model=model, tok=tok, desc=desc, upper=upper)
 
 
@@ -181,6 +187,7 @@ def check_experiment(cfg):
     steps = [cfg.inter_steps] + (values if key == "inter_steps" else [])
     check(all(0 <= v <= cfg.steps for v in steps), f"--inter-steps must lie in 0..--steps ({cfg.steps}), got {', '.join(map(str, steps))}")
     check(cfg.profile_samples >= 1 and cfg.profile_every >= 0, "--profile-samples must be >= 1 and --profile-every >= 0")
+    check(cfg.probe_samples >= 1 and cfg.probe_every >= 0, "--probe-samples must be >= 1 and --probe-every >= 0")
     config = model_config(cfg.model)
     check(cfg.layer == "auto" or cfg.layer.lstrip("-").isdigit(), f"--layer must be an integer or auto, got '{cfg.layer}'")
     for k in ([int(cfg.layer)] if cfg.layer != "auto" else []) + (values if key == "layer" else []):
@@ -206,7 +213,7 @@ def experiment(cfg):
                 has_ckpt = checkpoint_path(run_cfg.out) is not None
                 run_cfg = replace(run_cfg, resume=has_ckpt, overwrite=not has_ckpt)  # a run killed before any checkpoint restarts
                 hist, _, _ = train_bupo(run_cfg, int(run_cfg.layer), copy.deepcopy(init).to(d.device), tok,
-                                        desc=f"{group}, seed {seed}", layers=layers)
+                                        desc=f"{group}, seed {seed}", layers=layers, probes=start.get("probe_set"))
                 if len(hist) < run_cfg.steps:  # stopped on request: keep its checkpoint, report nothing
                     raise Stopped(f"{group}, seed {seed} after step {len(hist) - 1} of {run_cfg.steps}, checkpoint saved; "
                                   f"continue the experiment with --resume --out {cfg.out}")
@@ -219,16 +226,24 @@ def experiment(cfg):
 
 
 def _initial(cfg, model, tok, d):
-    """{"layer", "eval", "profile"} of the starting model, computed once and kept in out/initial.json."""
+    """{"layer", "eval", "profile"} of the starting model, computed once and kept in out/initial.json; with
+    --probe-every also the probe set (the same for every method and seed) and the start's probe of each layer."""
     path = os.path.join(cfg.out, "initial.json")
-    if os.path.exists(path):
-        return read_json(path)
-    runner = distributed.Policy(model)
-    start = {"layer": resolve_layer(cfg, model, tok), "eval": grpo.evaluations(runner, tok, cfg, d, sampled=True),
-             "profile": entropy_profile(model, tok, cfg) if cfg.profile_every else None}
+    start = read_json(path) if os.path.exists(path) else None
+    if start is None:
+        runner = distributed.Policy(model)
+        start = {"layer": resolve_layer(cfg, model, tok), "eval": grpo.evaluations(runner, tok, cfg, d, sampled=True),
+                 "profile": entropy_profile(model, tok, cfg) if cfg.profile_every else None}
+    elif not cfg.probe_every or "probe_set" in start:
+        return start
+    if cfg.probe_every:  # also when a resumed experiment starts probing
+        dtype = getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None
+        start["probe_set"] = probe_set(model, tok, cfg.eval_data, cfg.probe_samples, cfg.max_new_tokens, dtype)
+        key, values = parse_sweep(cfg)
+        start["probe"] = {str(k): probe(model, start["probe_set"], k, tok.pad_token_id)
+                          for k in sorted({start["layer"]} | (set(values) if key == "layer" else set()))}
     if d.main:
-        with open(path, "w") as f:
-            json.dump(start, f, indent=1)
+        write_json(path, start)
     return start
 
 

@@ -130,12 +130,14 @@ class BuPOConfig(GRPOConfig):
     sweep: str = ""                    # an ablation of BuPO: layer=4,14,24 or inter_steps=2,5,10 (each value on every seed)
     profile_samples: int = 8           # responses used for the internal entropy profiles and layer=auto
     profile_every: int = 10            # log the internal entropy profile every N steps and after the last (0 = never)
+    probe_every: int = 0               # Fig. 5: probe layer k's feature refinement every N steps and after the last (0 = never)
+    probe_samples: int = 8             # the fixed probe set: responses of the start model to the first N held-out questions
     keep_checkpoints: bool = False     # keep each finished run's final checkpoint (1.6 GB for the default model)
     out: str = "runs/bupo"             # output dir: seed*/<run>/, results.md, results.json and the figures
 
     # an experiment's finished runs stop at --steps, their checkpoints deleted: steps may not change on resume
     SAFE_ON_RESUME: ClassVar[tuple] = tuple(f for f in GRPOConfig.SAFE_ON_RESUME if f != "steps") + (
-        "seeds", "methods", "sweep", "keep_checkpoints", "profile_every")
+        "seeds", "methods", "sweep", "keep_checkpoints", "profile_every", "probe_every")
 
 
 BUPO_PRESETS = {"paper": dict(layer="auto", out="runs/bupo"),

@@ -4,8 +4,9 @@ Each method and seed contributes its last logged step (bupo.py keeps nothing els
 run). The tables follow the paper: held-out accuracy after training per method (Table 1;
 here greedy on the held-out set, and the paper's Avg@K from K samples at temperature 1),
 each seed, the mean, its 95% interval, and every method's paired difference from GRPO
-(report.paired_difference); the unbiased Pass@K curve of each method (Fig. 6); and the
-curves per step of reward, entropies and response length (Fig. 4, Fig. 7).
+(report.paired_difference); the unbiased Pass@K curve of each method (Fig. 6); the
+curves per step of reward, entropies and response length (Fig. 4, Fig. 7); and with
+--probe-every the feature-refinement probes of layer k (Fig. 5, probe.py).
 """
 import json
 import os
@@ -112,6 +113,61 @@ def plot_profiles(path, start, runs, k):
                 marks=[k + 1], xlabel="layer")
 
 
+def probe_points(start, hist, k):
+    """[(steps done, probe)] of a run: the shared start's probe (step 0), then each probed step's (Fig. 5)."""
+    first = start.get("probe", {}).get(str(k))
+    pts = [(0, first)] if first else []
+    return pts + [(m["step"] + 1, {key: m[f"probe_{key}"] for key in ("cos", "dH", "ppl", "kl")}) for m in hist if "probe_cos" in m]
+
+
+def probe_summary(start, runs, k):
+    """({group: {steps done: {"cos", "cos_top", "dH", "ppl", "kl", "kl_top"}}} with means over seeds (cos and kl averaged
+    over the later layers j; _top: with the last layer), {group: [probe_points of each run]})."""
+    flat = lambda p: {"cos": statistics.fmean(p["cos"]), "cos_top": p["cos"][-1], "dH": p["dH"], "ppl": p["ppl"],
+                      "kl": statistics.fmean(p["kl"]), "kl_top": p["kl"][-1]}
+    out, points = {}, {}
+    for g, r in runs.items():
+        per_run = [probe_points(start, h, k) for h in r.values()]
+        if all(len(pts) >= 2 for pts in per_run):
+            points[g] = per_run
+            out[g] = {step: {q: statistics.fmean(flat(pts[i][1])[q] for pts in per_run) for q in flat(p)}
+                      for i, (step, p) in enumerate(per_run[0])}
+    return out, points
+
+
+def plot_probes(out_dir, start, runs, k):
+    """probes.png (Fig. 5b-d, and 5a's mean over the later layers, against the step, a line per method) and
+    probe_layers.png (Fig. 5a: cos(h_k, h_j) against the target layer j, a panel per method, a line per probed step)."""
+    summary, points = probe_summary(start, runs, k)
+    if not summary:
+        return summary
+    steps_of = lambda pts: [st for st, _ in pts]
+    by_step = {g: [{q: (steps_of(pts), [statistics.fmean(p[q]) if isinstance(p[q], list) else p[q] for _, p in pts])
+                    for q in ("cos", "dH", "ppl", "kl")} for pts in per_run] for g, per_run in points.items()}
+    plot_panels(os.path.join(out_dir, "probes.png"), by_step,
+                [("cos", f"(a) mean cos(h_{k}, h_j), j > {k}"), ("dH", f"(b) dH_{k} = H(pi_{k}) - H(pi_{k - 1})"),
+                 ("ppl", "(c) output-policy perplexity"), ("kl", f"(d) mean KL(pi_{k} || pi_j), j > {k}")],
+                title="on the fixed probe set: mean over seeds, band: min-max")
+    first = next(iter(points.values()))
+    by_layer = {f"after {st} steps": [{g: (list(range(k + 1, k + 1 + len(per_run[r][i][1]["cos"]))), per_run[r][i][1]["cos"])
+                                       for g, per_run in points.items() if r < len(per_run) and i < len(per_run[r])}
+                                      for r in range(len(first))] for i, st in enumerate(steps_of(first[0]))}
+    plot_panels(os.path.join(out_dir, "probe_layers.png"), by_layer, [(g, f"(a) {g}: cos(h_{k}, h_j)") for g in points],
+                xlabel="layer j", title="on the fixed probe set: mean over seeds, a line per probed step")
+    return summary
+
+
+def probe_table(summary, k):
+    """Markdown: each method's probe at the start and after the last step (means over seeds)."""
+    rows = []
+    for g, by_step in summary.items():
+        for step in (min(by_step), max(by_step)):
+            p = by_step[step]
+            rows.append([g, step, p["cos"], p["cos_top"], p["dH"], p["ppl"], p["kl"], p["kl_top"]])
+    return markdown_table([f"probe of layer {k} (Fig. 5)", "steps", "mean cos(h_k, h_j)", "cos with the top layer",
+                           "dH_k", "output PPL", "mean KL(pi_k||pi_j)", "KL to the output policy"], rows)
+
+
 def plot_sweep(path, key, values, summary):
     """Final held-out accuracy against the swept value: BuPO's mean with its 95% interval, and GRPO's (one value)."""
     series = {"BuPO": [(v, summary["stats"][f"BuPO {key}={v}"]) for v in values]}
@@ -140,14 +196,17 @@ def report(cfg, start, runs, sweep):
         plot_profiles(os.path.join(cfg.out, "profiles.png"), start, runs, k)
     if key:
         plot_sweep(os.path.join(cfg.out, "sweep.png"), key, values, greedy)
+    probes = plot_probes(cfg.out, start, runs, k)
+    if probes:
+        tables.append(probe_table(probes, k))
     text = "\n".join(t for t in tables if t)
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump({"layer": k, "inter_steps": cfg.inter_steps, "steps": cfg.steps, "sweep": cfg.sweep, **greedy,
-                   "sampled": sampled, "pass_at_k": curves,
+                   "sampled": sampled, "pass_at_k": curves, "probes": probes,
                    "reward_first_last": {g: {s: [h[0]["reward_mean"], h[-1]["reward_mean"]] for s, h in r.items()} for g, r in runs.items()},
                    "profile_initial": start["profile"] and start["profile"]["layer"]}, f, indent=1)
     print(f"\nafter {cfg.steps} steps; k={k}, s_inter={cfg.inter_steps}:\n{text}")
     print(f"wrote {cfg.out}/results.md, results.json, comparison.png" + (", passk.png" if len(curves) > 1 else "")
-          + (", profiles.png" if start["profile"] else "") + (", sweep.png" if key else ""))
+          + (", profiles.png" if start["profile"] else "") + (", sweep.png" if key else "") + (", probes.png, probe_layers.png" if probes else ""))
