@@ -115,7 +115,7 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=(), probes=None):
         if probes and cfg.probe_every and ((step + 1) % cfg.probe_every == 0 or step == cfg.steps - 1):
             t = time.perf_counter()
             with distributed.full_weights(runner) as model:  # every rank probes the same responses
-                m |= {f"probe_{key}": v for key, v in probe(model, probes, k, tok.pad_token_id).items()}
+                m |= {f"probe_{key}": v for key, v in probe(model, probes, k, tok.pad_token_id).items()} | {"probe_layer": k}
             m["time_probe"] = time.perf_counter() - t
     return grpo.train(cfg, policy_for_step, on_step, model=model, tok=tok, desc=desc, upper=upper)
 

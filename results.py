@@ -114,8 +114,11 @@ def plot_profiles(path, start, runs, k):
 
 
 def probe_points(start, hist, k):
-    """[(steps done, probe)] of a run: the shared start's probe (step 0), then each probed step's (Fig. 5)."""
-    first = start.get("probe", {}).get(str(k))
+    """[(steps done, probe)] of a run that probed layer k: the shared start's probe (step 0), then each probed step's
+    (Fig. 5); [] for a run that probed another layer (a sweep's BuPO at its own k)."""
+    if any(m.get("probe_layer", k) != k for m in hist if "probe_cos" in m):
+        return []
+    first = (start.get("probe") or {}).get(str(k))
     pts = [(0, first)] if first else []
     return pts + [(m["step"] + 1, {key: m[f"probe_{key}"] for key in ("cos", "dH", "ppl", "kl")}) for m in hist if "probe_cos" in m]
 
