@@ -178,10 +178,11 @@ def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d, crit
     with distributed.full_weights(runner) as model:
         batch, results = rollout_step(model, tok, step_problems, cfg, step, mine)
     m = rollout_metrics({k: distributed.gather_rows(v) for k, v in results.items()}, cfg.group_size)
+    tc = time.perf_counter()
     if critic is not None:
         values = critic_values(critic[0], batch, cfg)  # (N, T)
         batch.advantages, returns = gae_advantages(results["reward"], values, batch.response_mask, cfg.gamma, cfg.lam, distributed.all_sum)
-        m.update(critic_update(*critic, batch, returns, values, cfg))
+        m.update(critic_update(*critic, batch, returns, values, cfg), time_critic=time.perf_counter() - tc)
     t1 = time.perf_counter()
     # 3. old log-probs of the later mini-batches (the first is on-policy), reference log-probs
     first = cfg.mini_batch_prompts // d.world * cfg.group_size
@@ -192,7 +193,7 @@ def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d, crit
     m.update(ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, d.world))
     resp = batch.response_mask
     ent_sum, n = distributed.all_sum([(ent * resp).sum().item(), resp.sum().item()])
-    m.update(entropy=ent_sum / max(n, 1), lr=cfg.lr, time_rollout=t1 - t0, time_old_logprobs=t2 - t1,
+    m.update(entropy=ent_sum / max(n, 1), lr=cfg.lr, time_rollout=tc - t0, time_old_logprobs=t2 - t1,
              time_update=time.perf_counter() - t2)
     if d.device.type == "cuda":
         m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(d.device) / 1e9
