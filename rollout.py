@@ -109,7 +109,7 @@ def _record(s, b, logits, opts):
     at = (rows, s.t.expand(b))
     s.tokens.index_put_(at, torch.where(alive, tok, opts["pad"]))
     s.logprobs.index_put_(at, torch.where(alive, lp, 0.0))
-    done = alive & torch.isin(tok, opts["eos"])
+    done = alive & (tok[:, None] == opts["eos"]).any(-1)  # not torch.isin: past ~10-23 ids it sorts and syncs the host
     s.lengths.index_put_((rows,), torch.where(done, s.t + 1, s.lengths[rows]))
     s.finished.index_put_((rows,), s.finished[rows] | done)
     s.alive[:b] = alive & ~done
