@@ -22,7 +22,6 @@ ablations. Interrupted, --resume skips the finished runs and continues the other
 """
 import copy
 import os
-import time
 from dataclasses import replace
 
 import torch
@@ -113,10 +112,11 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=(), probes=None):
                 prof = entropy_profile(model, tok, cfg)
             m["profile_layer"], m["profile_dH_ffn"] = prof["layer"], prof["dH_ffn"]
         if probes and cfg.probe_every and ((step + 1) % cfg.probe_every == 0 or step == cfg.steps - 1):
-            t = time.perf_counter()
+            device = distributed.init().device
+            t = distributed.clock(device)
             with distributed.full_weights(runner) as model:  # every rank probes the same responses
                 m |= {f"probe_{key}": v for key, v in probe(model, probes, k, tok.pad_token_id).items()} | {"probe_layer": k}
-            m["time_probe"] = time.perf_counter() - t
+            m["time_probe"] = distributed.clock(device) - t
     return grpo.train(cfg, policy_for_step, on_step, model=model, tok=tok, desc=desc, upper=upper)
 
 
@@ -271,11 +271,11 @@ def bench(cfg, repeats=2):
                      ("plain HF forward+backward", plain)):
         ts = []
         for _ in range(repeats + 1):  # the first is a warm-up
-            t = time.perf_counter()
+            t = distributed.clock(model.device)
             with compute_precision(cfg.precision, model.device):
                 fn()
             model.zero_grad(set_to_none=True)
-            ts.append(time.perf_counter() - t)
+            ts.append(distributed.clock(model.device) - t)
         times[name] = min(ts[1:])
     D, V = model.config.hidden_size, model.config.vocab_size
     per_layer = sum(m.weight.numel() for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
