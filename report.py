@@ -75,7 +75,7 @@ def fmt_interval(s):
 
 # ----------------------------------------------------------------------------- curves of training runs (metrics.jsonl)
 
-CURVES = [("reward_mean", "train reward (mean)"), ("eval", "held-out accuracy (%)"), ("entropy", "policy entropy (nats)"),
+CURVES = [("reward_mean", "train reward (mean)"), ("eval", "held-out accuracy (%)"), ("entropy", "entropy of the output policy (nats)"),
           ("response_len_mean", "response length")]
 
 
