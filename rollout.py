@@ -8,12 +8,11 @@ modules and weights doing the math:
   only its last position is unembedded;
 - decode: one static step, `_step`, run per token. Its tensors keep their shapes and
   addresses for a whole call: a KV cache of [rows, kv_heads, prompt + max_new, head_dim]
-  per layer allocated once, positions and the step index as tensors, the uniform draws
-  of every step drawn up front, the sampled tokens recorded in place. Finished rows are
-  moved out (compaction) so they stop costing compute;
-- on CUDA the step is captured once per (batch bucket, attended cache span) as a CUDA
-  graph and replayed, the live rows padded to the bucket (1, 2, 4, ..., as nano-vllm);
-  the host reads the GPU only every `sync_every` steps, to stop and to compact;
+  per layer, positions and the step index as tensors, the uniform draws of every step
+  drawn up front, the tokens recorded in place. Finished rows are moved out (compaction);
+- on CUDA the step is captured once per (batch bucket, cache span of 128 slots) as a
+  CUDA graph and replayed, the live rows padded to the bucket (1, 2, 4, ..., as
+  nano-vllm); the host reads the GPU only every `sync_every` steps, to stop and compact;
 - on CPU the same step runs eagerly on exactly the live rows and the filled part of the
   cache, with every linear weight packed once into oneDNN's layout (what torch.compile
   uses): a decode step's small-M products run ~2x faster so.
@@ -153,14 +152,18 @@ class Graphs:
         g.replay()
 
 
+SPAN = 128  # static shapes attend the cache in spans of this many slots: one CUDA graph per (bucket, span)
+
+
 def _bucket(n, B, static):
     """Rows to run for n live ones: n itself, or with static shapes the next power of two (at most B)."""
     return n if not static else min(B, 1 << (n - 1).bit_length())
 
 
 def _span(filled, S, static):
-    """Cache slots to attend: the filled ones, or with static shapes the next power of two (at most S)."""
-    return filled if not static else min(S, 1 << (filled - 1).bit_length())
+    """Cache slots to attend: the filled ones, or with static shapes the next multiple of SPAN (at most S): a power
+    of two would read up to twice the filled cache."""
+    return filled if not static else min(S, -(-filled // SPAN) * SPAN)
 
 
 def _compact(s, cache, b, filled, static):
@@ -267,11 +270,9 @@ CARD_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 
 
 def _timed(fn, device):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t = time.perf_counter()
+    t = sync() or time.perf_counter()
     out = fn()
-    sync()
-    return out, time.perf_counter() - t
+    return out, sync() or time.perf_counter() - t
 
 
 def bandwidth(device, given_gbs=0.0):
@@ -283,8 +284,7 @@ def bandwidth(device, given_gbs=0.0):
         for key, bw in CARD_BANDWIDTH.items():
             if key in name:
                 return bw, f"{name}, maker's figure"
-    x = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
+    x, y = (torch.empty(1 << 28, dtype=torch.uint8, device=device) for _ in range(2))
     best = min(_timed(lambda: y.copy_(x), device)[1] for _ in range(5))
     return 2 * x.numel() / best, "measured copy"
 
@@ -382,12 +382,11 @@ def main(argv=None):
     p.add_argument("--bandwidth", type=float, default=0.0, help="memory bandwidth in GB/s for the bound (default: the card's by name, else measured)")
     p.add_argument("--prompt", default="What is 12 + 7?", help="without --bench: a user turn to answer, greedily")
     args = p.parse_args(argv)
-    check(not args.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda, but torch sees no CUDA device here")
-    check(args.device in ("", "cpu") or args.device.startswith("cuda"), f"--device must be cpu or cuda, got '{args.device}'")
+    check(args.device in ("", "cpu") or args.device.startswith("cuda") and torch.cuda.is_available(),
+          f"--device must be cpu, or cuda where torch sees a CUDA device (it sees {torch.cuda.device_count()}); got '{args.device}'")
     check(args.dtype in ("", "bfloat16", "float32"), f"--dtype must be bfloat16 or float32, got '{args.dtype}'")
     check(all(b >= 1 for b in args.batches or [1]) and args.new_tokens >= 0, "--batches must be >= 1 and --new-tokens >= 0")
-    check(math.isfinite(args.bandwidth) and args.bandwidth >= 0, f"--bandwidth must be a finite number of GB/s >= 0 (0 = measure), "
-          f"got {args.bandwidth}")
+    check(math.isfinite(args.bandwidth) and args.bandwidth >= 0, f"--bandwidth must be a finite GB/s >= 0 (0 = measure), got {args.bandwidth}")
     if args.bench:
         return bench(args)
     model, tok = load_model(args.model)

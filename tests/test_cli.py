@@ -51,7 +51,7 @@ def bad_inputs(tmp):
         ("bupo.py", ["--sweep", "layer=4,40"], "k=40 out of range"),
         ("bupo.py", ["--seeds", "0"], "--seeds must be"),
         ("rollout.py", ["--bench", "--random-weights", "nope"], "no shipped config 'nope'"),
-        ("rollout.py", ["--bench", "--bandwidth", "-1"], "--bandwidth must be a finite number"),
+        ("rollout.py", ["--bench", "--bandwidth", "-1"], "--bandwidth must be a finite GB/s"),
         ("rollout.py", ["--bench", "--batches", "0"], "--batches must be >= 1"),
         ("rollout.py", ["--bench", "--dtype", "float16"], "--dtype must be bfloat16 or float32"),
         ("entropy.py", ["--max-new-tokens", "8192", "--out", f"{tmp}/ent"], "--max-new-tokens 8192 leaves no room"),

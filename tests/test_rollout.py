@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import rollout
 from conftest import tiny_model
 from rollout import filter_logits, generate, sample
 
@@ -223,3 +224,18 @@ def test_the_bf16_sampling_copy_keeps_float32_rotary_frequencies():
     assert torch.equal(cos16, cos32.to(torch.bfloat16)) and torch.equal(sin16, sin32.to(torch.bfloat16))
     naive = copy.model.rotary_emb.inv_freq.to(torch.bfloat16).float()  # what a plain .to(bf16) kept
     assert (pos[0, -1] * (naive - model.model.rotary_emb.inv_freq)).abs().max() > 0.5  # radians off at position 8k
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_static_spans_of_a_few_slots_match_hf_generate(arch, monkeypatch):
+    """CUDA's static shapes with spans of 4 cache slots (128 in use): the attended span grows 4 slots at a time, masked
+    beyond the filled ones, and greedy decoding still equals HF generate token for token."""
+    monkeypatch.setattr(rollout, "SPAN", 4)
+    spans = []
+    real = rollout._span
+    monkeypatch.setattr(rollout, "_span", lambda filled, S, static: spans.append(real(filled, S, static)) or spans[-1])
+    model, prompts = tiny_model(arch), prompts_for()
+    r = generate(model, prompts, max_new_tokens=12, temperature=0, pack=False, static=True, sync_every=3)
+    for i, p in enumerate(prompts):
+        assert r.tokens[i].tolist() == hf_greedy(model, p, 12)
+    assert all(s % 4 == 0 for s in spans[:-1]) and len(set(spans)) >= 3
