@@ -326,3 +326,21 @@ def test_run_dirs_survive_what_users_do_to_them(tmp_path, monkeypatch, capsys):
     err = one_line_error(grpo.main, argv[:-1] + [f"--out={tmp_path / 'run2'}"], capsys)
     assert "could not save the checkpoint after step 1" in err and "No space left" in err and "no checkpoint was kept" in err
     assert not list((tmp_path / "run2").glob("checkpoint*"))
+
+
+def test_a_kv_cache_beyond_memory_is_refused_with_the_batch_that_fits():
+    """Qwen3-4B's shape at the paper's batch (128 prompts x 8, 8192 new tokens, bf16): 2 x 1024 x 8192 x 36 layers x 8
+    KV heads x 128 x 2 bytes = 1237 GB by hand, refused on an 80 GB card with the --rollout-batch that fits half of it."""
+    from transformers import AutoConfig
+    from config import check_rollout_memory, kv_cache_bytes
+    qwen3_4b = AutoConfig.for_model("qwen3", num_hidden_layers=36, num_key_value_heads=8, head_dim=128, hidden_size=2560,
+                                    num_attention_heads=32)
+    assert kv_cache_bytes(qwen3_4b, 1024, 8192, 2) == 2 * 1024 * 8192 * 36 * 8 * 128 * 2 == 1_236_950_581_248
+    cfg = grpo.GRPOConfig(rollout_dtype="bfloat16")
+    per_row = 2 * 8192 * 36 * 8 * 128 * 2
+    fit = int(40e9 // per_row) // 8 * 8  # 32 rows
+    with pytest.raises(InputError, match=rf"needs at least 1237.0 GB \(1024 rows x 8192 slots\).* --rollout-batch {fit}$"):
+        check_rollout_memory(cfg, qwen3_4b, memory=80e9)
+    check_rollout_memory(replace(cfg, rollout_batch=fit), qwen3_4b, memory=80e9)
+    with pytest.raises(InputError, match="lower --max-new-tokens or --group-size"):
+        check_rollout_memory(replace(cfg, rollout_batch=8), qwen3_4b, memory=4e9)
