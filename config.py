@@ -157,7 +157,7 @@ class BuPOConfig(GRPOConfig):
     profile_samples: int = 8           # responses used for the internal entropy profiles and layer=auto
     profile_every: int = 10            # log the internal entropy profile every N steps and after the last (0 = never)
     probe_every: int = 0               # Fig. 5: probe layer k's feature refinement every N steps and after the last (0 = never)
-    probe_samples: int = 8             # the fixed probe set: responses of the start model to the first N held-out questions
+    probe_samples: int = 4             # the fixed probe set: responses of the start model to the first N held-out questions
     keep_checkpoints: bool = False     # keep each finished run's final checkpoint (1.6 GB for the default model)
     out: str = "runs/bupo"             # output dir: seed*/<run>/, results.md, results.json and the figures
 

@@ -12,7 +12,8 @@ that each curve has a control), over the positions that produce the response tok
 
 pi_l = softmax(lm_head(h_l)) on the raw residual (the paper's convention; the last layer
 with the model's final norm), at temperature 1, in float32. One hooked forward pass and
-L - k + 1 unembeddings per response token, chunked by a memory budget.
+L - k + 1 unembeddings per response token, chunked by a memory budget: on this CPU 2.5-3 s
+for 4 responses of the default model (64 tokens, k=4), under 20% of a 15-s training step.
 """
 import math
 
@@ -36,15 +37,18 @@ def probe_set(model, tok, eval_data, n, max_new_tokens, dtype=None):
     return {"prompts": prompts, "responses": [t[:n] for t, n in zip(r.tokens.tolist(), r.lengths.tolist())]}
 
 
-def _logp(model, h, last):
-    """log pi(h) (N, V) in float32; `last`: the output policy, with the model's final norm."""
-    return unembed(model, h.float(), final_norm=last).float().log_softmax(-1)
+def _logits(model, h, last):
+    """Logits (N, V) of pi(h) in float32; `last`: the output policy, with the model's final norm."""
+    return unembed(model, h.float(), final_norm=last).float()
 
 
 @torch.no_grad()
 def probe(model, probes, k, pad_id=0):
     """Fig. 5's four measures of layer k on the probe set (probe_set's dict):
-    {"cos": [cos(h_k, h_j) for j = k+1..L-1], "dH": dH_k, "ppl": output-policy perplexity, "kl": [KL(pi_k || pi_j)]}."""
+    {"cos": [cos(h_k, h_j) for j = k+1..L-1], "dH": dH_k, "ppl": output-policy perplexity, "kl": [KL(pi_k || pi_j)]}.
+
+    KL(pi_k || pi_j) = -H(pi_k) - p_k . z_j + logsumexp(z_j) for logits z_j: one matmul, one log-softmax and one
+    row dot per later layer, no (N, V) products."""
     L = model.config.num_hidden_layers
     check_layer(model.config, k)
     ids, att, resp = pad_rows(probes["prompts"], probes["responses"], pad_id, model.device)
@@ -67,12 +71,14 @@ def probe(model, probes, k, pad_id=0):
     dh, nll, kl = 0.0, 0.0, torch.zeros(len(later), dtype=torch.float64)
     for i in range(0, n, chunk):
         s = slice(i, i + chunk)
-        lp_k = _logp(model, h[k][s], k == L - 1)
-        dh += (entropy_of_logp(lp_k) - entropy_of_logp(_logp(model, h[k - 1][s], False))).double().sum().item()
+        lp_k = _logits(model, h[k][s], k == L - 1).log_softmax(-1)
+        ent_k = entropy_of_logp(lp_k)
+        dh += (ent_k - entropy_of_logp(_logits(model, h[k - 1][s], False).log_softmax(-1))).double().sum().item()
         p_k = lp_k.exp()
         for idx, j in enumerate(later):
-            lp_j = _logp(model, h[j][s], j == L - 1)
-            kl[idx] += (p_k * (lp_k - lp_j)).sum(-1).double().sum()
-        lp_out = lp_k if k == L - 1 else lp_j
-        nll -= lp_out.gather(-1, targets[s, None]).double().sum().item()
+            z = _logits(model, h[j][s], j == L - 1)
+            lse = z[:, 0] - z.log_softmax(-1)[:, 0]  # 4x faster than torch.logsumexp on this CPU
+            kl[idx] += (lse - ent_k - torch.einsum("nv,nv->n", p_k, z)).double().sum()
+        z_out, lse_out = (lp_k, 0.0) if k == L - 1 else (z, lse)
+        nll -= (z_out.gather(-1, targets[s, None])[:, 0] - lse_out).double().sum().item()
     return {"cos": cos, "dH": dh / n, "ppl": math.exp(nll / n), "kl": (kl / n).tolist()}

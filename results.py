@@ -166,7 +166,7 @@ def probe_table(summary, k):
     for g, by_step in summary.items():
         for step in (min(by_step), max(by_step)):
             p = by_step[step]
-            rows.append([g, step, p["cos"], p["cos_top"], p["dH"], p["ppl"], p["kl"], p["kl_top"]])
+            rows.append([g, step] + [f"{p[q]:.4f}" for q in ("cos", "cos_top", "dH")] + [f"{p[q]:.3f}" for q in ("ppl", "kl", "kl_top")])
     return markdown_table([f"probe of layer {k} (Fig. 5)", "steps", "mean cos(h_k, h_j)", "cos with the top layer",
                            "dH_k", "output PPL", "mean KL(pi_k||pi_j)", "KL to the output policy"], rows)
 
