@@ -163,7 +163,7 @@ class BuPOConfig(GRPOConfig):
 
     # an experiment's finished runs stop at --steps, their checkpoints deleted: steps may not change on resume
     SAFE_ON_RESUME: ClassVar[tuple] = tuple(f for f in GRPOConfig.SAFE_ON_RESUME if f != "steps") + (
-        "seeds", "methods", "sweep", "keep_checkpoints", "profile_every", "probe_every")
+        "seeds", "methods", "sweep", "keep_checkpoints", "profile_every", "probe_every", "probe_samples")
 
 
 BUPO_PRESETS = {"paper": dict(layer="auto", out="runs/bupo"),
