@@ -119,7 +119,10 @@ def plot_panels(path, groups, panels, title=None, marks=(), xlabel="step", logx=
         ax.set(title=panel_title, xlabel=xlabel)
         if logx:
             ax.set_xscale("log", base=2)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:  # nothing logged for this panel (e.g. no evaluation): say so, not an empty legend
+            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
