@@ -44,7 +44,7 @@ class GRPOConfig:
     temperature: float = 1.0           # rollout temperature (also divides the training logits, as verl)
     top_p: float = 1.0                 # rollout nucleus
     rollout_dtype: str = ""            # sample with a copy of the weights in this dtype (e.g. bfloat16); "" = the model's
-    rollout_batch: int = 0             # sequences sampled at a time, a multiple of group_size (0 = all at once): bounds the KV cache
+    rollout_batch: int = 0             # rows decoded at once (continuous batching), a multiple of group_size (0 = all): bounds the KV cache
     lr: float = 1e-6                   # AdamW learning rate (constant)
     weight_decay: float = 0.01         # AdamW weight decay (verl's default)
     grad_clip: float = 1.0             # max gradient norm
@@ -97,7 +97,7 @@ def check_config(cfg, config, world=1):
     check(cfg.prompts_per_step % cfg.mini_batch_prompts == 0,
           f"--prompts-per-step {cfg.prompts_per_step} is not a multiple of --mini-batch-prompts {cfg.mini_batch_prompts}")
     check(cfg.rollout_batch >= 0 and cfg.rollout_batch % cfg.group_size == 0,
-          f"--rollout-batch {cfg.rollout_batch} must be a multiple of --group-size {cfg.group_size} (a group is sampled together)")
+          f"--rollout-batch {cfg.rollout_batch} must be a multiple of --group-size {cfg.group_size} (whole groups, each prefilled once)")
     check(cfg.mini_batch_prompts % world == 0, f"--mini-batch-prompts {cfg.mini_batch_prompts} cannot be split over {world} ranks "
           f"without splitting a group (a group stays on one rank): use a multiple of {world}, or fewer ranks")
     check(cfg.eval_limit >= 0 and cfg.eval_every >= 0 and cfg.save_every >= 0, "--eval-limit, --eval-every and --save-every must be >= 0")

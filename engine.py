@@ -12,6 +12,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 from decompose import is_sandwich, softcap
 
@@ -73,26 +74,47 @@ def _apply_rope(x, cos, sin):
     return x * cos[:, None] + rotated * sin[:, None]  # cos: (B, T, hd) -> (B, 1, T, hd)
 
 
-def _attention(q, K, V, mask, scale):
-    """softmax(q K^T * scale, where mask) V, each K/V head shared by a group of query heads.
-
-    CUDA: SDPA. CPU: written out, because the fused CPU kernel copies the strided cache
-    views; the group is folded into the query length, so K and V are read in place.
-    """
-    if q.is_cuda:
-        return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=scale, enable_gqa=True)
+def _fold(q, mask, kv_heads):
+    """Grouped-query attention as plain multi-head attention: the g query heads that share a K/V head folded into
+    the query length, q (B, H, T, hd) -> (B, Hkv, g*T, hd), the mask (b, 1, T, S) repeated to (b, 1, g*T, S)."""
     B, H, T, hd = q.shape
-    Hkv = K.shape[1]
-    s = (q.reshape(B, Hkv, (H // Hkv) * T, hd) @ K.transpose(-1, -2)) * scale  # (B, Hkv, g*T, S)
-    s = s.view(B, Hkv, H // Hkv, T, -1)
-    if mask is not None:
-        s = s.masked_fill(~mask[:, :, None], float("-inf"))  # mask: (B, 1, T, S)
-    p = s.float().softmax(-1).to(q.dtype).view(B, Hkv, (H // Hkv) * T, -1)
-    return (p @ V).view(B, H, T, hd)
+    g = H // kv_heads
+    if mask is not None and T > 1:
+        mask = mask[:, :, None].expand(mask.shape[0], 1, g, T, mask.shape[-1]).reshape(mask.shape[0], 1, g * T, -1)
+    return q.reshape(B, kv_heads, g * T, hd), mask
+
+
+def attention_backend(model, batch, span):
+    """The kernel SDPA picks for _attention's fused call in a decode step of `batch` rows over `span` cache slots
+    (FLASH_ATTENTION, EFFICIENT_ATTENTION, CUDNN_ATTENTION or MATH): the dispatcher's choice, asked without running it."""
+    a, c = model.model.layers[0].self_attn, model.config
+    q = torch.zeros(batch, c.num_attention_heads, 1, a.head_dim, dtype=model.dtype, device=model.device)
+    K = q.new_zeros(batch, c.num_key_value_heads, span, a.head_dim)
+    qf, mask = _fold(q, torch.ones(batch, 1, 1, span, dtype=torch.bool, device=q.device), K.shape[1])
+    return SDPBackend(torch._fused_sdp_choice(qf, K, K, mask, 0.0, False, scale=a.scaling)).name
+
+
+def _attention(q, K, V, mask, scale, fused=None):
+    """softmax(q K^T * scale, where mask) V, each K/V head shared by a group of query heads (q: (B, H, T, hd)).
+
+    The groups are folded into the query length (_fold), so K and V are read in place as they are. Fused
+    (the default on CUDA): SDPA, which on these plain multi-head inputs keeps to its fused kernels, where
+    enable_gqa with a mask falls back to the math kernel (K/V repeated to every head, in float32). Else
+    written out: the fused CPU kernel copies the strided cache views.
+    """
+    B, H, T, hd = q.shape
+    qf, mf = _fold(q, mask, K.shape[1])  # (B, Hkv, g*T, hd), (b, 1, g*T, S)
+    if q.is_cuda if fused is None else fused:
+        return F.scaled_dot_product_attention(qf, K, V, attn_mask=mf, scale=scale).view(B, H, T, hd)
+    s = (qf @ K.transpose(-1, -2)) * scale  # (B, Hkv, g*T, S)
+    if mf is not None:
+        s = s.masked_fill(~mf, float("-inf"))
+    return (s.float().softmax(-1).to(q.dtype) @ V).view(B, H, T, hd)
 
 
 def _attend(layer, h, cos_sin, K, V, slots, mask, packed):
-    """Self-attention of h (B, T, D) whose keys and values go to cache slots `slots` (T,) of K, V (B, Hkv, span, hd)."""
+    """Self-attention of h (B, T, D) whose keys and values go to cache slots `slots` of K, V (B, Hkv, span, hd):
+    (T,), the same for every row, or (B, 1), a slot per row."""
     a = layer.self_attn
     B, T, _ = h.shape
     q = _linear(packed, a.q_proj, h).view(B, T, -1, a.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -101,18 +123,23 @@ def _attend(layer, h, cos_sin, K, V, slots, mask, packed):
     if hasattr(a, "q_norm"):  # Qwen3, Gemma3
         q, k = a.q_norm(q), a.k_norm(k)
     q, k = _apply_rope(q, *cos_sin), _apply_rope(k, *cos_sin)
-    K.index_copy_(2, slots, k)
-    V.index_copy_(2, slots, v)
+    if slots.dim() == 1:  # the same slots for every row
+        K.index_copy_(2, slots, k)
+        V.index_copy_(2, slots, v)
+    else:  # (B, 1): a slot per row (rows at different steps)
+        at = slots.view(B, 1, 1, 1).expand(B, K.shape[1], 1, K.shape[3])
+        K.scatter_(2, at, k)
+        V.scatter_(2, at, v)
     window = getattr(a, "sliding_window", None)
     if window:  # cache slots and positions differ by a per-row constant, so the window is on slots
-        in_window = torch.arange(K.shape[2], device=h.device) > slots[:, None] - window  # (T, span)
-        mask = in_window[None, None] if mask is None else mask & in_window
+        in_window = (torch.arange(K.shape[2], device=h.device) > slots[..., None] - window).view(-1, 1, T, K.shape[2])
+        mask = in_window if mask is None else mask & in_window
     o = _attention(q, K, V, mask, a.scaling)  # (B, H, T, hd)
     return _linear(packed, a.o_proj, o.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
 def forward(model, ids, pos, cache, slots, span, mask, packed):
-    """Decoder on ids (B, T) at positions pos (B, T), written to cache slots `slots` (T,), attending the
+    """Decoder on ids (B, T) at positions pos (B, T), written to cache slots `slots` ((T,) or (B, 1)), attending the
     first `span` slots where mask (B, 1, T, span) is True (None: all); returns the last position's logits (B, V)."""
     B = ids.shape[0]
     x = model.model.embed_tokens(ids)  # (B, T, D), Gemma's scaling included
@@ -140,17 +167,18 @@ def common_prefix(prompts):
     return max(n, 0)
 
 
-def prefill(model, prompts, S, pad_token_id, packed):
-    """Run each distinct prompt once and allocate the call's cache of S slots per row.
+def prefill(model, prompts, cache, key_ok, end, pad_token_id, packed):
+    """Run each distinct prompt once, its keys and values written to its rows of `cache` (per layer K, V views
+    (B, Hkv, S, hd)) so that every prompt ends at slot end - 1.
 
     The prefix all distinct prompts share (a chat template's system prompt) runs once too,
-    at slots 0..C-1; the rest of each prompt follows it, left-padded to R tokens, at slots
-    C..C+R-1 (the padding sits between the two parts, masked out). On 256 held-out
-    arithmetic questions this cuts the prefill to a third. Not for sliding-window models
-    (Gemma 3): their window is taken on slots, which the padding would shift.
-    Returns the next-token logits (B, V), the cache (per layer K, V: (B, Hkv, S, hd)),
-    key_ok (B, S), the next position of each row (B,), the prompt slots P = C + R, and
-    whether any slot is padding.
+    at slots 0..C-1 of the part written; the rest of each prompt follows it, left-padded to R
+    tokens (the padding sits between the two parts, masked out). On 256 held-out arithmetic
+    questions this cuts the prefill to a third. Not for sliding-window models (Gemma 3):
+    their window is taken on slots, which the padding would shift.
+    Sets key_ok (B, S): True at the prompt's real tokens and from `end` on. Returns the
+    next-token logits (B, V), the next position of each row (B,), and whether any slot
+    before `end` is padding.
     """
     dev, B = model.device, len(prompts)
     uniq = list(dict.fromkeys(map(tuple, prompts)))
@@ -159,9 +187,8 @@ def prefill(model, prompts, S, pad_token_id, packed):
     sliding = any(getattr(layer.self_attn, "sliding_window", None) for layer in model.model.layers)
     C = common_prefix(uniq) if len(uniq) > 1 and not sliding else 0
     R = max(len(p) for p in uniq) - C
-    kv_shape = (B, model.config.num_key_value_heads, S, model.model.layers[0].self_attn.head_dim)
-    cache = [(torch.zeros(kv_shape, dtype=model.dtype, device=dev), torch.zeros(kv_shape, dtype=model.dtype, device=dev))
-             for _ in model.model.layers]  # zeros: a masked slot weighs 0, and 0 * NaN of uninitialized memory would be NaN
+    off = end - C - R  # the slots before the part written: padding up to the call's longest prompt
+    cache = [(K[:, :, off:], V[:, :, off:]) for K, V in cache]
     if C:  # the shared prefix, once, then copied to every distinct prompt's row
         prefix = torch.tensor([uniq[0][:C]], device=dev)  # (1, C)
         causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril()[None, None]  # (1, 1, C, C)
@@ -175,10 +202,8 @@ def prefill(model, prompts, S, pad_token_id, packed):
     visible = torch.cat([torch.ones(len(uniq), R, C, dtype=torch.bool, device=dev),  # (U, R, C+R): the prefix, then the
                          (ok[:, None, :] & causal) | torch.eye(R, dtype=torch.bool, device=dev)], -1)  # real rest; pad rows see themselves
     logits = forward(model, ids, pos, cache, torch.arange(C, C + R, device=dev), C + R, visible[:, None], packed)[inverse]  # (B, V)
-    P = C + R
     if len(uniq) < B:
         for K, V in cache:
-            K[:, :, :P], V[:, :, :P] = K[inverse, :, :P], V[inverse, :, :P]  # (B, Hkv, P, hd) from the U prefilled rows
-    key_ok = torch.ones(B, S, dtype=torch.bool, device=dev)
-    key_ok[:, C:P] = ok[inverse]
-    return logits, cache, key_ok, pos[inverse, -1] + 1, P, not bool(ok.all())
+            K[:, :, :C + R], V[:, :, :C + R] = K[inverse, :, :C + R], V[inverse, :, :C + R]  # (B, Hkv, C+R, hd) from the U prefilled rows
+    key_ok[:, :off], key_ok[:, off:end - R], key_ok[:, end - R:end], key_ok[:, end:] = False, True, ok[inverse], True
+    return logits, pos[inverse, -1] + 1, off > 0 or not bool(ok.all())

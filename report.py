@@ -102,6 +102,8 @@ def plot_panels(path, groups, panels, title=None, marks=(), xlabel="step", logx=
     marks: x positions of dotted vertical lines (e.g. BuPO's switch step); logx: a log2 x axis (Pass@K's K).
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    others = [name for name in groups if name != "initial"]  # a group keeps its colour in every panel and figure
+    colors = {name: f"C{i % 10}" for i, name in enumerate(others)} | {"initial": "k"}  # tab10 has a grey of its own (C7)
     for ax, (key, panel_title) in zip(axes[0], panels):
         for name, runs in groups.items():
             curves = [r[key] for r in runs if r.get(key) and r[key][0]]
@@ -110,7 +112,7 @@ def plot_panels(path, groups, panels, title=None, marks=(), xlabel="step", logx=
             n = min(len(c[0]) for c in curves)
             steps = curves[0][0][:n]
             vals = [[c[1][i] for c in curves] for i in range(n)]
-            line, = ax.plot(steps, [statistics.fmean(v) for v in vals], marker="o" if n < 12 else None, ms=3,
+            line, = ax.plot(steps, [statistics.fmean(v) for v in vals], marker="o" if n < 12 else None, ms=3, color=colors[name],
                             label=f"{name} (n={len(curves)})" if len(curves) > 1 else name)
             if len(curves) > 1:
                 ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15)

@@ -193,7 +193,7 @@ def report(cfg, start, runs, sweep):
     if len(curves) > 1:
         tables.append(passk_table(curves, len(next(iter(runs.values())))))
         plot_panels(os.path.join(cfg.out, "passk.png"), {g: [{"passk": (list(c), list(c.values()))}] for g, c in curves.items()},
-                    [("passk", f"unbiased Pass@K (%) from {n} samples per question")], xlabel="K", logx=True)
+                    [("passk", f"unbiased Pass@K (%), n = {n} per question")], xlabel="K", logx=True)
     plot_comparison(os.path.join(cfg.out, "comparison.png"), start, runs, k, cfg.inter_steps)
     if start["profile"]:
         plot_profiles(os.path.join(cfg.out, "profiles.png"), start, runs, k)

@@ -8,17 +8,20 @@ modules and weights doing the math:
   only its last position is unembedded;
 - decode: one static step, `_step`, run per token. Its tensors keep their shapes and
   addresses for a whole call: a KV cache of [rows, kv_heads, prompt + max_new, head_dim]
-  per layer, positions and the step index as tensors, the uniform draws of every step
-  drawn up front, the tokens recorded in place. Finished rows are moved out (compaction);
+  per layer, positions and each row's step index as tensors, the uniform draws of every
+  step drawn up front, the tokens recorded in place;
+- continuous batching: finished rows are moved out (compaction) and, when there are more
+  prompts than rows (max_batch), waiting prompts are prefilled into the freed rows and
+  decode beside the others, each at its own step, drawing its own uniforms;
 - on CUDA the step is captured once per (batch bucket, cache span of 128 slots) as a
   CUDA graph and replayed, the live rows padded to the bucket (1, 2, 4, ..., as
-  nano-vllm); the host reads the GPU only every `sync_every` steps, to stop and compact;
+  nano-vllm); the host reads the GPU only every `sync_every` steps, to stop, compact and
+  refill; attention is SDPA on the query groups folded into the query length (fused kernels);
 - on CPU the same step runs eagerly on exactly the live rows and the filled part of the
   cache, with every linear weight packed once into oneDNN's layout (what torch.compile
   uses): a decode step's small-M products run ~2x faster so.
 
-Sampling follows verl/vLLM: the returned log-prob of a token is under the distribution
-it was sampled from after temperature and before top-k/top-p truncation.
+Sampling (temperature, top-k/top-p, inverse-CDF draws) is sampling.py's.
 
     python rollout.py --bench                                   # ours vs HF generate, default model, CPU
     python rollout.py --bench --device cuda --random-weights qwen3-0.6b   # GPU: the shape of Qwen3-0.6B, bf16
@@ -33,9 +36,10 @@ import torch
 
 from cli import InputError, check, run_main
 from decompose import EMBEDDED, RANDOM, load_model
-from engine import cast_copy, forward, pack_linears, prefill
+from engine import attention_backend, cast_copy, forward, pack_linears, prefill
 from policy import output_policy, pad_rows
 from problems import load_problems, prompt_ids
+from sampling import sample
 
 
 @dataclass
@@ -46,84 +50,52 @@ class Rollout:
     finished: torch.Tensor  # (B,) True where EOS was hit
 
 
-# ----------------------------------------------------------------------------- sampling
-
-def filter_logits(logits, top_k=0, top_p=1.0):
-    """Mask to -inf all but the top_k logits, then all outside the smallest set of mass >= top_p."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # mass strictly before this token already reaches top_p
-        drop[..., 0] = False
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits
-
-
-def sample(logits, temperature, top_k, top_p, u):
-    """Next tokens (B,) and their log-probs (B,) under softmax(logits / temperature).
-
-    u: (B,) uniform draws in [0, 1), one per row, turned into tokens by the inverse CDF
-    (unused when temperature is 0: greedy, log-probs reported at temperature 1).
-    """
-    logits = logits.float()
-    if temperature == 0:
-        tok = logits.argmax(-1)
-        return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
-    logp = (logits if temperature == 1 else logits / temperature).log_softmax(-1)  # (B, V)
-    probs = filter_logits(logp, top_k, top_p).softmax(-1) if top_k or top_p < 1 else logp.exp()
-    cdf = probs.cumsum(-1)  # (B, V)
-    tok = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)  # zero-mass tokens never hit
-    return tok, logp.gather(-1, tok[:, None])[:, 0]
-
-
 # ----------------------------------------------------------------------------- the decode state and step
 
 @dataclass
 class State:
     """Everything a decode step reads and writes: fixed shapes and addresses for the whole call.
 
-    Rows [:b] are the live batch (b = the bucket); a padding row has rows = B and writes
-    its outputs to the spare last row of tokens/logprobs/lengths/finished.
+    Row r of the batch decodes prompt rows[r], at its own token index t[r]: a finished row is
+    refilled with a waiting prompt (continuous batching). Rows [:b] run (b = the bucket); a row
+    that is not live writes its outputs to the spare last row of tokens/logprobs/lengths/finished.
     """
-    rows: torch.Tensor      # (B,) the prompt index of each row
+    rows: torch.Tensor      # (B,) the prompt index of each row (the spare index when empty)
     tok: torch.Tensor       # (B,) the last sampled token
     pos: torch.Tensor       # (B,) its position
     alive: torch.Tensor     # (B,) still generating
-    key_ok: torch.Tensor    # (B, S) cache slots that hold real tokens (False: left padding of the prompt)
-    t: torch.Tensor         # () the index of the token being sampled
-    u: torch.Tensor         # (N, B+1) the uniform draw of every step and prompt
-    tokens: torch.Tensor    # (B+1, N)
-    logprobs: torch.Tensor  # (B+1, N)
-    lengths: torch.Tensor   # (B+1,)
-    finished: torch.Tensor  # (B+1,)
+    key_ok: torch.Tensor    # (B, S) cache slots that hold real tokens (False: padding before the prompt)
+    t: torch.Tensor         # (B,) the index of the token each row samples next
+    u: torch.Tensor         # (N, n+1) the uniform draw of every step and prompt
+    tokens: torch.Tensor    # (n+1, N)
+    logprobs: torch.Tensor  # (n+1, N)
+    lengths: torch.Tensor   # (n+1,)
+    finished: torch.Tensor  # (n+1,)
 
 
-def _record(s, b, logits, opts):
-    """Sample token t of rows [:b] from their logits (b, V) and record it; t advances."""
-    rows, alive = s.rows[:b], s.alive[:b]
-    tok, lp = sample(logits, opts["temperature"], opts["top_k"], opts["top_p"], s.u.index_select(0, s.t.view(1))[0, rows])
-    at = (rows, s.t.expand(b))
-    s.tokens.index_put_(at, torch.where(alive, tok, opts["pad"]))
-    s.logprobs.index_put_(at, torch.where(alive, lp, 0.0))
+def _record(s, rows_of, logits, opts):
+    """Sample the next token of the rows rows_of (a slice) from their logits (rows, V), record it; their t advances."""
+    alive, t = s.alive[rows_of], s.t[rows_of]
+    rows = torch.where(alive, s.rows[rows_of], opts["spare"])  # a row that is not live writes to the spare row
+    tok, lp = sample(logits, opts["temperature"], opts["top_k"], opts["top_p"], s.u[t, rows])
+    s.tokens.index_put_((rows, t), tok)
+    s.logprobs.index_put_((rows, t), lp)
     done = alive & (tok[:, None] == opts["eos"]).any(-1)  # not torch.isin: past ~10-23 ids it sorts and syncs the host
-    s.lengths.index_put_((rows,), torch.where(done, s.t + 1, s.lengths[rows]))
-    s.finished.index_put_((rows,), s.finished[rows] | done)
-    s.alive[:b] = alive & ~done
-    s.tok[:b] = tok
-    s.t += 1
+    s.lengths.index_put_((rows,), torch.where(done, t + 1, s.lengths[rows]))
+    s.finished.index_put_((rows,), done)
+    s.alive[rows_of] = alive & ~done & (t + 1 < opts["N"])
+    s.tok[rows_of] = tok
+    s.t[rows_of] = t + s.alive[rows_of]  # a row that stops keeps its last index
 
 
 def _step(model, packed, cache, s, b, span, opts):
-    """The decode step of rows [:b]: run each row's last token (cache slot P+t-1), sample token t."""
-    slot = (s.t + (opts["P"] - 1)).view(1)  # (1,)
+    """The decode step of rows [:b]: run each row's last token (cache slot P+t-1), sample its token t."""
+    slot = s.t[:b] + (opts["P"] - 1)  # (b,)
     mask = None
-    if opts["masked"]:  # left padding, or slots beyond the filled ones (CUDA graphs attend a fixed span)
-        mask = (s.key_ok[:b, :span] & (torch.arange(span, device=slot.device) <= slot))[:, None, None]  # (b, 1, 1, span)
-    logits = forward(model, s.tok[:b, None], s.pos[:b, None], cache, slot, span, mask, packed)
-    _record(s, b, logits, opts)
+    if opts["masked"]:  # padding, rows at different steps, or slots beyond the filled ones (CUDA graphs attend a fixed span)
+        mask = (s.key_ok[:b, :span] & (torch.arange(span, device=slot.device) <= slot[:, None]))[:, None, None]  # (b, 1, 1, span)
+    logits = forward(model, s.tok[:b, None], s.pos[:b, None], cache, slot[:, None], span, mask, packed)
+    _record(s, slice(0, b), logits, opts)
     s.pos[:b] += 1
 
 
@@ -166,17 +138,25 @@ def _span(filled, S, static):
     return filled if not static else min(S, -(-filled // SPAN) * SPAN)
 
 
-def _compact(s, cache, b, filled, static):
-    """Move the live rows of [:b] to the front (cache included); returns the new bucket, padded with spare rows."""
+def _compact(s, cache, b, filled):
+    """Move the live rows of [:b] to the front (cache included); returns how many there are."""
     keep = s.alive[:b].nonzero()[:, 0]  # (n,)
-    n, B = len(keep), s.rows.shape[0]
-    new_b = _bucket(n, B, static)
     for K, V in cache:
-        K[:n, :, :filled], V[:n, :, :filled] = K[keep, :, :filled], V[keep, :, :filled]
-    for x in (s.rows, s.tok, s.pos, s.alive, s.key_ok):
-        x[:n] = x[keep]
-    s.rows[n:new_b], s.alive[n:new_b], s.key_ok[n:new_b] = B, False, True
-    return new_b
+        K[:len(keep), :, :filled], V[:len(keep), :, :filled] = K[keep, :, :filled], V[keep, :, :filled]
+    for x in (s.rows, s.tok, s.pos, s.alive, s.key_ok, s.t):
+        x[:len(keep)] = x[keep]
+    return len(keep)
+
+
+def _admit(model, packed, s, cache, rows, first, prompts, opts):
+    """Prefill prompts first, first+1, ... into the free rows `rows` (a slice), each prompt ending at slot P-1
+    (P: the call's longest prompt), and sample their token 0. Returns whether any of their slots is padding."""
+    logits, next_pos, padded = prefill(model, prompts, [(K[rows], V[rows]) for K, V in cache], s.key_ok[rows], opts["P"],
+                                       int(opts["pad"]), packed)
+    s.rows[rows] = torch.arange(first, first + len(prompts), device=s.rows.device)
+    s.pos[rows], s.alive[rows], s.t[rows] = next_pos, True, 0
+    _record(s, rows, logits, opts)
+    return padded
 
 
 # ----------------------------------------------------------------------------- generate
@@ -206,10 +186,11 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     sampled with the same seed, and gets the random draws it would get there (the
     uniforms are drawn up front, (max_new_tokens, batch_rows), and prompt i reads column
     batch_index[i]), so a batch split across processes samples what one process would.
-    max_batch: sample at most this many prompts at a time (0 = all at once), which bounds
-    the KV cache; by the same per-row draws the tokens do not depend on it.
+    max_batch: decode at most this many prompts at a time (0 = all at once), which bounds
+    the KV cache; a row that finishes takes the next waiting prompt (continuous batching),
+    and by the same per-row draws the tokens do not depend on it.
     static: run the decode step with static shapes, the live rows padded to a bucket and
-    the cache attended over a power-of-two span, the host checking for stops every
+    the cache attended over a span of SPAN slots, the host checking for stops every
     sync_every steps; on CUDA (the default there) the step is then captured as CUDA graphs,
     elsewhere it runs eagerly (how the tests check it on CPU). pack: oneDNN-packed weights
     on CPU (False runs the modules as they are, the path CUDA takes).
@@ -230,37 +211,49 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, pad=torch.tensor(pad_token_id, device=dev),
                 eos=torch.tensor(eos, dtype=torch.long, device=dev))
     packed = pack_linears(model) if pack else {}
-    chunk = max_batch or len(prompts)
-    parts = [_decode(model, packed, prompts[c:c + chunk], u[:, index[c:c + chunk].to(dev)], opts, static, sync_every)
-             for c in range(0, len(prompts), chunk)]
-    return parts[0] if len(parts) == 1 else Rollout(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Rollout)))
+    return _decode(model, packed, prompts, u[:, index.to(dev)], opts, static, sync_every, max_batch)
 
 
-def _decode(model, packed, prompts, u, opts, static, sync_every):
-    """Prefill the prompts, sample token 0 from the prefill's logits, then one static step per token."""
-    dev, B, N = model.device, len(prompts), u.shape[0]
-    S = max(len(p) for p in prompts) + N
-    logits, cache, key_ok, next_pos, P, padded = prefill(model, prompts, S, int(opts["pad"]), packed)
-    s = State(rows=torch.arange(B, device=dev), tok=torch.zeros(B, dtype=torch.long, device=dev), pos=next_pos,
-              alive=torch.ones(B, dtype=torch.bool, device=dev), key_ok=key_ok, t=torch.zeros((), dtype=torch.long, device=dev),
-              u=torch.cat([u, u.new_zeros(N, 1)], 1), tokens=torch.full((B + 1, N), int(opts["pad"]), device=dev),
-              logprobs=torch.zeros(B + 1, N, device=dev), lengths=torch.full((B + 1,), N, device=dev),
-              finished=torch.zeros(B + 1, dtype=torch.bool, device=dev))
-    opts = {**opts, "P": P, "masked": static or padded}
-    _record(s, B, logits, opts)
+def _decode(model, packed, prompts, u, opts, static, sync_every, max_rows):
+    """Continuous batching: up to max_rows prompts (0: all) decode at once, one static step per token. At the
+    host's checks finished rows leave (compaction) and waiting prompts take their places, prefilled into them,
+    so the batch stays full until the prompts run out; a row draws its prompt's uniforms, whatever its batch."""
+    dev, n_prompts, N = model.device, len(prompts), u.shape[0]
+    B, P = min(max_rows or n_prompts, n_prompts), max(map(len, prompts))
+    S, a = P + N, model.model.layers[0].self_attn
+    shape, long = (B, model.config.num_key_value_heads, S, a.head_dim), dict(dtype=torch.long, device=dev)
+    cache = [tuple(torch.zeros(shape, dtype=model.dtype, device=dev) for _ in "KV")  # zeros: a masked slot weighs 0,
+             for _ in model.model.layers]                                            # and 0 * NaN of uninitialized memory is NaN
+    s = State(rows=torch.full((B,), n_prompts, **long), tok=torch.zeros(B, **long), pos=torch.zeros(B, **long),
+              alive=torch.zeros(B, dtype=torch.bool, device=dev), key_ok=torch.ones(B, S, dtype=torch.bool, device=dev),
+              t=torch.zeros(B, **long), u=torch.cat([u, u.new_zeros(N, 1)], 1), tokens=torch.full((n_prompts + 1, N), int(opts["pad"]), **long),
+              logprobs=torch.zeros(n_prompts + 1, N, device=dev), lengths=torch.full((n_prompts + 1,), N, **long),
+              finished=torch.zeros(n_prompts + 1, dtype=torch.bool, device=dev))
+    opts = {**opts, "P": P, "N": N, "spare": torch.tensor(n_prompts, device=dev), "masked": static}
     runner = Graphs(s) if static and dev.type == "cuda" else None
-    b, every = B, sync_every if static else 1
-    for t in range(1, N):
-        if (t - 1) % every == 0:  # the host's only reads of the GPU
-            n = int(s.alive[:b].sum())
+    b = waiting = step = 0
+    every = sync_every if static else 1
+    while True:
+        if step % every == 0:  # the host's only reads of the device
+            n, t_max = torch.stack([s.alive[:b].sum(), (s.t[:b] * s.alive[:b]).max()]).tolist() if b else (0, 0)
+            admit = min(B - n, n_prompts - waiting)
+            refill = admit > 0 and (admit == n_prompts - waiting or admit * 8 >= B)  # prompts enter >= B/8 at a time
+            moved = n < b and (refill or (_bucket(n, B, static) < b if static else (b - n) * 8 >= b))  # else: once 1/8 finished
+            if moved:
+                _compact(s, cache, b, P + t_max)
+            if refill:  # rows at different steps from now on, unless none is live
+                opts["masked"] |= _admit(model, packed, s, cache, slice(n, n + admit), waiting, prompts[waiting:waiting + admit], opts) or n > 0
+                waiting, n, t_max = waiting + admit, n + admit, max(t_max, 1)
             if n == 0:
                 break
-            if n < b and (_bucket(n, B, static) < b if static else (b - n) * 8 >= b):  # else: once 1/8 have finished
-                b = _compact(s, cache, b, P + t - 1, static)
-        span = _span(P + t, S, static)
-        step = lambda: _step(model, packed, cache, s, b, span, opts)
-        runner.run((b, span), step) if runner else step()
-    return Rollout(s.tokens[:B], s.logprobs[:B], s.lengths[:B], s.finished[:B])
+            if moved or refill:  # the live rows are [:n] now; the bucket's other rows pad it
+                b = _bucket(n, B, static)
+                s.rows[n:b], s.alive[n:b], s.key_ok[n:b], s.t[n:b] = n_prompts, False, True, 0
+        span = _span(P + t_max, S, static)
+        run = lambda: _step(model, packed, cache, s, b, span, opts)
+        runner.run((b, span), run) if runner else run()
+        step, t_max = step + 1, t_max + 1
+    return Rollout(s.tokens[:n_prompts], s.logprobs[:n_prompts], s.lengths[:n_prompts], s.finished[:n_prompts])
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -355,12 +348,13 @@ def bench(args):
           f"{model.config.model_type} {model.config.num_hidden_layers} layers, {model.dtype}, torch {torch.__version__}; "
           f"memory bandwidth {bw / 1e9:.0f} GB/s ({source})")
     bench_fixed(model, 2, 8)  # warm-up: lazy initialization of both
-    print(f"{'fixed length, ' + str(N) + ' new':<24}{'HF tok/s':>10}{'ours tok/s':>12}{'ratio':>8}{'HF ms/step':>12}{'ours ms/step':>14}{'of bw bound':>13}")
+    print(f"{'fixed length, ' + str(N) + ' new':<24}{'HF tok/s':>10}{'ours tok/s':>12}{'ratio':>8}{'HF ms/step':>12}{'ours ms/step':>14}{'of bw bound':>13}  attention")
     for batch in batches:
         t_hf, t_us = bench_fixed(model, batch, N)
         bound = step_bytes(model, batch, 32 + N // 2) / bw  # seconds a step needs at full bandwidth, the cache half full on average
         print(f"{f'batch {batch}':<24}{batch * N / t_hf:>10.1f}{batch * N / t_us:>12.1f}{t_hf / t_us:>7.2f}x"
-              f"{1e3 * t_hf / N:>12.2f}{1e3 * t_us / N:>14.2f}{bound / (t_us / N):>12.1%}", flush=True)
+              f"{1e3 * t_hf / N:>12.2f}{1e3 * t_us / N:>14.2f}{bound / (t_us / N):>12.1%}  "
+              f"{attention_backend(model, batch, 32 + N) if device.type == 'cuda' else 'written out'}", flush=True)
     if tok is not None and not args.random_weights:
         hf, us = bench_grpo(model, tok)
         print(f"{'GRPO workload 16x8 <=256':<24}{hf:>10.1f}{us:>12.1f}{us / hf:>7.2f}x", flush=True)

@@ -14,7 +14,7 @@ import step
 from cli import InputError
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
 from distributed import Policy
-from policy import Batch, layer_policy, output_policy, pad_rows, upper_parameters
+from policy import Batch, layer_policy, pad_rows, upper_parameters
 from rollout import generate
 
 

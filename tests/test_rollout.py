@@ -2,9 +2,11 @@
 import pytest
 import torch
 
+import engine
 import rollout
 from conftest import tiny_model
-from rollout import filter_logits, generate, sample
+from rollout import generate
+from sampling import filter_logits, sample
 
 PROMPT_LENGTHS = (5, 9, 3, 12, 7)
 # the CPU path (oneDNN-packed weights, eager, exact shapes); the modules as they are (what CUDA runs);
@@ -199,8 +201,7 @@ def test_a_shared_prefix_is_prefilled_once(arch, mode):
     g = torch.Generator().manual_seed(7)
     system = torch.randint(3, 97, (9,), generator=g).tolist()
     prompts = [system + torch.randint(3, 97, (n,), generator=g).tolist() for n in (1, 4, 2, 6)]
-    from engine import common_prefix
-    assert common_prefix(prompts) == 9
+    assert engine.common_prefix(prompts) == 9
     r = generate(model, prompts, max_new_tokens=10, temperature=0, **mode)
     for i, p in enumerate(prompts):
         assert r.tokens[i].tolist() == hf_greedy(model, p, 10)
@@ -214,9 +215,8 @@ def test_a_shared_prefix_is_prefilled_once(arch, mode):
 def test_the_bf16_sampling_copy_keeps_float32_rotary_frequencies():
     """generate(dtype=bf16) samples from a copy whose cos/sin are float32's rounded once to bf16, at every position up
     to 8k (a bf16 inv_freq would be off by up to 2.0 there), as in a model built in bf16."""
-    from engine import cast_copy
     model = tiny_model("llama", max_position_embeddings=8192, rope_theta=10000.0)
-    copy = cast_copy(model, torch.bfloat16)
+    copy = engine.cast_copy(model, torch.bfloat16)
     assert copy.model.rotary_emb.inv_freq.dtype == torch.float32 and copy.dtype == torch.bfloat16
     pos = torch.arange(8192)[None]
     cos32, sin32 = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
@@ -238,4 +238,59 @@ def test_static_spans_of_a_few_slots_match_hf_generate(arch, monkeypatch):
     r = generate(model, prompts, max_new_tokens=12, temperature=0, pack=False, static=True, sync_every=3)
     for i, p in enumerate(prompts):
         assert r.tokens[i].tolist() == hf_greedy(model, p, 12)
+    assert engine.attention_backend(model, 4, 256) in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
     assert all(s % 4 == 0 for s in spans[:-1]) and len(set(spans)) >= 3
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_attention_folds_query_groups_exactly_with_and_without_sdpa(T):
+    """engine._attention on a strided cache view with a mask, grouped queries folded into the query length: the
+    written-out path (CPU) and the fused SDPA call (CUDA's) equal attention with K/V repeated to every head."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, S, hd = 3, 6, 2, 9, 8
+    q = torch.randn(B, T, H, hd, generator=g).transpose(1, 2)  # (B, H, T, hd), strided as _attend's
+    cache = torch.randn(B, Hkv, S + 4, hd, generator=g)
+    K, V = cache[:, :, :S], cache.flip(0)[:, :, :S]  # views of a larger cache, as the engine attends
+    mask = torch.rand(B, 1, T, S, generator=g) > 0.3
+    mask[..., 0] = True  # every query sees a key
+    Kr, Vr = K.repeat_interleave(H // Hkv, 1), V.repeat_interleave(H // Hkv, 1)  # head h reads K/V head h // g, as HF's repeat_kv
+    want = ((q @ Kr.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf")).softmax(-1)) @ Vr
+    for fused in (False, True):
+        torch.testing.assert_close(engine._attention(q, K, V, mask, 0.3, fused=fused), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_the_fused_attention_path_matches_hf_generate(arch, monkeypatch):
+    """CUDA's attention call (SDPA on the folded groups, the sliding window's mask included) run on CPU with static
+    shapes: greedy decoding equals HF generate token for token."""
+    real = engine._attention
+    monkeypatch.setattr(engine, "_attention", lambda q, K, V, mask, scale: real(q, K, V, mask, scale, fused=True))
+    model, prompts = tiny_model(arch), prompts_for()
+    r = generate(model, prompts, max_new_tokens=12, temperature=0, pack=False, static=True, sync_every=3)
+    for i, p in enumerate(prompts):
+        assert r.tokens[i].tolist() == hf_greedy(model, p, 12)
+    assert engine.attention_backend(model, 4, 256) in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
+def test_continuous_batching_refills_rows_and_samples_what_one_batch_samples(arch, mode, monkeypatch):
+    """max_batch=3 rows for 11 prompts of different lengths: a row that finishes takes the next waiting prompt,
+    prefilled into it while the other rows decode on (rows at different steps; a shorter prompt ends where the
+    longest does, Gemma's sliding window on the shifted slots). Each prompt's tokens, lengths and log-probs equal
+    those of all prompts in one batch, and its log-probs equal teacher forcing."""
+    model, g = tiny_model(arch), torch.Generator().manual_seed(9)
+    prompts = [torch.randint(10, 97, (n,), generator=g).tolist() for n in (4, 11, 2, 7, 9, 3, 12, 5, 8, 6, 10)]
+    free = generate(model, prompts, max_new_tokens=14, seed=5, **mode).tokens
+    kw = dict(max_new_tokens=14, seed=5, eos_token_id=sorted({free[0, 2].item(), free[1, 6].item(), free[3, 9].item()}), **mode)
+    whole = generate(model, prompts, **kw)  # rows end at different steps
+    live, real = [], rollout._admit
+    monkeypatch.setattr(rollout, "_admit", lambda model, packed, s, *a: live.append(int(s.alive.sum())) or real(model, packed, s, *a))
+    r = generate(model, prompts, max_batch=3, **kw)
+    assert len(live) > 3 and max(live) > 0  # prompts entered while other rows were decoding
+    assert torch.equal(r.tokens, whole.tokens) and torch.equal(r.lengths, whole.lengths) and torch.equal(r.finished, whole.finished)
+    torch.testing.assert_close(r.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+    assert len(set(r.lengths.tolist())) > 2 and r.finished.any()
+    for i, p in enumerate(prompts):
+        n = r.lengths[i].item()
+        want = model(torch.tensor([p + r.tokens[i, :n].tolist()])).logits[0, len(p) - 1:-1].log_softmax(-1)
+        torch.testing.assert_close(r.logprobs[i, :n], want.gather(-1, r.tokens[i, :n, None])[:, 0], atol=1e-4, rtol=0)
