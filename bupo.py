@@ -34,6 +34,7 @@ from cli import InputError, Stopped, check, claim_run_dir, parse_config, read_js
 from config import BUPO_PRESETS, BuPOConfig, check_config
 from decompose import load_model, model_config
 from entropy import eic_stages, internal_entropy
+from hardware import clock
 from loss import policy_loss
 from policy import check_layer, compute_precision, layer_logprobs, layer_policy, micro_slices, output_policy
 from probe import probe, probe_set
@@ -113,10 +114,10 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=(), probes=None):
             m["profile_layer"], m["profile_dH_ffn"] = prof["layer"], prof["dH_ffn"]
         if probes and cfg.probe_every and ((step + 1) % cfg.probe_every == 0 or step == cfg.steps - 1):
             device = distributed.init().device
-            t = distributed.clock(device)
+            t = clock(device)
             with distributed.full_weights(runner) as model:  # every rank probes the same responses
                 m |= {f"probe_{key}": v for key, v in probe(model, probes, k, tok.pad_token_id).items()} | {"probe_layer": k}
-            m["time_probe"] = distributed.clock(device) - t
+            m["time_probe"] = clock(device) - t
     return grpo.train(cfg, policy_for_step, on_step, model=model, tok=tok, desc=desc, upper=upper)
 
 
@@ -271,11 +272,11 @@ def bench(cfg, repeats=2):
                      ("plain HF forward+backward", plain)):
         ts = []
         for _ in range(repeats + 1):  # the first is a warm-up
-            t = distributed.clock(model.device)
+            t = clock(model.device)
             with compute_precision(cfg.precision, model.device):
                 fn()
             model.zero_grad(set_to_none=True)
-            ts.append(distributed.clock(model.device) - t)
+            ts.append(clock(model.device) - t)
         times[name] = min(ts[1:])
     D, V = model.config.hidden_size, model.config.vocab_size
     per_layer = sum(m.weight.numel() for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear))

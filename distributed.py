@@ -17,7 +17,6 @@ README.md, "Scaling out", has the multi-node commands and the memory arithmetic.
 """
 import contextlib
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -65,13 +64,6 @@ def close():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def clock(device):
-    """time.perf_counter() after the device's queued work: a CUDA timer that does not synchronize times the launches."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def rank_share(order, mini_batch_prompts, rank, world):

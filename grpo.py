@@ -39,6 +39,7 @@ from config import PRESETS, GRPOConfig, check_config
 from critic import make_critic
 from decompose import load_model, model_config
 from evaluate import evaluate, pass_curve, summarize
+from hardware import clock, matmul_peak
 from policy import decoder_tokens, micro_slices, output_policy
 from problems import task_problems
 from report import CURVES, plot_panels, run_series
@@ -132,7 +133,7 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
         log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if d.main else contextlib.nullcontext()  # only rank 0 writes
         with StopRequest(d.world) as stop, log_file as log:
             for step in bar:
-                t0, last = distributed.clock(d.device), step == cfg.steps - 1
+                t0, last = clock(d.device), step == cfg.steps - 1
                 before = evaluations(runner, tok, cfg, d, sampled=True) if cfg.eval_before and step == 0 else {}
                 before = {f"{k}_before": v for k, v in before.items()}
                 if upper:
@@ -146,7 +147,7 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
                 bad_in_a_row = bad_in_a_row + 1 if m["skipped_updates"] and not m["updates"] else 0
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
                     m.update(evaluations(runner, tok, cfg, d, sampled=last))
-                m["time_step"] = distributed.clock(d.device) - t0
+                m["time_step"] = clock(d.device) - t0
                 history.append(m)
                 if d.main:
                     log.write(json.dumps(m) + "\n")
@@ -184,17 +185,6 @@ BENCH_OFF = {  # each change to a training step, as --bench switches it off: the
 }
 
 
-def matmul_peak(dtype, device="cpu", n=2048):
-    """FLOP/s of a plain n x n x n matmul in dtype on device, best of 5, measured now: the machine's practical peak."""
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    times = []
-    for _ in range(6):
-        t = distributed.clock(device)
-        a @ b
-        times.append(distributed.clock(device) - t)
-    return 2 * n ** 3 / min(times[1:])
-
-
 def pass_flops(model, batch, cfg, rows):
     """Forward FLOPs over the micro-batches of `rows`: 2 per decoder weight and token run (padding too), 2 per lm_head
     weight and scored token (attention scores, < 3% here, are left out). A backward costs twice a forward."""
@@ -211,20 +201,19 @@ def bench_step(cfg, off, repeats=2):
     policy_lib.SHARE_PROMPTS = off.get("share_prompts", True)
     cfg = GRPOConfig(**{**cfg, **{k: off[k] for k in ("precision", "rollout_dtype") if k in off}})
     model, tok = load_model(cfg.model, dtype=torch.float32)
-    clock = lambda: distributed.clock(model.device)  # synchronized on CUDA
-    t = clock()
+    t = clock(model.device)
     batch, _ = rollout_step(model, tok, task_problems(cfg.task, cfg.prompts_per_step, cfg.seed, "train"), cfg, 0)
-    r = {"rollout": clock() - t, "old": [], "update": [], "tokens": int(batch.attention_mask.sum())}
+    r = {"rollout": clock(model.device) - t, "old": [], "update": [], "tokens": int(batch.attention_mask.sum())}
     N, first = batch.input_ids.shape[0], cfg.mini_batch_prompts * cfg.group_size if off.get("on_policy_first", True) else 0
     for _ in range(repeats + 1):  # the first is a warm-up
         runner = distributed.Policy(copy.deepcopy(model).train())
         opt = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=off.get("fused_adam", True))
-        t = clock()
+        t = clock(model.device)
         old, ent = policy_logprobs(output_policy, runner, batch, cfg, rows=torch.arange(first, N))
-        t1 = clock()
+        t1 = clock(model.device)
         ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=first > 0)
         r["old"].append(t1 - t)
-        r["update"].append(clock() - t1)
+        r["update"].append(clock(model.device) - t1)
     r["old"], r["update"] = min(r["old"][1:]), min(r["update"][1:])
     r["flops"] = pass_flops(model, batch, cfg, torch.arange(first, N)) + 3 * pass_flops(model, batch, cfg, torch.arange(N))
     r["peak"] = matmul_peak(torch.bfloat16 if cfg.precision == "bfloat16" else torch.float32, model.device)

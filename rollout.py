@@ -29,7 +29,6 @@ Sampling (temperature, top-k/top-p, inverse-CDF draws) is sampling.py's.
 import argparse
 import copy
 import math
-import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -37,6 +36,7 @@ import torch
 from cli import InputError, check, run_main
 from decompose import EMBEDDED, RANDOM, load_model
 from engine import attention_backend, cast_copy, forward, pack_linears, prefill
+from hardware import bandwidth, timed
 from policy import output_policy, pad_rows
 from problems import load_problems, prompt_ids
 from sampling import sample
@@ -258,30 +258,6 @@ def _decode(model, packed, prompts, u, opts, static, sync_every, max_rows):
 
 # ----------------------------------------------------------------------------- benchmark
 
-CARD_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}  # bytes/s, the makers' figures
-
-
-def _timed(fn, device):
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t = sync() or time.perf_counter()
-    out = fn()
-    return out, sync() or time.perf_counter() - t
-
-
-def bandwidth(device, given_gbs=0.0):
-    """(bytes/s, source): --bandwidth, else the card's figure by name, else a 256 MB copy measured now (read + write)."""
-    if given_gbs:
-        return given_gbs * 1e9, "given"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, bw in CARD_BANDWIDTH.items():
-            if key in name:
-                return bw, f"{name}, maker's figure"
-    x, y = (torch.empty(1 << 28, dtype=torch.uint8, device=device) for _ in range(2))
-    best = min(_timed(lambda: y.copy_(x), device)[1] for _ in range(5))
-    return 2 * x.numel() / best, "measured copy"
-
-
 def step_bytes(model, batch, filled):
     """Bytes a decode step must read: every weight once and `filled` cache slots of each row."""
     c, a = model.config, model.model.layers[0].self_attn
@@ -294,8 +270,8 @@ def bench_fixed(model, batch, new_tokens, prompt_len=32):
     prompts = torch.randint(100, 1000, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     ids = prompts.to(model.device)
     hf_kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-    _, t_hf = _timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **hf_kw), model.device)
-    _, t_us = _timed(lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, seed=0), model.device)
+    _, t_hf = timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **hf_kw), model.device)
+    _, t_us = timed(lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, seed=0), model.device)
     return t_hf, t_us
 
 
@@ -305,12 +281,25 @@ def bench_grpo(model, tok, n_prompts=16, group=8, new_tokens=256):
     P = max(map(len, prompts))
     ids = torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in prompts], device=model.device)  # (B, P) left-padded
     att = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    out, t_hf = _timed(lambda: model.generate(ids, attention_mask=att, do_sample=True, top_k=0, max_new_tokens=new_tokens,
+    out, t_hf = timed(lambda: model.generate(ids, attention_mask=att, do_sample=True, top_k=0, max_new_tokens=new_tokens,
                                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id), model.device)
     is_eos = out[:, ids.shape[1]:] == tok.eos_token_id
     n_hf = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, is_eos.shape[1]).sum().item()
-    r, t_us = _timed(lambda: generate(model, prompts, max_new_tokens=new_tokens, eos_token_id=tok.eos_token_id,
+    r, t_us = timed(lambda: generate(model, prompts, max_new_tokens=new_tokens, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.pad_token_id, seed=0), model.device)
+    return n_hf / t_hf, r.lengths.sum().item() / t_us
+
+
+def bench_refill(model, rows, new_tokens, prompt_len=32):
+    """tok/s of HF generate and of ours on 4 x rows prompts, rows at a time, each row ending at a random step (every
+    97th id is an EOS): HF runs chunk after chunk, each until its longest row ends; ours refills finished rows."""
+    prompts = torch.randint(100, 1000, (4 * rows, prompt_len), generator=torch.Generator().manual_seed(0)).to(model.device)
+    eos = list(range(0, model.config.vocab_size, 97))
+    kw = dict(do_sample=True, top_k=0, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=0)
+    outs, t_hf = timed(lambda: [model.generate(c, attention_mask=torch.ones_like(c), **kw) for c in prompts.split(rows)], model.device)
+    ended = torch.isin(torch.cat([o[:, prompt_len:] for o in outs]), torch.tensor(eos, device=model.device))
+    n_hf = torch.where(ended.any(1), ended.float().argmax(1) + 1, ended.shape[1]).sum().item()
+    r, t_us = timed(lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, eos_token_id=eos, seed=0, max_batch=rows), model.device)
     return n_hf / t_hf, r.lengths.sum().item() / t_us
 
 
@@ -355,6 +344,9 @@ def bench(args):
         print(f"{f'batch {batch}':<24}{batch * N / t_hf:>10.1f}{batch * N / t_us:>12.1f}{t_hf / t_us:>7.2f}x"
               f"{1e3 * t_hf / N:>12.2f}{1e3 * t_us / N:>14.2f}{bound / (t_us / N):>12.1%}  "
               f"{attention_backend(model, batch, 32 + N) if device.type == 'cuda' else 'written out'}", flush=True)
+    rows = batches[-1] // 4 or 1
+    hf, us = bench_refill(model, rows, N)
+    print(f"{f'{4 * rows} prompts, {rows} rows':<24}{hf:>10.1f}{us:>12.1f}{us / hf:>7.2f}x  (rows end at random steps; ours refills them)", flush=True)
     if tok is not None and not args.random_weights:
         hf, us = bench_grpo(model, tok)
         print(f"{'GRPO workload 16x8 <=256':<24}{hf:>10.1f}{us:>12.1f}{us / hf:>7.2f}x", flush=True)

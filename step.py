@@ -20,6 +20,7 @@ import distributed
 from advantages import gae_advantages, group_advantages, reinforce_pp_advantages, rloo_advantages
 from critic import critic_update, critic_values
 from grade import problem_reward
+from hardware import clock
 from loss import aggregate, kl_penalty, policy_loss
 from policy import Batch, compute_precision, micro_slices, pad_rows, update_slices, upper_parameters
 from problems import prompt_ids
@@ -168,7 +169,7 @@ def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d, crit
     PPO (critic given): the critic values the step's states, GAE turns values and rewards
     into advantages, and the critic is updated on the step's mini-batches before the
     policy, as verl orders them."""
-    t0 = distributed.clock(d.device)
+    t0 = clock(d.device)
     # 1. the step's prompts, shuffled into mini-batches (reproducible on resume); this rank's share of each
     order = torch.randperm(cfg.prompts_per_step, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
     mine = distributed.rank_share(order, cfg.mini_batch_prompts, d.rank, d.world)  # (n / world,)
@@ -177,23 +178,23 @@ def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d, crit
     with distributed.full_weights(runner) as model:
         batch, results = rollout_step(model, tok, step_problems, cfg, step, mine)
     m = rollout_metrics({k: distributed.gather_rows(v) for k, v in results.items()}, cfg.group_size)
-    tc = distributed.clock(d.device)
+    tc = clock(d.device)
     if critic is not None:
         values = critic_values(critic[0], batch, cfg)  # (N, T)
         batch.advantages, returns = gae_advantages(results["reward"], values, batch.response_mask, cfg.gamma, cfg.lam, distributed.all_sum)
-        m.update(critic_update(*critic, batch, returns, values, cfg), time_critic=distributed.clock(d.device) - tc)
-    t1 = distributed.clock(d.device)
+        m.update(critic_update(*critic, batch, returns, values, cfg), time_critic=clock(d.device) - tc)
+    t1 = clock(d.device)
     # 3. old log-probs of the later mini-batches (the first is on-policy), reference log-probs
     first = cfg.mini_batch_prompts // d.world * cfg.group_size
     old_logp, ent = policy_logprobs(policy, runner, batch, cfg, rows=torch.arange(first, batch.input_ids.shape[0]), world=d.world)
     ref_logp = policy_logprobs(policy, ref, batch, cfg, world=d.world)[0] if ref is not None else None
-    t2 = distributed.clock(d.device)
+    t2 = clock(d.device)
     # 4. the PPO updates
     m.update(ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, d.world))
     resp = batch.response_mask
     ent_sum, n = distributed.all_sum([(ent * resp).sum().item(), resp.sum().item()])
     m.update(entropy=ent_sum / max(n, 1), lr=cfg.lr, time_rollout=tc - t0, time_old_logprobs=t2 - t1,
-             time_update=distributed.clock(d.device) - t2)
+             time_update=clock(d.device) - t2)
     if d.device.type == "cuda":
         m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(d.device) / 1e9
     return batch, m
