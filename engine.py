@@ -112,9 +112,18 @@ def _attention(q, K, V, mask, scale, fused=None):
     return (s.float().softmax(-1).to(q.dtype) @ V).view(B, H, T, hd)
 
 
+def _window_mask(mask, slots, span, window):
+    """mask (b, 1, T, span) or None, and with a sliding window its slots: cache slots and positions differ by a
+    per-row constant, so the window is taken on slots."""
+    if not window:
+        return mask
+    in_window = (torch.arange(span, device=slots.device) > slots[..., None] - window).view(-1, 1, slots.shape[-1], span)
+    return in_window if mask is None else mask & in_window
+
+
 def _attend(layer, h, cos_sin, K, V, slots, mask, packed):
     """Self-attention of h (B, T, D) whose keys and values go to cache slots `slots` of K, V (B, Hkv, span, hd):
-    (T,), the same for every row, or (B, 1), a slot per row."""
+    (T,), the same for every row, or (B, 1), a slot per row; mask (b, 1, T, span) or None, its window included."""
     a = layer.self_attn
     B, T, _ = h.shape
     q = _linear(packed, a.q_proj, h).view(B, T, -1, a.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -130,10 +139,6 @@ def _attend(layer, h, cos_sin, K, V, slots, mask, packed):
         at = slots.view(B, 1, 1, 1).expand(B, K.shape[1], 1, K.shape[3])
         K.scatter_(2, at, k)
         V.scatter_(2, at, v)
-    window = getattr(a, "sliding_window", None)
-    if window:  # cache slots and positions differ by a per-row constant, so the window is on slots
-        in_window = (torch.arange(K.shape[2], device=h.device) > slots[..., None] - window).view(-1, 1, T, K.shape[2])
-        mask = in_window if mask is None else mask & in_window
     o = _attention(q, K, V, mask, a.scaling)  # (B, H, T, hd)
     return _linear(packed, a.o_proj, o.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
@@ -145,9 +150,11 @@ def forward(model, ids, pos, cache, slots, span, mask, packed):
     x = model.model.embed_tokens(ids)  # (B, T, D), Gemma's scaling included
     rope = _rope(model, x, pos)
     types = getattr(model.config, "layer_types", None)
+    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in model.model.layers]
+    masks = {w: _window_mask(mask, slots, span, w) for w in set(windows)}  # built once per call, not per layer
     for l, layer in enumerate(model.model.layers):
         K, V = (c[:B, :, :span] for c in cache[l])  # views: the call's one cache, read in place
-        a = _attend(layer, layer.input_layernorm(x), rope[types[l] if types else "full_attention"], K, V, slots, mask, packed)
+        a = _attend(layer, layer.input_layernorm(x), rope[types[l] if types else "full_attention"], K, V, slots, masks[windows[l]], packed)
         if is_sandwich(layer):
             x = x + layer.post_attention_layernorm(a)
             x = x + layer.post_feedforward_layernorm(_mlp(packed, layer.mlp, layer.pre_feedforward_layernorm(x)))
