@@ -235,7 +235,7 @@ def _decode(model, packed, prompts, u, opts, static, sync_every, max_rows):
     every = sync_every if static else 1
     while True:
         if step % every == 0:  # the host's only reads of the device
-            n, t_max = torch.stack([s.alive[:b].sum(), (s.t[:b] * s.alive[:b]).max()]).tolist() if b else (0, 0)
+            n, t_max = torch.stack([s.alive[:b].sum(), s.t[:b].max()]).tolist() if b else (0, 0)  # rows that ended run too
             admit = min(B - n, n_prompts - waiting)
             refill = admit > 0 and (admit == n_prompts - waiting or admit * 8 >= B)  # prompts enter >= B/8 at a time
             moved = n < b and (refill or (_bucket(n, B, static) < b if static else (b - n) * 8 >= b))  # else: once 1/8 finished

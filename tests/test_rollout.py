@@ -272,23 +272,23 @@ def test_the_fused_attention_path_matches_hf_generate(arch, monkeypatch):
     assert engine.attention_backend(model, 4, 256) in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
-def test_continuous_batching_refills_rows_and_samples_what_one_batch_samples(arch, mode, monkeypatch):
-    """max_batch=3 rows for 11 prompts of different lengths: a row that finishes takes the next waiting prompt,
+@pytest.mark.parametrize("arch,rows", [("llama", 3), ("qwen3", 3), ("gemma3_text", 3), ("llama", 9), ("gemma3_text", 9)])
+def test_continuous_batching_refills_rows_and_samples_what_one_batch_samples(arch, rows, mode, monkeypatch):
+    """3 or 9 rows for 22 prompts of different lengths: a row that finishes takes the next waiting prompt,
     prefilled into it while the other rows decode on (rows at different steps; a shorter prompt ends where the
     longest does, Gemma's sliding window on the shifted slots). Each prompt's tokens, lengths and log-probs equal
     those of all prompts in one batch, and its log-probs equal teacher forcing."""
     model, g = tiny_model(arch), torch.Generator().manual_seed(9)
-    prompts = [torch.randint(10, 97, (n,), generator=g).tolist() for n in (4, 11, 2, 7, 9, 3, 12, 5, 8, 6, 10)]
+    prompts = [torch.randint(10, 97, (n,), generator=g).tolist() for n in (4, 11, 2, 7, 9, 3, 12, 5, 8, 6, 10) * 2]
     free = generate(model, prompts, max_new_tokens=14, seed=5, **mode).tokens
     kw = dict(max_new_tokens=14, seed=5, eos_token_id=sorted({free[0, 2].item(), free[1, 6].item(), free[3, 9].item()}), **mode)
     whole = generate(model, prompts, **kw)  # rows end at different steps
     live, real = [], rollout._admit
     monkeypatch.setattr(rollout, "_admit", lambda model, packed, s, *a: live.append(int(s.alive.sum())) or real(model, packed, s, *a))
-    r = generate(model, prompts, max_batch=3, **kw)
+    r = generate(model, prompts, max_batch=rows, **kw)  # 9 rows: an ended row may stay among live ones (no compaction)
     assert len(live) > 3 and max(live) > 0  # prompts entered while other rows were decoding
     assert torch.equal(r.tokens, whole.tokens) and torch.equal(r.lengths, whole.lengths) and torch.equal(r.finished, whole.finished)
-    torch.testing.assert_close(r.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r.logprobs, whole.logprobs, atol=1e-4, rtol=0)  # other batch shapes: float32 rounding
     assert len(set(r.lengths.tolist())) > 2 and r.finished.any()
     for i, p in enumerate(prompts):
         n = r.lengths[i].item()
