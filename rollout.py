@@ -275,6 +275,12 @@ def bench_fixed(model, batch, new_tokens, prompt_len=32):
     return t_hf, t_us
 
 
+def tokens_to_eos(new, eos):
+    """Tokens HF generate sampled in `new` (B, N), each row counted up to its first EOS (included)."""
+    ended = torch.isin(new, torch.tensor(eos, device=new.device))
+    return torch.where(ended.any(1), ended.float().argmax(1) + 1, ended.shape[1]).sum().item()
+
+
 def bench_grpo(model, tok, n_prompts=16, group=8, new_tokens=256):
     """The GRPO workload: math prompts x group samples, T=1, stop at EOS; tok/s counting tokens up to each EOS."""
     prompts = [p for p in prompt_ids(tok, load_problems("math500")[:n_prompts]) for _ in range(group)]
@@ -283,8 +289,7 @@ def bench_grpo(model, tok, n_prompts=16, group=8, new_tokens=256):
     att = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     out, t_hf = timed(lambda: model.generate(ids, attention_mask=att, do_sample=True, top_k=0, max_new_tokens=new_tokens,
                                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id), model.device)
-    is_eos = out[:, ids.shape[1]:] == tok.eos_token_id
-    n_hf = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, is_eos.shape[1]).sum().item()
+    n_hf = tokens_to_eos(out[:, ids.shape[1]:], [tok.eos_token_id])
     r, t_us = timed(lambda: generate(model, prompts, max_new_tokens=new_tokens, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.pad_token_id, seed=0), model.device)
     return n_hf / t_hf, r.lengths.sum().item() / t_us
@@ -297,8 +302,7 @@ def bench_refill(model, rows, new_tokens, prompt_len=32):
     eos = list(range(0, model.config.vocab_size, 97))
     kw = dict(do_sample=True, top_k=0, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=0)
     outs, t_hf = timed(lambda: [model.generate(c, attention_mask=torch.ones_like(c), **kw) for c in prompts.split(rows)], model.device)
-    ended = torch.isin(torch.cat([o[:, prompt_len:] for o in outs]), torch.tensor(eos, device=model.device))
-    n_hf = torch.where(ended.any(1), ended.float().argmax(1) + 1, ended.shape[1]).sum().item()
+    n_hf = tokens_to_eos(torch.cat([o[:, prompt_len:] for o in outs]), eos)
     r, t_us = timed(lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, eos_token_id=eos, seed=0, max_batch=rows), model.device)
     return n_hf / t_hf, r.lengths.sum().item() / t_us
 
