@@ -235,12 +235,14 @@ def _decode(model, packed, prompts, u, opts, static, sync_every, max_rows):
     every = sync_every if static else 1
     while True:
         if step % every == 0:  # the host's only reads of the device
-            n, t_max = torch.stack([s.alive[:b].sum(), s.t[:b].max()]).tolist() if b else (0, 0)  # rows that ended run too
+            n, t_all, t_live = torch.stack([s.alive[:b].sum(), s.t[:b].max(), (s.t[:b] * s.alive[:b]).max()]).tolist() if b else (0,) * 3
+            t_max = t_all  # the furthest row of [:b]: rows that ended run too, until a compaction drops them
             admit = min(B - n, n_prompts - waiting)
             refill = admit > 0 and (admit == n_prompts - waiting or admit * 8 >= B)  # prompts enter >= B/8 at a time
             moved = n < b and (refill or (_bucket(n, B, static) < b if static else (b - n) * 8 >= b))  # else: once 1/8 finished
             if moved:
-                _compact(s, cache, b, P + t_max)
+                _compact(s, cache, b, P + t_all)
+                t_max = t_live  # only the live rows stay, at [:n]; the bucket's other rows restart at t = 0
             if refill:  # rows at different steps from now on, unless none is live
                 opts["masked"] |= _admit(model, packed, s, cache, slice(n, n + admit), waiting, prompts[waiting:waiting + admit], opts) or n > 0
                 waiting, n, t_max = waiting + admit, n + admit, max(t_max, 1)

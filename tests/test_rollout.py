@@ -272,6 +272,18 @@ def test_the_fused_attention_path_matches_hf_generate(arch, monkeypatch):
     assert engine.attention_backend(model, 4, 256) in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
 
+def test_a_batch_that_ends_at_once_is_refilled_without_the_old_rows_slots(mode):
+    """Prompts of one length, no EOS: every row stops at max_new_tokens together and 4 new prompts fill the
+    empty batch; they attend their own slots only (not the slots the ended rows had reached), so each prompt
+    samples what it samples in one batch of all."""
+    model, g = tiny_model("llama"), torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 97, (6,), generator=g).tolist() for _ in range(12)]
+    whole = generate(model, prompts, max_new_tokens=7, seed=1, **mode)
+    r = generate(model, prompts, max_new_tokens=7, seed=1, max_batch=4, **mode)
+    assert torch.equal(r.tokens, whole.tokens)
+    torch.testing.assert_close(r.logprobs, whole.logprobs, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("arch,rows", [("llama", 3), ("qwen3", 3), ("gemma3_text", 3), ("llama", 9), ("gemma3_text", 9)])
 def test_continuous_batching_refills_rows_and_samples_what_one_batch_samples(arch, rows, mode, monkeypatch):
     """3 or 9 rows for 22 prompts of different lengths: a row that finishes takes the next waiting prompt,
