@@ -37,6 +37,7 @@ from checkpoints import StopRequest, load_checkpoint, read_metrics, save_checkpo
 from cli import Stopped, check, claim_run_dir, parse_config, run_main, write_jsonl
 from config import PRESETS, GRPOConfig, check_config
 from critic import make_critic
+from decode import release
 from decompose import load_model, model_config
 from evaluate import evaluate, pass_curve, summarize
 from hardware import clock, matmul_peak
@@ -64,6 +65,7 @@ def run_eval(runner, tok, cfg, d, sampled=False):
         _, records = evaluate(model, tok, problems[d.rank::d.world], k=k, max_new_tokens=cfg.eval_max_new_tokens,
                               temperature=temperature, batch_size=cfg.rollout_batch or 256, progress=False, seed=cfg.seed,
                               dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None)
+    release()  # the evaluation's buffers (kept on CUDA) are not the rollout's: their memory goes back to training
     records = distributed.gather_lists(records)
     if not sampled:
         out = {f"eval/{src}": s["avg@1"] for src, s in sorted(summarize(records, 1).items())}

@@ -6,17 +6,16 @@ modules and weights doing the math:
 
 - prefill: each distinct prompt runs once (a GRPO group repeats it), left-padded, and
   only its last position is unembedded;
-- decode: one static step, `_step`, run per token. Its tensors keep their shapes and
-  addresses for a whole call: a KV cache of [rows, kv_heads, prompt + max_new, head_dim]
-  per layer, positions and each row's step index as tensors, the uniform draws of every
-  step drawn up front, the tokens recorded in place;
+- decode (decode.py): one static step per token on fixed buffers, a KV cache of [rows,
+  kv_heads, slots, head_dim] per layer, the uniform draws of every step drawn up front;
 - continuous batching: finished rows are moved out (compaction) and, when there are more
   prompts than rows (max_batch), waiting prompts are prefilled into the freed rows and
   decode beside the others, each at its own step, drawing its own uniforms;
-- on CUDA the step is captured once per (batch bucket, cache span of 128 slots) as a
-  CUDA graph and replayed, the live rows padded to the bucket (1, 2, 4, ..., as
-  nano-vllm); the host reads the GPU only every `sync_every` steps, to stop, compact and
-  refill; attention is SDPA on the query groups folded into the query length (fused kernels);
+- on CUDA the step is compiled (torch.compile) and captured once per (batch bucket, cache
+  span of 128 slots) as a CUDA graph, the live rows padded to the bucket (1, 2, 4, ..., as
+  nano-vllm); buffers and graphs are kept across calls (decode.release() frees them); the
+  host reads the GPU only every `sync_every` steps, to stop, compact and refill; attention
+  is SDPA on the query groups folded into the query length (fused kernels);
 - on CPU the same step runs eagerly on exactly the live rows and the filled part of the
   cache, with every linear weight packed once into oneDNN's layout (what torch.compile
   uses): a decode step's small-M products run ~2x faster so.
@@ -29,17 +28,17 @@ Sampling (temperature, top-k/top-p, inverse-CDF draws) is sampling.py's.
 import argparse
 import copy
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from cli import InputError, check, run_main
 from decompose import EMBEDDED, RANDOM, load_model
-from engine import attention_backend, cast_copy, forward, pack_linears, prefill
+from decode import decode, decoder, sampling_copy
+from engine import attention_backend, pack_linears
 from hardware import bandwidth, timed
 from policy import output_policy, pad_rows
 from problems import load_problems, prompt_ids
-from sampling import sample
 
 
 @dataclass
@@ -48,115 +47,7 @@ class Rollout:
     logprobs: torch.Tensor  # (B, N) log-prob of each token under the sampling distribution, 0 after the end
     lengths: torch.Tensor   # (B,) tokens generated, the EOS token included
     finished: torch.Tensor  # (B,) True where EOS was hit
-
-
-# ----------------------------------------------------------------------------- the decode state and step
-
-@dataclass
-class State:
-    """Everything a decode step reads and writes: fixed shapes and addresses for the whole call.
-
-    Row r of the batch decodes prompt rows[r], at its own token index t[r]: a finished row is
-    refilled with a waiting prompt (continuous batching). Rows [:b] run (b = the bucket); a row
-    that is not live writes its outputs to the spare last row of tokens/logprobs/lengths/finished.
-    """
-    rows: torch.Tensor      # (B,) the prompt index of each row (the spare index when empty)
-    tok: torch.Tensor       # (B,) the last sampled token
-    pos: torch.Tensor       # (B,) its position
-    alive: torch.Tensor     # (B,) still generating
-    key_ok: torch.Tensor    # (B, S) cache slots that hold real tokens (False: padding before the prompt)
-    t: torch.Tensor         # (B,) the index of the token each row samples next
-    u: torch.Tensor         # (N, n+1) the uniform draw of every step and prompt
-    tokens: torch.Tensor    # (n+1, N)
-    logprobs: torch.Tensor  # (n+1, N)
-    lengths: torch.Tensor   # (n+1,)
-    finished: torch.Tensor  # (n+1,)
-
-
-def _record(s, rows_of, logits, opts):
-    """Sample the next token of the rows rows_of (a slice) from their logits (rows, V), record it; their t advances."""
-    alive, t = s.alive[rows_of], s.t[rows_of]
-    rows = torch.where(alive, s.rows[rows_of], opts["spare"])  # a row that is not live writes to the spare row
-    tok, lp = sample(logits, opts["temperature"], opts["top_k"], opts["top_p"], s.u[t, rows])
-    s.tokens.index_put_((rows, t), tok)
-    s.logprobs.index_put_((rows, t), lp)
-    done = alive & (tok[:, None] == opts["eos"]).any(-1)  # not torch.isin: past ~10-23 ids it sorts and syncs the host
-    s.lengths.index_put_((rows,), torch.where(done, t + 1, s.lengths[rows]))
-    s.finished.index_put_((rows,), done)
-    s.alive[rows_of] = alive & ~done & (t + 1 < opts["N"])
-    s.tok[rows_of] = tok
-    s.t[rows_of] = t + s.alive[rows_of]  # a row that stops keeps its last index
-
-
-def _step(model, packed, cache, s, b, span, opts):
-    """The decode step of rows [:b]: run each row's last token (cache slot P+t-1), sample its token t."""
-    slot = s.t[:b] + (opts["P"] - 1)  # (b,)
-    mask = None
-    if opts["masked"]:  # padding, rows at different steps, or slots beyond the filled ones (CUDA graphs attend a fixed span)
-        mask = (s.key_ok[:b, :span] & (torch.arange(span, device=slot.device) <= slot[:, None]))[:, None, None]  # (b, 1, 1, span)
-    logits = forward(model, s.tok[:b, None], s.pos[:b, None], cache, slot[:, None], span, mask, packed)
-    _record(s, slice(0, b), logits, opts)
-    s.pos[:b] += 1
-
-
-class Graphs:
-    """One CUDA graph of the decode step per (bucket, span), captured on first use and replayed."""
-
-    def __init__(self, state):
-        self.state, self.graphs, self.pool = state, {}, None
-
-    def run(self, key, fn):
-        g = self.graphs.get(key)
-        if g is None:
-            saved = {f.name: getattr(self.state, f.name).clone() for f in fields(self.state) if f.name != "u"}
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # a warm-up run (lazy library init), then undo what it wrote
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            for name, v in saved.items():
-                getattr(self.state, name).copy_(v)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                fn()
-            self.pool = self.pool or g.pool()  # the graphs share one memory pool: they never run at once
-            self.graphs[key] = g
-        g.replay()
-
-
-SPAN = 128  # static shapes attend the cache in spans of this many slots: one CUDA graph per (bucket, span)
-
-
-def _bucket(n, B, static):
-    """Rows to run for n live ones: n itself, or with static shapes the next power of two (at most B)."""
-    return n if not static else min(B, 1 << (n - 1).bit_length())
-
-
-def _span(filled, S, static):
-    """Cache slots to attend: the filled ones, or with static shapes the next multiple of SPAN (at most S): a power
-    of two would read up to twice the filled cache."""
-    return filled if not static else min(S, -(-filled // SPAN) * SPAN)
-
-
-def _compact(s, cache, b, filled):
-    """Move the live rows of [:b] to the front (cache included); returns how many there are."""
-    keep = s.alive[:b].nonzero()[:, 0]  # (n,)
-    for K, V in cache:
-        K[:len(keep), :, :filled], V[:len(keep), :, :filled] = K[keep, :, :filled], V[keep, :, :filled]
-    for x in (s.rows, s.tok, s.pos, s.alive, s.key_ok, s.t):
-        x[:len(keep)] = x[keep]
-    return len(keep)
-
-
-def _admit(model, packed, s, cache, rows, first, prompts, opts):
-    """Prefill prompts first, first+1, ... into the free rows `rows` (a slice), each prompt ending at slot P-1
-    (P: the call's longest prompt), and sample their token 0. Returns whether any of their slots is padding."""
-    logits, next_pos, padded = prefill(model, prompts, [(K[rows], V[rows]) for K, V in cache], s.key_ok[rows], opts["P"],
-                                       int(opts["pad"]), packed)
-    s.rows[rows] = torch.arange(first, first + len(prompts), device=s.rows.device)
-    s.pos[rows], s.alive[rows], s.t[rows] = next_pos, True, 0
-    _record(s, rows, logits, opts)
-    return padded
+    setup_s: float = 0.0    # seconds of this call spent compiling and capturing CUDA graphs (once per shape), not sampling
 
 
 # ----------------------------------------------------------------------------- generate
@@ -177,11 +68,13 @@ def check_args(model, prompts, max_new_tokens, temperature, top_p, top_k):
 
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=0,
-             seed=None, dtype=None, batch_index=None, batch_rows=None, max_batch=0, static=None, pack=True, sync_every=8):
+             seed=None, dtype=None, batch_index=None, batch_rows=None, max_batch=0, static=None, pack=True, sync_every=8,
+             compiled=None):
     """Sample a response for each prompt (a list of token-id lists of any lengths).
 
-    dtype: cast a copy of the weights for sampling (e.g. torch.bfloat16) while the
-    caller keeps training in float32; None samples with the model as it is.
+    dtype: sample with a copy of the weights in dtype (e.g. torch.bfloat16) while the
+    caller keeps training in float32, kept and refreshed in place across calls; None
+    samples with the model as it is.
     batch_index, batch_rows: prompt i is row batch_index[i] of a batch of batch_rows
     sampled with the same seed, and gets the random draws it would get there (the
     uniforms are drawn up front, (max_new_tokens, batch_rows), and prompt i reads column
@@ -192,8 +85,11 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     static: run the decode step with static shapes, the live rows padded to a bucket and
     the cache attended over a span of SPAN slots, the host checking for stops every
     sync_every steps; on CUDA (the default there) the step is then captured as CUDA graphs,
-    elsewhere it runs eagerly (how the tests check it on CPU). pack: oneDNN-packed weights
-    on CPU (False runs the modules as they are, the path CUDA takes).
+    elsewhere it runs eagerly (how the tests check it on CPU); its buffers and graphs are
+    kept for the next call with the same model and sampling settings. compiled: run the
+    step through torch.compile (the default on CUDA with static shapes; on CPU it did
+    not pay). pack: oneDNN-packed weights on CPU (False runs the modules as they are, the
+    path CUDA takes).
     Returns a Rollout with tensors on the model's device.
     """
     check_args(model, prompts, max_new_tokens, temperature, top_p, top_k)
@@ -202,60 +98,20 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     if len(index) != len(prompts) or int(index.min()) < 0 or int(index.max()) >= batch_rows or len(set(index.tolist())) < len(index):
         raise InputError(f"batch_index must be {len(prompts)} distinct rows in 0..{batch_rows - 1} (batch_rows), one per prompt")
     if dtype is not None and dtype != model.dtype:
-        model = cast_copy(model, dtype)
+        model = sampling_copy(model, dtype)
     dev, N = model.device, max_new_tokens
     static = dev.type == "cuda" if static is None else static
+    compiled = static and dev.type == "cuda" if compiled is None else compiled
+    check(static or not compiled, "compiled=True needs static=True (fixed shapes)")
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
     u = torch.rand(N, batch_rows, generator=gen, device=dev) if temperature else torch.zeros(N, batch_rows, device=dev)
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, pad=torch.tensor(pad_token_id, device=dev),
-                eos=torch.tensor(eos, dtype=torch.long, device=dev))
-    packed = pack_linears(model) if pack else {}
-    return _decode(model, packed, prompts, u[:, index.to(dev)], opts, static, sync_every, max_batch)
-
-
-def _decode(model, packed, prompts, u, opts, static, sync_every, max_rows):
-    """Continuous batching: up to max_rows prompts (0: all) decode at once, one static step per token. At the
-    host's checks finished rows leave (compaction) and waiting prompts take their places, prefilled into them,
-    so the batch stays full until the prompts run out; a row draws its prompt's uniforms, whatever its batch."""
-    dev, n_prompts, N = model.device, len(prompts), u.shape[0]
-    B, P = min(max_rows or n_prompts, n_prompts), max(map(len, prompts))
-    S, a = P + N, model.model.layers[0].self_attn
-    shape, long = (B, model.config.num_key_value_heads, S, a.head_dim), dict(dtype=torch.long, device=dev)
-    cache = [tuple(torch.zeros(shape, dtype=model.dtype, device=dev) for _ in "KV")  # zeros: a masked slot weighs 0,
-             for _ in model.model.layers]                                            # and 0 * NaN of uninitialized memory is NaN
-    s = State(rows=torch.full((B,), n_prompts, **long), tok=torch.zeros(B, **long), pos=torch.zeros(B, **long),
-              alive=torch.zeros(B, dtype=torch.bool, device=dev), key_ok=torch.ones(B, S, dtype=torch.bool, device=dev),
-              t=torch.zeros(B, **long), u=torch.cat([u, u.new_zeros(N, 1)], 1), tokens=torch.full((n_prompts + 1, N), int(opts["pad"]), **long),
-              logprobs=torch.zeros(n_prompts + 1, N, device=dev), lengths=torch.full((n_prompts + 1,), N, **long),
-              finished=torch.zeros(n_prompts + 1, dtype=torch.bool, device=dev))
-    opts = {**opts, "P": P, "N": N, "spare": torch.tensor(n_prompts, device=dev), "masked": static}
-    runner = Graphs(s) if static and dev.type == "cuda" else None
-    b = waiting = step = 0
-    every = sync_every if static else 1
-    while True:
-        if step % every == 0:  # the host's only reads of the device
-            n, t_all, t_live = torch.stack([s.alive[:b].sum(), s.t[:b].max(), (s.t[:b] * s.alive[:b]).max()]).tolist() if b else (0,) * 3
-            t_max = t_all  # the furthest row of [:b]: rows that ended run too, until a compaction drops them
-            admit = min(B - n, n_prompts - waiting)
-            refill = admit > 0 and (admit == n_prompts - waiting or admit * 8 >= B)  # prompts enter >= B/8 at a time
-            moved = n < b and (refill or (_bucket(n, B, static) < b if static else (b - n) * 8 >= b))  # else: once 1/8 finished
-            if moved:
-                _compact(s, cache, b, P + t_all)
-                t_max = t_live  # only the live rows stay, at [:n]; the bucket's other rows restart at t = 0
-            if refill:  # rows at different steps from now on, unless none is live
-                opts["masked"] |= _admit(model, packed, s, cache, slice(n, n + admit), waiting, prompts[waiting:waiting + admit], opts) or n > 0
-                waiting, n, t_max = waiting + admit, n + admit, max(t_max, 1)
-            if n == 0:
-                break
-            if moved or refill:  # the live rows are [:n] now; the bucket's other rows pad it
-                b = _bucket(n, B, static)
-                s.rows[n:b], s.alive[n:b], s.key_ok[n:b], s.t[n:b] = n_prompts, False, True, 0
-        span = _span(P + t_max, S, static)
-        run = lambda: _step(model, packed, cache, s, b, span, opts)
-        runner.run((b, span), run) if runner else run()
-        step, t_max = step + 1, t_max + 1
-    return Rollout(s.tokens[:n_prompts], s.logprobs[:n_prompts], s.lengths[:n_prompts], s.finished[:n_prompts])
+    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos=torch.tensor(eos, dtype=torch.long, device=dev))
+    P, B = max(map(len, prompts)), min(max_batch or len(prompts), len(prompts))
+    d = decoder(model, B, P + N, N, opts, static, compiled)
+    d.packed, setup = pack_linears(model) if pack and not compiled else {}, d.steps.setup_s
+    out = decode(d, prompts, u[:, index.to(dev)], pad_token_id, sync_every, max_batch)
+    return Rollout(*out, setup_s=d.steps.setup_s - setup)
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -268,13 +124,24 @@ def step_bytes(model, batch, filled):
 
 
 def bench_fixed(model, batch, new_tokens, prompt_len=32):
-    """Seconds of HF generate and of ours for fixed-length sampling (EOS ignored), same prompts and settings."""
+    """Seconds of HF generate and of ours for fixed-length sampling (EOS ignored), same prompts and settings, and
+    the seconds our first call spent compiling and capturing graphs (then timed again, replaying them)."""
     prompts = torch.randint(100, 1000, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     ids = prompts.to(model.device)
     hf_kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
     _, t_hf = timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **hf_kw), model.device)
-    _, t_us = timed(lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, seed=0), model.device)
-    return t_hf, t_us
+    _, t_us, setup = replayed(lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, seed=0), model.device)
+    return t_hf, t_us, setup
+
+
+def replayed(fn, device):
+    """(fn()'s Rollout, its seconds, the seconds its first call spent compiling and capturing): where the first call
+    compiled or captured (once per shape), the time of a second call, which replays."""
+    r, t = timed(fn, device)
+    if not r.setup_s:
+        return r, t, 0.0
+    r2, t2 = timed(fn, device)
+    return r2, t2, r.setup_s
 
 
 def tokens_to_eos(new, eos):
@@ -292,8 +159,8 @@ def bench_grpo(model, tok, n_prompts=16, group=8, new_tokens=256):
     out, t_hf = timed(lambda: model.generate(ids, attention_mask=att, do_sample=True, top_k=0, max_new_tokens=new_tokens,
                                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id), model.device)
     n_hf = tokens_to_eos(out[:, ids.shape[1]:], [tok.eos_token_id])
-    r, t_us = timed(lambda: generate(model, prompts, max_new_tokens=new_tokens, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id, seed=0), model.device)
+    r, t_us, _ = replayed(lambda: generate(model, prompts, max_new_tokens=new_tokens, eos_token_id=tok.eos_token_id,
+                                           pad_token_id=tok.pad_token_id, seed=0), model.device)
     return n_hf / t_hf, r.lengths.sum().item() / t_us
 
 
@@ -305,7 +172,8 @@ def bench_refill(model, rows, new_tokens, prompt_len=32):
     kw = dict(do_sample=True, top_k=0, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=0)
     outs, t_hf = timed(lambda: [model.generate(c, attention_mask=torch.ones_like(c), **kw) for c in prompts.split(rows)], model.device)
     n_hf = tokens_to_eos(torch.cat([o[:, prompt_len:] for o in outs]), eos)
-    r, t_us = timed(lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, eos_token_id=eos, seed=0, max_batch=rows), model.device)
+    r, t_us, _ = replayed(lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, eos_token_id=eos, seed=0, max_batch=rows),
+                          model.device)
     return n_hf / t_hf, r.lengths.sum().item() / t_us
 
 
@@ -343,12 +211,12 @@ def bench(args):
           f"{model.config.model_type} {model.config.num_hidden_layers} layers, {model.dtype}, torch {torch.__version__}; "
           f"memory bandwidth {bw / 1e9:.0f} GB/s ({source})")
     bench_fixed(model, 2, 8)  # warm-up: lazy initialization of both
-    print(f"{'fixed length, ' + str(N) + ' new':<24}{'HF tok/s':>10}{'ours tok/s':>12}{'ratio':>8}{'HF ms/step':>12}{'ours ms/step':>14}{'of bw bound':>13}  attention")
+    print(f"{'fixed length, ' + str(N) + ' new':<24}{'HF tok/s':>10}{'ours tok/s':>12}{'ratio':>8}{'HF ms/step':>12}{'ours ms/step':>14}{'of bw bound':>13}{'setup s':>9}  attention")
     for batch in batches:
-        t_hf, t_us = bench_fixed(model, batch, N)
+        t_hf, t_us, setup = bench_fixed(model, batch, N)
         bound = step_bytes(model, batch, 32 + N // 2) / bw  # seconds a step needs at full bandwidth, the cache half full on average
         print(f"{f'batch {batch}':<24}{batch * N / t_hf:>10.1f}{batch * N / t_us:>12.1f}{t_hf / t_us:>7.2f}x"
-              f"{1e3 * t_hf / N:>12.2f}{1e3 * t_us / N:>14.2f}{bound / (t_us / N):>12.1%}  "
+              f"{1e3 * t_hf / N:>12.2f}{1e3 * t_us / N:>14.2f}{bound / (t_us / N):>12.1%}{setup:>9.1f}  "
               f"{attention_backend(model, batch, 32 + N) if device.type == 'cuda' else 'written out'}", flush=True)
     rows = batches[-1] // 4 or 1
     hf, us = bench_refill(model, rows, N)

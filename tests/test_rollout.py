@@ -2,8 +2,8 @@
 import pytest
 import torch
 
+import decode
 import engine
-import rollout
 from conftest import tiny_model
 from rollout import generate
 from sampling import filter_logits, sample
@@ -230,10 +230,10 @@ def test_the_bf16_sampling_copy_keeps_float32_rotary_frequencies():
 def test_static_spans_of_a_few_slots_match_hf_generate(arch, monkeypatch):
     """CUDA's static shapes with spans of 4 cache slots (128 in use): the attended span grows 4 slots at a time, masked
     beyond the filled ones, and greedy decoding still equals HF generate token for token."""
-    monkeypatch.setattr(rollout, "SPAN", 4)
+    monkeypatch.setattr(decode, "SPAN", 4)
     spans = []
-    real = rollout._span
-    monkeypatch.setattr(rollout, "_span", lambda filled, S, static: spans.append(real(filled, S, static)) or spans[-1])
+    real = decode._span
+    monkeypatch.setattr(decode, "_span", lambda filled, S, static: spans.append(real(filled, S, static)) or spans[-1])
     model, prompts = tiny_model(arch), prompts_for()
     r = generate(model, prompts, max_new_tokens=12, temperature=0, pack=False, static=True, sync_every=3)
     for i, p in enumerate(prompts):
@@ -272,6 +272,33 @@ def test_the_fused_attention_path_matches_hf_generate(arch, monkeypatch):
     assert engine.attention_backend(model, 4, 256) in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
 
+def spans_cover_every_row_that_runs(monkeypatch):
+    """Check at every decode step that the attended span holds each running row's slot, P - 1 + t (rows that ended
+    but still run in the bucket included), and that no row attends beyond it."""
+    real = decode._step
+
+    def step(model, packed, cache, s, b, span, opts):
+        assert span >= int(s.P) + int(s.t[:b].max()), "a running row writes beyond the attended span"
+        return real(model, packed, cache, s, b, span, opts)
+    monkeypatch.setattr(decode, "_step", step)
+
+
+def test_a_row_that_ended_runs_on_inside_the_span_beside_younger_rows(mode, monkeypatch):
+    """9 rows: 8 copies of prompt A end at token 4 and 8 copies of C take their rows; B ends at token 7 while the C rows
+    are at token 3, and (1 row of 9: no compaction) runs on beside them: the span must cover its slot, not only the
+    live rows' (greedy, EOS ids picked from the three prompts' free runs so that this order holds)."""
+    model, g = tiny_model("llama"), torch.Generator().manual_seed(0)
+    A, B, C = (torch.randint(10, 97, (5,), generator=g).tolist() for _ in range(3))
+    a, b, c = generate(model, [A, B, C], max_new_tokens=10, temperature=0).tokens.tolist()
+    assert a[4] not in a[:4] + b[:8] + c[:3] and b[7] not in a[:5] + b[:7] + c[:3]  # the order described
+    kw = dict(max_new_tokens=10, temperature=0, eos_token_id=[a[4], b[7]], **mode)
+    prompts = [A] * 8 + [B] + [C] * 8
+    whole = generate(model, prompts, **kw)
+    spans_cover_every_row_that_runs(monkeypatch)
+    r = generate(model, prompts, max_batch=9, **kw)
+    assert r.lengths[:9].tolist() == [5] * 8 + [8] and torch.equal(r.tokens, whole.tokens) and torch.equal(r.lengths, whole.lengths)
+
+
 def test_a_batch_that_ends_at_once_is_refilled_without_the_old_rows_slots(mode):
     """Prompts of one length, no EOS: every row stops at max_new_tokens together and 4 new prompts fill the
     empty batch; they attend their own slots only (not the slots the ended rows had reached), so each prompt
@@ -295,8 +322,9 @@ def test_continuous_batching_refills_rows_and_samples_what_one_batch_samples(arc
     free = generate(model, prompts, max_new_tokens=14, seed=5, **mode).tokens
     kw = dict(max_new_tokens=14, seed=5, eos_token_id=sorted({free[0, 2].item(), free[1, 6].item(), free[3, 9].item()}), **mode)
     whole = generate(model, prompts, **kw)  # rows end at different steps
-    live, real = [], rollout._admit
-    monkeypatch.setattr(rollout, "_admit", lambda model, packed, s, *a: live.append(int(s.alive.sum())) or real(model, packed, s, *a))
+    live, real = [], decode._admit
+    monkeypatch.setattr(decode, "_admit", lambda d, *a: live.append(int(d.s.alive.sum())) or real(d, *a))
+    spans_cover_every_row_that_runs(monkeypatch)
     r = generate(model, prompts, max_batch=rows, **kw)  # 9 rows: an ended row may stay among live ones (no compaction)
     assert len(live) > 3 and max(live) > 0  # prompts entered while other rows were decoding
     assert torch.equal(r.tokens, whole.tokens) and torch.equal(r.lengths, whole.lengths) and torch.equal(r.finished, whole.finished)
@@ -306,3 +334,62 @@ def test_continuous_batching_refills_rows_and_samples_what_one_batch_samples(arc
         n = r.lengths[i].item()
         want = model(torch.tensor([p + r.tokens[i, :n].tolist()])).logits[0, len(p) - 1:-1].log_softmax(-1)
         torch.testing.assert_close(r.logprobs[i, :n], want.gather(-1, r.tokens[i, :n, None])[:, 0], atol=1e-4, rtol=0)
+
+
+def test_a_kept_decoder_serves_later_calls_on_the_same_buffers_with_nothing_call_specific_in_its_step(monkeypatch):
+    """Static shapes keep the Decoder across calls (CUDA replays the graphs captured on its buffers): a second call
+    with other prompts, another prompt length and fewer new tokens runs on the same buffers, and its step, traced
+    by torch.compile with static shapes, compiles no new graph: none of the call's numbers is baked into the step
+    (a CUDA graph would replay a baked one). Its tokens equal the eager per-call path's and HF generate's."""
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    monkeypatch.setattr(decode, "COMPILE", dict(dynamic=False, fullgraph=True, backend=counter))
+    model, kw = tiny_model("qwen3"), dict(temperature=0, pack=False, static=True, sync_every=3, compiled=True)
+    first = generate(model, prompts_for(1), max_new_tokens=12, **kw)
+    cache, frames = [x.data_ptr() for kv in next(reversed(decode._DECODERS.values())).cache for x in kv], counter.frame_count
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (4, 6, 10, 2, 8)]
+    r = generate(model, prompts, max_new_tokens=9, **kw)
+    assert [x.data_ptr() for kv in next(reversed(decode._DECODERS.values())).cache for x in kv] == cache
+    assert counter.frame_count == frames > 0 and first.setup_s > 0 == r.setup_s
+    for i, p in enumerate(prompts):
+        assert r.tokens[i].tolist() == hf_greedy(model, p, 9)
+    sampled = [generate(model, prompts, max_new_tokens=9, seed=s, **{**kw, "temperature": 1.0}) for s in (1, 1, 2)]
+    eager = generate(model, prompts, max_new_tokens=9, seed=1, pack=False)
+    assert torch.equal(sampled[0].tokens, eager.tokens) and torch.equal(sampled[1].tokens, eager.tokens)
+    assert not torch.equal(sampled[2].tokens, eager.tokens)
+
+
+def test_the_kept_bf16_copy_follows_the_weights_it_was_made_from():
+    """dtype=bf16 samples with a kept copy refreshed in place: after the float32 weights change (an optimizer step),
+    the next call samples what a fresh copy of the new weights samples, on the same copy."""
+    model, prompts = tiny_model("llama"), prompts_for()
+    kw = dict(max_new_tokens=10, seed=3, dtype=torch.bfloat16)
+    before = generate(model, prompts, **kw)
+    copy = decode.sampling_copy(model, torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    after = generate(model, prompts, **kw)
+    assert decode.sampling_copy(model, torch.bfloat16) is copy
+    decode.release()
+    fresh = generate(model, prompts, **kw)
+    assert decode.sampling_copy(model, torch.bfloat16) is not copy
+    assert torch.equal(after.tokens, fresh.tokens) and torch.equal(after.logprobs, fresh.logprobs)
+    assert not torch.equal(after.tokens, before.tokens)
+
+
+def test_the_compiled_step_matches_hf_generate():
+    """CUDA's compiled step (torch.compile's inductor, one compile for every bucket and span), run on CPU: greedy
+    tokens equal HF generate's, sampled ones the eager step's; the compile is paid once (setup_s), not again
+    by a second call of the same shapes."""
+    model, prompts = tiny_model("qwen3"), prompts_for()
+    kw = dict(max_new_tokens=10, pack=False, static=True, sync_every=3, compiled=True)
+    r = generate(model, prompts, temperature=0, **kw)
+    for i, p in enumerate(prompts):
+        assert r.tokens[i].tolist() == hf_greedy(model, p, 10)
+    again = generate(model, prompts, temperature=0, **kw)
+    assert r.setup_s > 0 and again.setup_s == 0 and torch.equal(again.tokens, r.tokens)
+    sampled, eager = generate(model, prompts, seed=2, **kw), generate(model, prompts, max_new_tokens=10, seed=2, pack=False)
+    assert torch.equal(sampled.tokens, eager.tokens)
+    torch.testing.assert_close(sampled.logprobs, eager.logprobs, atol=1e-4, rtol=0)
