@@ -28,6 +28,7 @@ Sampling (temperature, top-k/top-p, inverse-CDF draws) is sampling.py's.
 import argparse
 import copy
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -87,8 +88,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     sync_every steps; on CUDA (the default there) the step is then captured as CUDA graphs,
     elsewhere it runs eagerly (how the tests check it on CPU); its buffers and graphs are
     kept for the next call with the same model and sampling settings. compiled: run the
-    step through torch.compile (the default on CUDA with static shapes; on CPU it did
-    not pay). pack: oneDNN-packed weights on CPU (False runs the modules as they are, the
+    step through torch.compile (the default on CUDA with static shapes, unless the
+    environment sets BUPO_NO_COMPILE=1; on CPU it did not pay). pack: oneDNN-packed weights on CPU (False runs the modules as they are, the
     path CUDA takes).
     Returns a Rollout with tensors on the model's device.
     """
@@ -101,7 +102,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
         model = sampling_copy(model, dtype)
     dev, N = model.device, max_new_tokens
     static = dev.type == "cuda" if static is None else static
-    compiled = static and dev.type == "cuda" if compiled is None else compiled
+    compiled = static and dev.type == "cuda" and not os.environ.get("BUPO_NO_COMPILE") if compiled is None else compiled
     check(static or not compiled, "compiled=True needs static=True (fixed shapes)")
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
     u = torch.rand(N, batch_rows, generator=gen, device=dev) if temperature else torch.zeros(N, batch_rows, device=dev)

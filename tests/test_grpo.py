@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import checkpoints
+import decode
+import evaluate
 import grpo
 import step
 from cli import InputError
@@ -344,3 +346,31 @@ def test_a_kv_cache_beyond_memory_is_refused_with_the_batch_that_fits():
     check_rollout_memory(replace(cfg, rollout_batch=fit), qwen3_4b, memory=80e9)
     with pytest.raises(InputError, match="lower --max-new-tokens or --group-size"):
         check_rollout_memory(replace(cfg, rollout_batch=8), qwen3_4b, memory=4e9)
+
+
+@pytest.mark.parametrize("dtype", ["", "bfloat16"])
+def test_cudas_sampling_flow_kept_across_steps_trains_what_the_per_call_flow_trains(tmp_path, monkeypatch, dtype):
+    """CUDA samples with static shapes on a Decoder (and bf16 copy) kept from step to step, refreshed in place, and
+    released after each evaluation; run so on CPU (eagerly), GRPO's metrics equal those of a fresh sampler per call,
+    and a step builds its sampler only after an evaluation released it: step 1 reuses step 0's (16 rows, 6 tokens),
+    step 2 builds one after the evaluation of step 1 (the evaluations: 4 questions, 4 tokens, before, at 2 and at 3)."""
+    monkeypatch.setattr(step, "problem_reward", text_reward)
+    cfg = dict(save_every=0, eval_every=2, rollout_dtype=dtype)
+    fresh, _, _ = grpo.train(tiny_cfg(tmp_path / "a", **cfg), model=tiny_model("llama"), tok=FakeTok())
+    built, real = [], decode.Decoder
+    monkeypatch.setattr(decode, "Decoder", lambda *a: built.append(a[1:4]) or real(*a))
+    static = lambda *a, **kw: generate(*a, **{**kw, "static": True, "sync_every": 3})
+    stale = []
+
+    def rollout(model, *a, **kw):  # the training rollout: the kept copy it sampled with holds today's weights
+        r = static(model, *a, **kw)
+        if dtype:
+            copy = next(reversed(decode._COPIES.values()))[1]
+            stale.extend(not torch.equal(c, p.to(c.dtype)) for c, p in zip(copy.parameters(), model.parameters()))
+        return r
+    monkeypatch.setattr(step, "generate", rollout)
+    monkeypatch.setattr(evaluate, "generate", static)
+    kept, _, _ = grpo.train(tiny_cfg(tmp_path / "b", **cfg), model=tiny_model("llama"), tok=FakeTok())
+    assert strip(kept) == strip(fresh) and "eval/avg" in kept[1] and kept[0]["reward_std"] > 0
+    assert built == [(4, 128, 4), (16, 128, 6), (4, 128, 4), (16, 128, 6), (4, 128, 4)]
+    assert len(stale) == (3 * 29 if dtype else 0) and not any(stale)
