@@ -84,13 +84,13 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     the KV cache; a row that finishes takes the next waiting prompt (continuous batching),
     and by the same per-row draws the tokens do not depend on it.
     static: run the decode step with static shapes, the live rows padded to a bucket and
-    the cache attended over a span of SPAN slots, the host checking for stops every
+    the cache attended over spans of decode.SPAN slots, the host checking for stops every
     sync_every steps; on CUDA (the default there) the step is then captured as CUDA graphs,
     elsewhere it runs eagerly (how the tests check it on CPU); its buffers and graphs are
-    kept for the next call with the same model and sampling settings. compiled: run the
-    step through torch.compile (the default on CUDA with static shapes, unless the
-    environment sets BUPO_NO_COMPILE=1; on CPU it did not pay). pack: oneDNN-packed weights on CPU (False runs the modules as they are, the
-    path CUDA takes).
+    kept for the next call with the same model and sampling settings (decode.py).
+    compiled: run the step through torch.compile (the default on CUDA with static shapes,
+    unless the environment sets BUPO_NO_COMPILE=1; on CPU it did not pay). pack:
+    oneDNN-packed weights on CPU (False runs the modules as they are, the path CUDA takes).
     Returns a Rollout with tensors on the model's device.
     """
     check_args(model, prompts, max_new_tokens, temperature, top_p, top_k)
@@ -98,12 +98,12 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     batch_rows = batch_rows or len(prompts)
     if len(index) != len(prompts) or int(index.min()) < 0 or int(index.max()) >= batch_rows or len(set(index.tolist())) < len(index):
         raise InputError(f"batch_index must be {len(prompts)} distinct rows in 0..{batch_rows - 1} (batch_rows), one per prompt")
+    static = model.device.type == "cuda" if static is None else static
+    compiled = static and model.device.type == "cuda" and not os.environ.get("BUPO_NO_COMPILE") if compiled is None else compiled
+    check(static or not compiled, "compiled=True needs static=True (fixed shapes)")
     if dtype is not None and dtype != model.dtype:
         model = sampling_copy(model, dtype)
     dev, N = model.device, max_new_tokens
-    static = dev.type == "cuda" if static is None else static
-    compiled = static and dev.type == "cuda" and not os.environ.get("BUPO_NO_COMPILE") if compiled is None else compiled
-    check(static or not compiled, "compiled=True needs static=True (fixed shapes)")
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
     u = torch.rand(N, batch_rows, generator=gen, device=dev) if temperature else torch.zeros(N, batch_rows, device=dev)
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
