@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -141,10 +142,15 @@ def model_config(name_or_path):
                          f"a short name ({', '.join(EMBEDDED)}), or nothing for the default SmolLM2-135M-Instruct")
     if looks_local and not os.path.exists(os.path.join(path, "config.json")):
         raise InputError(f"'{path}' has no config.json: not a Hugging Face checkpoint dir")
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)  # its retry warnings would come before our one-line error
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise InputError(f"could not load the config of '{path}' (no such hub id, no network, or not a model): {e}") from e
+    finally:
+        hub.setLevel(level)
     archs = getattr(config, "architectures", None) or []
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or archs and not any(
             a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
