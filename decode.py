@@ -129,11 +129,6 @@ class Decoder:
         self.step = torch.compile(_step, **COMPILE) if compiled else _step
         self.steps = Steps(self.s, static and dev.type == "cuda", compiled)
 
-    def fits(self, model, B, S, n):
-        """Whether this Decoder serves a call of B rows, S slots and n new tokens on model, whose weights must be
-        where they were (FSDP's gathered weights, say, may move: a graph would read the old place)."""
-        return self.model is model and self.B >= B and self.S >= S and self.n >= n and self.weights == _addresses(model)
-
 
 def _addresses(model):
     return tuple(x.data_ptr() for x in (*model.parameters(), *model.buffers()))
@@ -156,11 +151,13 @@ def decoder(model, B, S, n, opts, static, compiled):
     if not static:
         return Decoder(model, B, S, n, opts, static, compiled)
     key = (id(model), opts["temperature"], opts["top_k"], opts["top_p"], tuple(opts["eos"].tolist()), compiled)
-    d = _DECODERS.get(key)
-    if d is None or not d.fits(model, B, S, n):
-        if d is not None and d.model is model and d.weights == _addresses(model):
+    d = _DECODERS.pop(key, None)
+    # the same model with its weights where they were (FSDP's gathered weights, say, may move: a graph would read the old place)
+    same = d is not None and d.model is model and d.weights == _addresses(model)
+    if not (same and d.B >= B and d.S >= S and d.n >= n):
+        if same:
             B, S, n = max(B, d.B), max(S, d.S), max(n, d.n)
-        _DECODERS.pop(key, None)  # its memory goes before the new one's comes
+        d = None  # the old one's memory goes before the new one's comes
         d = Decoder(model, B, -(-S // SPAN) * SPAN, n, opts, static, compiled)
     return _kept(_DECODERS, key, d)
 
@@ -173,10 +170,8 @@ def sampling_copy(model, dtype):
     if ref is None or ref() is not model:
         return _kept(_COPIES, key, (weakref.ref(model), cast_copy(model, dtype)))[1]
     with torch.no_grad():
-        for dst, src in zip(copy.parameters(), model.parameters()):
-            dst.copy_(src)
-        for (name, dst), src in zip(copy.named_buffers(), model.buffers()):
-            dst.copy_(src)  # inv_freq stays float32 in the copy
+        for dst, src in zip((*copy.parameters(), *copy.buffers()), (*model.parameters(), *model.buffers())):
+            dst.copy_(src)  # in dst's dtype: inv_freq stays float32 in the copy
     _COPIES.move_to_end(key)
     return copy
 
