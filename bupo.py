@@ -48,8 +48,12 @@ def resolve_layer(cfg, model, tok):
     """k as an int: given, or the end of the exploration stage found by entropy.py on this model."""
     if cfg.layer != "auto":
         return int(cfg.layer)
-    stages = eic_stages(entropy_profile(model, tok, cfg)["dH_ffn"])
-    print(f"layer=auto: EIC analysis suggests k={stages['suggested_layer']} ({stages})")
+    dh = entropy_profile(model, tok, cfg)["dH_ffn"]
+    stages = eic_stages(dh)
+    check(stages["boundary_layer"] is not None, f"--layer auto: this model has no boundary layer by the paper's rule (Sec. 5.3): "
+          f"its first FFN does not raise the entropy (dH_ffn = {', '.join(f'{d:+.3f}' for d in dh[:4])}, ...), so there is "
+          "no exploration stage to end; pass --layer k (the paper: 5 for Qwen3, 26 for Llama/OctoThinker)")
+    print(f"layer=auto: the boundary layer is k={stages['suggested_layer']} ({stages})")
     return stages["suggested_layer"]
 
 

@@ -111,10 +111,14 @@ def internal_entropy(model, input_ids, response_mask, final_norm=False, attentio
 
 
 def boundary_layer(dh_ffn, rel_tol=0.1):
-    """The paper's layer for BuPO (Sec. 5.3): the last layer of the exploration stage, i.e. of the run of FFNs that raise
-    the entropy (dH_ffn > rel_tol * max |dH_ffn|) from layer 0 on, before they turn to integration (~0) or
-    convergence (< 0). None when the first FFN does not raise it (no exploration stage)."""
-    tol = rel_tol * max(abs(d) for d in dh_ffn)
+    """The paper's layer for BuPO (Sec. 5.3): the LAST layer with dH_FFN > 0 before the FFN dynamics turn to
+    integration (~0) or convergence (< 0), i.e. the end of the run of FFNs that raise the entropy from layer 0 on.
+    A rise counts when it exceeds rel_tol x the largest rise: a Qwen-like integration stage (changes ~0 beside
+    exploring FFNs of ~1 nat) ends the run, while a Llama-like profile of weak rises up to an abrupt collapse at
+    the top ([0.3] * 27 + [-0.2] * 3 + [-1, -3]) keeps them all: 26, the authors' k for Llama. (Measured against
+    the largest |dH|, as before, the collapse would hide the rises and give no boundary.) None when the first FFN
+    does not raise the entropy (no exploration stage): callers say so, never fall back to a silent 0."""
+    tol = rel_tol * max([d for d in dh_ffn if d > 0], default=0.0)
     b = -1
     while b + 1 < len(dh_ffn) and dh_ffn[b + 1] > tol:
         b += 1

@@ -94,8 +94,10 @@ def test_bad_masks():
 def test_eic_stages_rule():
     s = E.eic_stages([0.5, 0.4, 0.02, -0.01, 0.03, -0.6, -0.8])
     assert s == {"exploration": [0, 1], "integration": [2, 4], "convergence": [5, 6], "boundary_layer": 1, "suggested_layer": 1}
-    s = E.eic_stages([0.01, 0.02, -0.01, -2.0, -3.0])  # Llama-like: flat, then abrupt convergence
-    assert s["exploration"] is None and s["convergence"] == [3, 4] and s["suggested_layer"] == 0 and s["boundary_layer"] is None
+    s = E.eic_stages([0.01, 0.02, -0.01, -2.0, -3.0])  # Llama-like: weak rises, then abrupt convergence
+    assert s["exploration"] == [0, 1] and s["convergence"] == [3, 4] and s["suggested_layer"] == 1 and s["boundary_layer"] == 1
+    s = E.eic_stages([-0.01, 0.02, -0.01, -2.0, -3.0])  # no rise at the bottom: no boundary
+    assert s["exploration"] is None and s["boundary_layer"] is None
     s = E.eic_stages([1.0, 1.0, 1.0, 1.0])  # all exploring: k stays an internal layer
     assert s["exploration"] == [0, 3] and s["suggested_layer"] == 2
 
@@ -108,6 +110,30 @@ def test_boundary_layer_is_the_end_of_the_first_exploring_run():
     assert E.boundary_layer([0.3, 0.2, 0.01, -0.4]) == 1  # 0.01 is below 10% of the largest change: integration
     assert E.boundary_layer([-0.2, 0.5, -0.1]) is None  # no exploration stage at the bottom
     assert E.eic_stages([-0.2, 0.5, 0.4, -0.1])["suggested_layer"] == 2  # then the cumulative peak decides
+    assert E.boundary_layer([0.0] * 5) is None
+
+
+def test_boundary_layer_on_qwen_and_llama_like_profiles():
+    """Issue 30.7: Qwen3-4B's FFNs explore in layers 1-6, integrate (~0) in 7-26 and converge above (Fig. 3): k = 5;
+    Llama's rise weakly up to an abrupt collapse in the last layers: the last rising layer (the authors' k = 26 for
+    Llama-8B). The old tolerance (10% of the largest |dH|, i.e. of the collapse) gave None and pi_0 here."""
+    qwen = [0.9, 0.6, 1.2, 0.8, 0.5, 0.7] + [0.03, -0.02] * 10 + [-0.4] * 10  # 36 layers
+    assert E.boundary_layer(qwen) == 5 and E.eic_stages(qwen)["suggested_layer"] == 5
+    llama = [0.3] * 27 + [-0.2] * 3 + [-1.0, -3.0]  # 32 layers
+    assert E.boundary_layer(llama) == 26 and E.eic_stages(llama)["suggested_layer"] == 26
+    assert E.boundary_layer([0.3] * 10 + [-1.0, -3.0]) == 9
+
+
+def test_layer_auto_refuses_a_model_without_boundary(monkeypatch):
+    """--layer auto never trains pi_0 silently: no exploration stage is an error naming the flag."""
+    import bupo
+    from cli import InputError
+    from config import BuPOConfig
+    monkeypatch.setattr(bupo, "entropy_profile", lambda model, tok, cfg: {"dH_ffn": [-0.5, -0.2, 0.1, -2.0]})
+    with pytest.raises(InputError, match="no boundary layer.*--layer k"):
+        bupo.resolve_layer(BuPOConfig(layer="auto"), None, None)
+    monkeypatch.setattr(bupo, "entropy_profile", lambda model, tok, cfg: {"dH_ffn": [0.3] * 27 + [-0.2] * 3 + [-1.0, -3.0]})
+    assert bupo.resolve_layer(BuPOConfig(layer="auto"), None, None) == 26
 
 
 def test_family_comparison_resumes_without_recomputing(tmp_path, monkeypatch):
