@@ -89,7 +89,42 @@ def row_problem(row, i, name):
         raise InputError(f"{name}, row {i}: the prompt is empty or not a list of chat messages; fix or drop that row")
     source = name if name in DATASETS else row.get("data_source") or os.path.splitext(os.path.basename(name.rstrip("/")))[0]
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages], "answer": gold_text(gold),
-            "source": source, "set": name, "id": i}
+            "source": source, "set": name, "id": i, "grader": grader_of(row, name)}
+
+
+def grader_of(row, name):
+    """How a row's answer is scored (rewards.py): its "answer_type" column (math, choice or exact) if it has one, else by
+    its data_source or file name: MMLU-Pro, GPQA and ARC by option letter, BBH by exact match, the rest as math."""
+    kind = row.get("answer_type")
+    if kind:
+        if kind not in ("math", "choice", "exact"):
+            raise InputError(f"{name}: answer_type '{kind}' is not one of math, choice, exact")
+        return kind
+    src = f"{row.get('data_source') or ''} {os.path.basename(name)}".lower()
+    return "choice" if any(s in src for s in ("mmlu", "gpqa", "arc")) else "exact" if "bbh" in src else "math"
+
+
+def with_reward(problems, reward):
+    """The problems with --reward's rule (math: grade.py, verl: the authors' scorer) for the math ones (rewards.py)."""
+    return [p | {"grader": reward} if p.get("grader", "math") == "math" else p for p in problems]
+
+
+def epoch_order(problems, seed, epoch):
+    """The training problems in the order of an epoch: epoch 0 as given (task_problems shuffled them by seed), every
+    later one a fresh permutation drawn from (seed, epoch), as verl's dataloader reshuffles each epoch; a function of
+    its arguments alone, so a resumed run sees the order of an uninterrupted one."""
+    if epoch == 0:
+        return problems
+    return random.Random(seed * 1_000_003 + epoch).sample(problems, len(problems))
+
+
+def step_problems(problems, step, prompts_per_step, positions, seed):
+    """The problems at `positions` (0..prompts_per_step-1) of a step's batch: consecutive slices of the epochs' orders."""
+    out = []
+    for i in positions:
+        j = step * prompts_per_step + i
+        out.append(epoch_order(problems, seed, j // len(problems))[j % len(problems)])
+    return out
 
 
 def load_problems(name):
@@ -143,10 +178,18 @@ def plain_prompt(messages):
     return "\n\n".join(parts) + "\nAnswer:"
 
 
-def prompt_ids(tokenizer, problems):
+def prompt_ids(tokenizer, problems, max_length=0):
     """Token ids of each problem's prompt: its chat messages plus the assistant turn's start
-    (the paper's format), or plain_prompt for a base model; with the tokenizer's special tokens (BOS)."""
-    if getattr(tokenizer, "chat_template", None):
-        return [tokenizer.apply_chat_template(list(p["messages"]), add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"] for p in problems]
-    return [tokenizer(plain_prompt(p["messages"]))["input_ids"] for p in problems]
+    (the paper's format), or plain_prompt for a base model; with the tokenizer's special tokens (BOS).
+
+    A template that knows `enable_thinking` (Qwen3's) gets enable_thinking=False, as the authors'
+    "qwen3_no_thinking" prompts (rl_dataset.py): Qwen3 answers without a <think> trace. max_length > 0
+    keeps a longer prompt's last max_length tokens (verl's data.truncation='left'; the authors cap at 1024)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        kw = {"enable_thinking": False} if "enable_thinking" in str(template) else {}
+        ids = [tokenizer.apply_chat_template(list(p["messages"]), add_generation_prompt=True, tokenize=True,
+                                             return_dict=True, **kw)["input_ids"] for p in problems]
+    else:
+        ids = [tokenizer(plain_prompt(p["messages"]))["input_ids"] for p in problems]
+    return [list(x)[-max_length:] for x in ids] if max_length else ids

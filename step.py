@@ -19,7 +19,7 @@ import torch
 import distributed
 from advantages import gae_advantages, group_advantages, reinforce_pp_advantages, rloo_advantages
 from critic import critic_update, critic_values
-from grade import problem_reward
+from rewards import problem_reward
 from hardware import clock
 from loss import aggregate, kl_penalty, policy_loss
 from policy import Batch, compute_precision, micro_slices, pad_rows, update_slices, upper_parameters

@@ -93,3 +93,66 @@ def test_plain_columns_in_json_jsonl_csv_and_a_dataset_dir(tmp_path, capsys):
     held_out = task_problems(str(tmp_path / "gaps.jsonl"), 0, 0, "test")
     assert [(p["id"], p["answer"]) for p in held_out] == [(3, "7")]
     assert "3 of 4 problems of" in capsys.readouterr().out
+
+
+# Qwen3's chat template, its tail as shipped with Qwen/Qwen3-4B (tokenizer_config.json): the generation prompt, and
+# the empty think block that enable_thinking=False adds (the authors' "qwen3_no_thinking", rl_dataset.py).
+QWEN3_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
+
+
+def byte_tokenizer(template):
+    """A real Hugging Face fast tokenizer, one token per byte, with the given chat template (the hub is unreachable)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template)
+
+
+def test_qwen3_prompts_are_the_no_thinking_template():
+    """Issue 30.1: the rendered prompt is the template's own with enable_thinking=False, not its thinking default."""
+    tok = byte_tokenizer(QWEN3_TEMPLATE)
+    messages = [{"role": "system", "content": "Reason."}, {"role": "user", "content": "What is 2 + 3?"}]
+    ids = prompt_ids(tok, [{"messages": messages}])[0]
+    ref = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False, tokenize=True, return_dict=True)["input_ids"]
+    thinking = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert list(ids) == list(ref) != list(thinking)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    plain = byte_tokenizer(QWEN3_TEMPLATE.replace("enable_thinking", "other_flag"))  # a template without the flag: no kwarg
+    assert prompt_ids(plain, [{"messages": messages}])[0] == thinking
+
+
+def test_prompts_truncated_on_the_left():
+    """Issue 30.4: verl's data.truncation='left' keeps a long prompt's last max_prompt_length tokens."""
+    messages = [{"role": "user", "content": "What is 12345678 + 1?"}]
+    full = prompt_ids(FakeTok(), [{"messages": messages}])[0]
+    assert len(full) == 13 and prompt_ids(FakeTok(), [{"messages": messages}], max_length=5)[0] == full[-5:]
+    assert prompt_ids(FakeTok(), [{"messages": messages}], max_length=50)[0] == full
+
+
+def test_training_data_reshuffled_every_epoch():
+    """Issue 30.4: epoch 0 in the given order, each later epoch a seeded permutation of all problems (as verl's
+    shuffled dataloader); a step's problems depend on (step, seed) alone, so a resumed run continues the order."""
+    from problems import epoch_order, step_problems
+    probs = list(range(10))
+    assert epoch_order(probs, 0, 0) == probs
+    e1, e2 = epoch_order(probs, 0, 1), epoch_order(probs, 0, 2)
+    assert sorted(e1) == sorted(e2) == probs and e1 != probs and e1 != e2 and e1 == epoch_order(probs, 0, 1) != epoch_order(probs, 1, 1)
+    seen = [p for step in range(5) for p in step_problems(probs, step, 4, range(4), 0)]  # 20 = two epochs
+    assert seen[:10] == probs and seen[10:] == e1
+    assert step_problems(probs, 2, 4, [3, 1], 0) == [seen[11], seen[9]]
+
+
+def test_grader_of_a_row():
+    """Table 9's sets: option letters for MMLU-Pro, GPQA and ARC, exact match for BBH, by answer_type or data_source."""
+    from problems import grader_of, with_reward
+    assert grader_of({"data_source": "TIGER-Lab/MMLU-Pro"}, "x.parquet") == "choice" == grader_of({}, "gpqa_diamond.jsonl")
+    assert grader_of({"data_source": "bbh"}, "x") == "exact" and grader_of({}, "math500") == "math"
+    assert grader_of({"answer_type": "exact", "data_source": "arc"}, "x") == "exact"
+    with pytest.raises(InputError, match="answer_type 'code'"):
+        grader_of({"answer_type": "code"}, "x")
+    assert [p["grader"] for p in with_reward([{"grader": "math"}, {"grader": "choice"}, {}], "verl")] == ["verl", "choice", "verl"]
