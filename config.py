@@ -15,10 +15,12 @@ from typing import ClassVar
 
 import torch
 
-from cli import check
+from cli import InputError, check
 from advantages import ESTIMATORS
+from evaluate import parse_k
 from loss import AGGREGATIONS, KL_ESTIMATORS
 from policy import PRECISIONS
+from rewards import REWARDS
 
 
 @dataclass
@@ -33,6 +35,9 @@ class GRPOConfig:
     eval_before: bool = True           # evaluate before the first step (bupo.py evaluates the shared start once instead)
     eval_samples: int = 16             # Avg@K and Pass@K: K samples per held-out question at temperature 1.0, at the start and after the last step (0 = off)
     eval_samples_limit: int = 0        # first N questions of each held-out set for the sampled metric (0 = --eval-limit's)
+    eval_k: str = ""                   # a K per held-out set for the sampled metric, e.g. aime24=32,amc23=16 (the paper's); others: --eval-samples
+    reward: str = "math"               # math: grade.py's symbolic grader | verl: the authors' (verl's math.compute_score: last \boxed{}, strip_string, exact strings)
+    max_prompt_length: int = 0         # keep a longer prompt's last N tokens (verl's truncation='left'; the authors: 1024); 0 = no cap
     steps: int = 300                   # training steps
     prompts_per_step: int = 128        # prompts per step (the paper's batch)
     group_size: int = 8                # responses per prompt
@@ -56,7 +61,7 @@ class GRPOConfig:
     cliprange_value: float = 0.5       # PPO: the value clip (verl's cliprange_value)
     gamma: float = 1.0                 # PPO and Reinforce++: discount (verl's default)
     lam: float = 1.0                   # PPO: GAE's lambda (verl's default)
-    loss_agg: str = "token-mean"       # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    loss_agg: str = "token-mean"       # token-mean (verl's, over the mini-batch) | micro-token-mean (the authors' fork) | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     scale_adv: bool = True             # divide by the group std (False: Dr. GRPO)
     kl_coef: float = 0.0               # KL penalty to the frozen initial policy (0 = off, as the paper)
     kl_estimator: str = "k3"           # k1 | k3
@@ -121,6 +126,11 @@ def check_config(cfg, config, world=1):
     check(0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1, f"--gamma and --lam must lie in [0, 1], got {cfg.gamma}, {cfg.lam}")
     check(cfg.adv_estimator != "gae" or world == 1, "PPO (--adv-estimator gae) trains its critic on one process: run it without torchrun")
     check(cfg.eval_samples >= 0 and cfg.eval_samples_limit >= 0, "--eval-samples and --eval-samples-limit must be >= 0")
+    check(cfg.reward in REWARDS, f"--reward must be one of {', '.join(REWARDS)}, got {cfg.reward}")
+    check(cfg.max_prompt_length >= 0, f"--max-prompt-length must be >= 0 (0 = no cap), got {cfg.max_prompt_length}")
+    ks = parse_k(cfg.eval_k) if cfg.eval_k else {}
+    check(isinstance(ks, dict) and set(ks) <= set(cfg.eval_data.split(",")),
+          f"--eval-k must name held-out sets of --eval-data ({cfg.eval_data}) as set=K, got '{cfg.eval_k}'")
     check(cfg.kl_estimator in KL_ESTIMATORS, f"--kl-estimator must be one of {', '.join(KL_ESTIMATORS)}, got {cfg.kl_estimator}")
     check_rollout_memory(cfg, config, world)
 

@@ -39,10 +39,10 @@ from config import PRESETS, GRPOConfig, check_config
 from critic import make_critic
 from decode import release
 from decompose import load_model, model_config
-from evaluate import evaluate, pass_curve, summarize
+from evaluate import evaluate, parse_k, pass_curve, summarize
 from hardware import clock, matmul_peak
 from policy import decoder_tokens, micro_slices, output_policy
-from problems import task_problems
+from problems import task_problems, with_reward
 from report import CURVES, plot_panels, run_series
 from step import param_groups, policy_logprobs, ppo_update, rollout_step, scale_upper, train_step
 
@@ -59,20 +59,31 @@ def run_eval(runner, tok, cfg, d, sampled=False):
     sampled as the rollouts are, with --rollout-dtype's copy of the weights (bf16 in the
     CPU preset: 2x faster; a start, GRPO and BuPO are all measured so).
     """
-    k, limit, temperature = (cfg.eval_samples, cfg.eval_samples_limit or cfg.eval_limit, 1.0) if sampled else (1, cfg.eval_limit, 0.0)
-    problems = [p for name in cfg.eval_data.split(",") for p in task_problems(name, limit, cfg.seed, "test")]
+    names = cfg.eval_data.split(",")
+    limit, temperature = (cfg.eval_samples_limit or cfg.eval_limit, 1.0) if sampled else (cfg.eval_limit, 0.0)
+    k = {name: eval_ks(cfg).get(name, cfg.eval_samples) if sampled else 1 for name in names}  # the paper: 32 on AIME, 16 else
+    problems = with_reward([p for name in names for p in task_problems(name, limit, cfg.seed, "test")], cfg.reward)
     with distributed.full_weights(runner) as model:
         _, records = evaluate(model, tok, problems[d.rank::d.world], k=k, max_new_tokens=cfg.eval_max_new_tokens,
                               temperature=temperature, batch_size=cfg.rollout_batch or 256, progress=False, seed=cfg.seed,
-                              dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None)
+                              dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None,
+                              max_prompt_length=cfg.max_prompt_length)
     release()  # the evaluation's buffers (kept on CUDA) are not the rollout's: their memory goes back to training
     records = distributed.gather_lists(records)
     if not sampled:
         out = {f"eval/{src}": s["avg@1"] for src, s in sorted(summarize(records, 1).items())}
         return out | {"eval/avg": sum(out.values()) / len(out)}
-    curve = pass_curve(records, k)
+    curve = pass_curve(records)  # each set at its own K
     out = {f"sampled/{src}/{key}": v for src, s in sorted(curve.items()) for key, v in s.items()}
-    return out | {f"sampled/avg/{key}": sum(s[key] for s in curve.values()) / len(curve) for key in next(iter(curve.values()))}
+    avg = {f"avg@{cfg.eval_samples}": sum(next(iter(s.values())) for s in curve.values()) / len(curve)}  # each set's Avg@K
+    common = set.intersection(*(set(s) for s in curve.values()))  # Pass@K averaged over the sets where all have that K
+    return out | {f"sampled/avg/{key}": v for key, v in avg.items()} | {
+        f"sampled/avg/{key}": sum(s[key] for s in curve.values()) / len(curve) for key in sorted(common) if key.startswith("pass@")}
+
+
+def eval_ks(cfg):
+    """{held-out set: K} of --eval-k (the paper's aime24=32,aime25=32,amc23=16,math500=16); sets not named: --eval-samples."""
+    return parse_k(cfg.eval_k) if cfg.eval_k else {}
 
 
 def setup(cfg, d, model=None, tok=None, find_unused=False, upper_k=None):
@@ -126,7 +137,7 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
     policy_for_step = policy_for_step or (lambda step: output_policy)
     check_config(cfg, model.config if model is not None else model_config(cfg.model), d.world)
     partial = any(policy_for_step(s) is not output_policy for s in range(cfg.steps))  # a policy that may skip parameters
-    problems = task_problems(cfg.task, 0, cfg.seed, "train")
+    problems = with_reward(task_problems(cfg.task, 0, cfg.seed, "train"), cfg.reward)
     for name in cfg.eval_data.split(",") if cfg.eval_every or cfg.eval_samples else []:
         task_problems(name, 1, 0, "test")  # a bad held-out set fails now, not after the first step
     with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=cfg.SAFE_ON_RESUME, writer=d.main):

@@ -9,7 +9,7 @@ KL. Pure functions on tensors; grpo.py runs them (advantages.py estimates the ad
 """
 import torch
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGGREGATIONS = ("token-mean", "micro-token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k3")
 
 
@@ -20,18 +20,26 @@ def aggregate(loss, mask, agg="token-mean", n_seqs=None, n_tokens=None, max_len=
     mean; seq-mean-token-sum: mean over sequences of token sums; seq-mean-token-sum-norm
     (Dr. GRPO): token sum / max_len. n_seqs / n_tokens override the denominators so that
     micro-batches add up to the mini-batch's value (gradient accumulation).
+
+    micro-token-mean is the authors' fork (BuPO's verl, dp_actor.py): each micro-batch's own
+    token mean (masked_mean) scaled by its rows / the mini-batch's rows (n_seqs), summed over
+    the micro-batches. It equals token-mean when every micro-batch has the same number of
+    tokens per row; otherwise a token of a short micro-batch weighs more. Not verl's global
+    token-mean, whose denominator is the whole mini-batch's token count (n_tokens).
     """
     mask = mask.to(loss.dtype)
     if agg == "token-mean":
         return (loss * mask).sum() / (n_tokens if n_tokens is not None else mask.sum().clamp(min=1))
     n_seqs = n_seqs if n_seqs is not None else loss.shape[0]
+    if agg == "micro-token-mean":
+        return (loss * mask).sum() / mask.sum().clamp(min=1) * loss.shape[0] / n_seqs
     if agg == "seq-mean-token-mean":
         return ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
     if agg == "seq-mean-token-sum":
         return (loss * mask).sum() / n_seqs
     if agg == "seq-mean-token-sum-norm":
         return (loss * mask).sum() / (max_len if max_len is not None else loss.shape[1]) / n_seqs
-    raise ValueError(f"unknown loss aggregation '{agg}': use token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm")
+    raise ValueError(f"unknown loss aggregation '{agg}': use one of {', '.join(AGGREGATIONS)}")
 
 
 def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, clip_c=10.0, agg="token-mean", **agg_kw):

@@ -23,7 +23,7 @@ from rewards import problem_reward
 from hardware import clock
 from loss import aggregate, kl_penalty, policy_loss
 from policy import Batch, compute_precision, micro_slices, pad_rows, update_slices, upper_parameters
-from problems import prompt_ids
+from problems import prompt_ids, step_problems as epoch_problems
 from rollout import generate
 
 
@@ -35,7 +35,7 @@ def rollout_step(model, tok, problems, cfg, step, prompt_index=None):
     gets when one process samples them all.
     """
     G = cfg.group_size
-    prompts = [p for p in prompt_ids(tok, problems) for _ in range(G)]
+    prompts = [p for p in prompt_ids(tok, problems, cfg.max_prompt_length) for _ in range(G)]
     index = torch.arange(len(problems)) if prompt_index is None else prompt_index  # (n,)
     rows = (index[:, None] * G + torch.arange(G)).view(-1)  # (n*G,) rows of the whole step
     r = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -173,7 +173,7 @@ def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d, crit
     # 1. the step's prompts, shuffled into mini-batches (reproducible on resume); this rank's share of each
     order = torch.randperm(cfg.prompts_per_step, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
     mine = distributed.rank_share(order, cfg.mini_batch_prompts, d.rank, d.world)  # (n / world,)
-    step_problems = [problems[(step * cfg.prompts_per_step + i) % len(problems)] for i in mine.tolist()]
+    step_problems = epoch_problems(problems, step, cfg.prompts_per_step, mine.tolist(), cfg.seed)  # reshuffled each epoch
     # 2. sample and reward the groups
     with distributed.full_weights(runner) as model:
         batch, results = rollout_step(model, tok, step_problems, cfg, step, mine)

@@ -121,3 +121,21 @@ def test_cli_two_files_without_data_source_cut_line_and_rewritten_weights(tmp_pa
     with pytest.raises(InputError, match="--max-new-tokens 256 leaves no room"):
         evaluate.main(args[:-4] + ["--max-new-tokens", "256", "--out", str(tmp_path / "new")])
     assert not (tmp_path / "new").exists()
+
+
+def test_a_k_per_set_as_the_paper():
+    """Issue 30.3: Avg@32 on AIME and Avg@16 on MATH500 in one evaluation: each set's metrics at its own K."""
+    from evaluate import parse_k, pass_curve, results_table
+    assert parse_k("16") == 16 and parse_k("aime24=32,math500=16") == {"aime24": 32, "math500": 16}
+    for bad in ("x", "aime24=0", "aime24=3.5"):
+        with pytest.raises(InputError, match="--k"):
+            parse_k(bad)
+    recs = [dict(source="aime24", set="aime24", id=0, correct=j < 8) for j in range(32)]
+    recs += [dict(source="math500", set="math500", id=i, correct=i == 0 and j < 4) for i in range(2) for j in range(16)]
+    s = summarize(recs)
+    assert s["aime24"] == {"avg@32": 25.0, "pass@32": 100.0, "n": 1} and s["math500"]["avg@16"] == 12.5
+    curve = pass_curve(recs)
+    assert max(int(k[5:]) for k in curve["aime24"] if k.startswith("pass@")) == 32 and "pass@32" not in curve["math500"]
+    assert curve["math500"]["pass@1"] == 12.5 and curve["math500"]["pass@16"] == 50.0
+    table = results_table(s, ["aime24", "math500"])
+    assert "| K | 32 | 16 |  |" in table and "| avg@K | 25.0 | 12.5 | 18.8 |" in table and "| pass@K | 100.0 | 50.0 | 75.0 |" in table

@@ -89,3 +89,17 @@ def test_kl_estimators():
     assert kl_penalty(logp, ref, "k1").item() == pytest.approx(0.5)
     assert kl_penalty(logp, ref, "k3").item() == pytest.approx(math.exp(-0.5) - 1 + 0.5)
     assert kl_penalty(logp, logp, "k3").item() == 0.0
+
+
+def test_micro_token_mean_is_the_authors_fork_by_hand():
+    """Issue 30.8: the fork's dp_actor.py: per micro-batch masked_mean x rows / mini-batch rows, summed; by hand.
+    Mini-batch of 3 rows in micro-batches [row 0, row 1] and [row 2]; per-token losses and masks:
+    row 0: 1, 2 (2 tokens), row 1: 3 (1 token), row 2: 4, 5, 6 (3 tokens).
+    fork: (1+2+3)/3 * 2/3 + (4+5+6)/3 * 1/3 = 4/3 + 5/3 = 3; verl's global token-mean: 21/6 = 3.5."""
+    l1, m1 = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    l2, m2 = torch.tensor([[4.0, 5.0, 6.0]]), torch.tensor([[1, 1, 1]])
+    fork = sum(aggregate(l, m, "micro-token-mean", n_seqs=3) for l, m in ((l1, m1), (l2, m2)))
+    verl = sum(aggregate(l, m, "token-mean", n_tokens=6) for l, m in ((l1, m1), (l2, m2)))
+    assert fork.item() == pytest.approx(3.0) and verl.item() == pytest.approx(3.5)
+    one = aggregate(torch.cat([l1, l2]), torch.cat([m1, m2]), "micro-token-mean", n_seqs=3)  # one micro-batch: token-mean
+    assert one.item() == pytest.approx(3.5)
