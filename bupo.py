@@ -111,7 +111,8 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=(), probes=None):
             ent = readout_entropies(model, ids, att, resp, cfg.temperature, layers, cfg.precision)  # this rank's first micro-batch
         n = distributed.all_sum([1.0])[0]
         for key, v in zip(ent, distributed.all_sum(list(ent.values()))):
-            m["entropy_output" if key == "output" else f"entropy_layer{key}"] = v / n
+            if key != "output":  # the output policy's: train_step's, over the whole batch before the update (Fig. 7)
+                m[f"entropy_layer{key}"] = v / n
         if cfg.profile_every and ((step + 1) % cfg.profile_every == 0 or step == cfg.steps - 1):
             with distributed.full_weights(runner) as model:  # every rank profiles the same responses
                 prof = entropy_profile(model, tok, cfg)

@@ -22,7 +22,7 @@ from critic import critic_update, critic_values
 from rewards import problem_reward
 from hardware import clock
 from loss import aggregate, kl_penalty, policy_loss
-from policy import Batch, compute_precision, micro_slices, pad_rows, update_slices, upper_parameters
+from policy import Batch, compute_precision, micro_slices, output_policy, pad_rows, update_slices, upper_parameters
 from problems import prompt_ids, step_problems as epoch_problems
 from rollout import generate
 
@@ -188,12 +188,16 @@ def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d, crit
     first = cfg.mini_batch_prompts // d.world * cfg.group_size
     old_logp, ent = policy_logprobs(policy, runner, batch, cfg, rows=torch.arange(first, batch.input_ids.shape[0]), world=d.world)
     ref_logp = policy_logprobs(policy, ref, batch, cfg, world=d.world)[0] if ref is not None else None
+    # Fig. 7: the output policy's entropy over the whole batch, before the update (as the authors log it); under
+    # BuPO's pi_k an extra no-grad pass, under the output policy the entropies above
+    ent_out = policy_logprobs(output_policy, runner, batch, cfg, world=d.world)[1] if policy is not output_policy else None
     t2 = clock(d.device)
     # 4. the PPO updates
     m.update(ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, d.world))
     resp = batch.response_mask
-    ent_sum, n = distributed.all_sum([(ent * resp).sum().item(), resp.sum().item()])
-    m.update(entropy=ent_sum / max(n, 1), lr=cfg.lr, time_rollout=tc - t0, time_old_logprobs=t2 - t1,
+    ent_sum, out_sum, n = distributed.all_sum([(ent * resp).sum().item(), ((ent if ent_out is None else ent_out) * resp).sum().item(),
+                                               resp.sum().item()])
+    m.update(entropy=ent_sum / max(n, 1), entropy_output=out_sum / max(n, 1), lr=cfg.lr, time_rollout=tc - t0, time_old_logprobs=t2 - t1,
              time_update=clock(d.device) - t2)
     if d.device.type == "cuda":
         m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(d.device) / 1e9

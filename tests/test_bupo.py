@@ -239,3 +239,25 @@ def test_a_stopped_experiment_keeps_its_work_and_resumes(tmp_path, monkeypatch, 
     grpo0 = [json.loads(x) for x in open(out / "seed0" / "grpo" / "metrics.jsonl")]
     assert [m["step"] for m in grpo0] == [0, 1] and (out / "results.md").exists()
     assert not (out / "seed0" / "grpo" / "checkpoint").exists()
+
+
+def test_fig7_output_entropy_is_the_whole_batch_before_the_update(tmp_path, monkeypatch):
+    """Issue 30.9: in phase 1 (pi_k trained) the logged output entropy is the output policy's token mean over every row
+    of the step, from the weights before the update, as the authors log it; in GRPO it is the logged entropy."""
+    import copy
+    import distributed
+    from policy import output_policy
+    from problems import task_problems
+    monkeypatch.setattr(step, "problem_reward", text_reward)
+    cfg = tiny_cfg(tmp_path, bupo.BuPOConfig, lr=0.05)
+    model = tiny_model("llama").train()
+    before = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    problems = task_problems("arithmetic", 0, 0, "train")
+    batch, m = step.train_step(Policy(model), FakeTok(), opt, None, problems, cfg, 0, layer_policy(1), distributed.init())
+    _, ent = step.policy_logprobs(output_policy, Policy(before), batch, cfg)
+    resp = batch.response_mask
+    assert m["entropy_output"] == pytest.approx(((ent * resp).sum() / resp.sum()).item(), rel=1e-5)
+    assert m["entropy_output"] != pytest.approx(m["entropy"], rel=1e-3)  # that one is pi_1's
+    _, m2 = step.train_step(Policy(model), FakeTok(), opt, None, problems, cfg, 1, output_policy, distributed.init())
+    assert m2["entropy_output"] == m2["entropy"]
