@@ -18,7 +18,8 @@ ablations. Interrupted, --resume skips the finished runs and continues the other
     python bupo.py                       # CPU: 3 seeds of BuPO (k=4, s_inter=3) and GRPO, 10 steps each (~16 min)
     python bupo.py --resume --sweep layer=4,14,24   # then the layer ablation on the same seeds
     python bupo.py --bench               # one phase-1 update vs one full update, all positions scored
-    python bupo.py --preset paper --model Qwen/Qwen3-4B --layer 5 --inter-steps 30 --methods bupo   # the paper's setting
+    python bupo.py --preset paper --methods bupo   # the paper's setting: Qwen3-4B, k=5, s_inter=30, on one H200
+    torchrun --nproc_per_node=8 bupo.py --preset paper-qwen3-8b   # the other backbones: --preset paper-octothinker-3b, -8b
 """
 import copy
 import os
@@ -31,7 +32,7 @@ import distributed
 import grpo
 from checkpoints import checkpoint_path, read_metrics, remove_checkpoint
 from cli import InputError, Stopped, check, claim_run_dir, parse_config, read_json, run_main, write_json
-from config import BUPO_PRESETS, BuPOConfig, check_config
+from config import BUPO_PRESETS, BuPOConfig, check_config, check_ppo_memory, preset_help
 from decompose import load_model, model_config
 from entropy import eic_stages, internal_entropy
 from hardware import clock
@@ -199,6 +200,8 @@ def check_experiment(cfg):
     for k in ([int(cfg.layer)] if cfg.layer != "auto" else []) + (values if key == "layer" else []):
         check_layer(config, k)
     check_config(cfg, config)
+    if "ppo" in methods:  # its runs' --adv-estimator is gae: refused now, not after the other methods trained
+        check_ppo_memory(config)
     return seeds, config
 
 
@@ -295,7 +298,7 @@ def bench(cfg, repeats=2):
 
 
 def main(argv=None):
-    cfg = parse_config(BuPOConfig, BUPO_PRESETS, "BuPO vs GRPO on paired seeds (arXiv 2512.19673).", argv)
+    cfg = parse_config(BuPOConfig, BUPO_PRESETS, "BuPO vs GRPO on paired seeds (arXiv 2512.19673). " + preset_help(BUPO_PRESETS), argv)
     if cfg.bench:
         return bench(cfg)
     experiment(cfg)

@@ -14,9 +14,11 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
+from transformers import AutoConfig
 
-from cli import InputError, check
+from cli import check
 from advantages import ESTIMATORS
+from decompose import CONFIG_DIR
 from evaluate import parse_k
 from loss import AGGREGATIONS, KL_ESTIMATORS
 from policy import PRECISIONS
@@ -81,8 +83,23 @@ class GRPOConfig:
                                        "activation_checkpointing", "micro_batch", "rollout_batch")
 
 
+# The paper's four backbones (Sec. 3, Table 1, 3; the authors' run_code/*.sh): hub id, shipped config (configs/, for
+# checks without the hub), k, response length, and the memory plan of one H200 (the 4B and 3B models) or of 8 GPUs
+# under torchrun --fsdp (the 8B models: 16 B/param of training state, 131 GB, exceed one card). OctoThinker's k: the
+# authors' Llama setting is k = 26 (32 layers); the 28-layer 3B model's best layer in Table 3 is pi_26, k = 25.
+PAPER_MODELS = {
+    "paper": ("Qwen/Qwen3-4B", "qwen3-4b", 5, 8192, dict(rollout_dtype="bfloat16", rollout_batch=16)),
+    "paper-qwen3-8b": ("Qwen/Qwen3-8B", "qwen3-8b", 5, 8192, dict(fsdp=True, rollout_batch=8)),
+    "paper-octothinker-3b": ("OctoThinker/OctoThinker-3B-Hybrid-Base", "octothinker-3b", 25, 3072, dict(rollout_dtype="bfloat16", rollout_batch=64)),
+    "paper-octothinker-8b": ("OctoThinker/OctoThinker-8B-Hybrid-Base", "octothinker-8b", 26, 3072, dict(fsdp=True, rollout_batch=16)),
+}
+PAPER_COMMON = dict(  # as the authors ran it: verl's reward, 1024-token prompts cut on the left, the fork's loss,
+    reward="verl", max_prompt_length=1024, loss_agg="micro-token-mean", eval_every=30,  # Avg@32 / Avg@16, bf16
+    eval_k="aime24=32,aime25=32,amc23=16,math500=16", eval_samples=32, micro_batch=4, activation_checkpointing=True,
+    precision="bfloat16")
 PRESETS = {
-    "paper": {},
+    **{name: dict(PAPER_COMMON, model=hub, max_new_tokens=n, eval_max_new_tokens=n, **plan)
+       for name, (hub, _, _, n, plan) in PAPER_MODELS.items()},
     "cpu": dict(task="arithmetic", eval_data="arithmetic", eval_limit=256, eval_every=5, eval_max_new_tokens=48,
                 steps=10, prompts_per_step=4, group_size=8, mini_batch_prompts=2, micro_batch=16,
                 precision="bfloat16", rollout_dtype="bfloat16", max_new_tokens=48, lr=2e-5, critic_lr=1e-4,
@@ -90,8 +107,9 @@ PRESETS = {
 }
 
 
-def check_config(cfg, config, world=1):
-    """Every setting, against the model's config where needed, before any work (InputError names the flag)."""
+def check_config(cfg, config, world=1, memory=None):
+    """Every setting, against the model's config where needed, before any work (InputError names the flag).
+    memory: the device's bytes (default: the GPU's, else this machine's RAM)."""
     for f in fields(cfg):
         v = getattr(cfg, f.name)
         check(not isinstance(v, float) or math.isfinite(v), f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
@@ -114,7 +132,8 @@ def check_config(cfg, config, world=1):
     check(cfg.rollout_dtype in ("", "float32", "bfloat16", "float16"), f"--rollout-dtype must be float32, bfloat16 or float16, got {cfg.rollout_dtype}")
     check(not (cfg.fsdp and cfg.rollout_dtype), "--rollout-dtype copies the model, which --fsdp does not allow: drop one of them")
     check(not (cfg.resume and cfg.overwrite), "--resume continues the run in --out, --overwrite deletes it: give one")
-    check(config.max_position_embeddings >= cfg.max_new_tokens, f"--max-new-tokens {cfg.max_new_tokens} exceeds the model's context ({config.max_position_embeddings})")
+    check(config.max_position_embeddings >= cfg.max_new_tokens + cfg.max_prompt_length, f"--max-new-tokens {cfg.max_new_tokens} "
+          f"(+ --max-prompt-length {cfg.max_prompt_length}) exceeds the model's context ({config.max_position_embeddings})")
     check(cfg.loss_agg in AGGREGATIONS, f"--loss-agg must be one of {', '.join(AGGREGATIONS)} (a loss aggregation), got {cfg.loss_agg}")
     check(cfg.kl_coef >= 0 and cfg.entropy_coef >= 0 and cfg.weight_decay >= 0,
           f"--kl-coef, --entropy-coef and --weight-decay must be >= 0, got {cfg.kl_coef}, {cfg.entropy_coef}, {cfg.weight_decay}")
@@ -132,7 +151,9 @@ def check_config(cfg, config, world=1):
     check(isinstance(ks, dict) and set(ks) <= set(cfg.eval_data.split(",")),
           f"--eval-k must name held-out sets of --eval-data ({cfg.eval_data}) as set=K, got '{cfg.eval_k}'")
     check(cfg.kl_estimator in KL_ESTIMATORS, f"--kl-estimator must be one of {', '.join(KL_ESTIMATORS)}, got {cfg.kl_estimator}")
-    check_rollout_memory(cfg, config, world)
+    check_rollout_memory(cfg, config, world, memory)
+    if cfg.adv_estimator == "gae":
+        check_ppo_memory(config, memory)
 
 
 def kv_cache_bytes(config, rows, slots, itemsize):
@@ -148,8 +169,7 @@ def check_rollout_memory(cfg, config, world=1, memory=None):
     rows = cfg.rollout_batch or cfg.prompts_per_step // world * cfg.group_size
     itemsize = 2 if cfg.rollout_dtype in ("bfloat16", "float16") or torch.cuda.is_available() else 4
     need, per_row = kv_cache_bytes(config, rows, cfg.max_new_tokens, itemsize), kv_cache_bytes(config, 1, cfg.max_new_tokens, itemsize)
-    if memory is None:
-        memory = torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = device_memory() if memory is None else memory
     fit = int(memory / 2 // per_row) // cfg.group_size * cfg.group_size
     check(need <= memory / 2, f"the rollout's KV cache needs at least {need / 1e9:.1f} GB ({rows} rows x {cfg.max_new_tokens} slots) "
           f"but half this device's memory is {memory / 2e9:.1f} GB: pass --rollout-batch {fit}" if fit >= cfg.group_size else
@@ -176,5 +196,64 @@ class BuPOConfig(GRPOConfig):
         "seeds", "methods", "sweep", "keep_checkpoints", "profile_every", "probe_every", "probe_samples")
 
 
-BUPO_PRESETS = {"paper": dict(layer="auto", out="runs/bupo"),
+BUPO_PRESETS = {**{name: dict(PRESETS[name], layer=str(k), inter_steps=30, out="runs/bupo") for name, (_, _, k, _, _) in PAPER_MODELS.items()},
                 "cpu": {**PRESETS["cpu"], "layer": "4", "inter_steps": 3, "seeds": "3", "profile_every": 0, "out": "runs/bupo"}}
+
+
+def device_memory():
+    """Bytes of the GPU's memory, else of this machine's RAM."""
+    return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def param_count(config):
+    """Parameters of a Llama / Qwen2 / Qwen3 decoder from its config: embeddings, layers (attention with GQA, the
+    gated MLP, norms; Qwen3's q/k norms), the final norm, and an lm_head of its own unless tied."""
+    D, I, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    hd = getattr(config, "head_dim", None) or D // config.num_attention_heads
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    bias = (q + 2 * kv) if getattr(config, "attention_bias", False) or config.model_type == "qwen2" else 0
+    layer = D * q + 2 * D * kv + q * D + bias + 3 * D * I + 2 * D + (2 * hd if config.model_type == "qwen3" else 0)
+    return V * D * (1 if config.tie_word_embeddings else 2) + L * layer + D
+
+
+def memory_plan(cfg, config, world=1):
+    """GB a GPU holds in a run of cfg (README, "What fits where"): the training state (fp32 weights, gradients, AdamW m
+    and v: 16 B/param, sharded by --fsdp over `world` ranks), the rollout's weights (a bf16 copy, or under --fsdp the
+    gathered fp32 ones) and KV cache (prompt + response slots), the update's activations (with checkpointing: each
+    layer's fp32 input, one layer recomputed, one chunk of logits), and the peak (on CUDA the rollout's stay)."""
+    P, D, I, L = param_count(config), config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    hd = getattr(config, "head_dim", None) or D // config.num_attention_heads
+    H, KV, seq = config.num_attention_heads * hd, config.num_key_value_heads * hd, cfg.max_prompt_length + cfg.max_new_tokens
+    bf16 = cfg.rollout_dtype in ("bfloat16", "float16")
+    rows = cfg.rollout_batch or cfg.prompts_per_step // world * cfg.group_size
+    one_layer = 4 * (2 * D + 4 * H + 2 * KV + 4 * I)  # bytes a token: normed inputs, q/k/v and norms, GQA-expanded k/v, MLP
+    per_token = (4 * L * D + one_layer) if cfg.activation_checkpointing else L * one_layer
+    plan = {"training state": 16 * P / (world if cfg.fsdp else 1), "rollout weights": (2 if bf16 else 4) * P if (bf16 or cfg.fsdp) else 0,
+            "KV cache": kv_cache_bytes(config, rows, seq, 2 if bf16 else 4),
+            "activations": cfg.micro_batch * seq * per_token + 2 * (1 << 30)}
+    return {k: v / 1e9 for k, v in plan.items()} | {"peak": sum(plan.values()) / 1e9, "params (B)": P / 1e9}
+
+
+def check_ppo_memory(config, memory=None):
+    """Refuse PPO where the policy's and the critic's training states (16 B/param each: the critic is a float32 copy of
+    the decoder with its own AdamW, critic.py, on one process) exceed half the device's memory, with the arithmetic."""
+    memory, P = device_memory() if memory is None else memory, param_count(config)
+    check(32 * P <= memory / 2, f"PPO (--adv-estimator gae / --methods ppo) does not fit: the policy's training state (16 B/param x "
+          f"{P / 1e9:.2f} B = {16 * P / 1e9:.1f} GB) plus its critic's (a float32 copy of the decoder with AdamW, the same "
+          f"{16 * P / 1e9:.1f} GB) need {32 * P / 1e9:.1f} GB before any activation or rollout, on one process (the critic is "
+          f"not sharded under torchrun here), against half this device's {memory / 1e9:.0f} GB; leave ppo out at this scale (verl runs "
+          "it with an FSDP-sharded critic), or use a smaller model")
+
+
+def preset_help(presets):
+    """One line per paper preset for --help: model, k (BuPO), response length, and the memory plan on its GPUs."""
+    lines = []
+    for name, (hub, shipped, k, n, plan) in PAPER_MODELS.items():
+        if name in presets:
+            cfg = GRPOConfig(**PRESETS[name])
+            config = AutoConfig.from_pretrained(os.path.join(CONFIG_DIR, shipped + ".json"))
+            world = 8 if cfg.fsdp else 1
+            gpus = "torchrun --nproc_per_node=8 (--fsdp)" if cfg.fsdp else "one H200"
+            lines.append(f"--preset {name}: {hub}, k={k}, s_inter=30, {n}-token responses; on {gpus}: "
+                         f"{memory_plan(cfg, config, world)['peak']:.0f} GB a GPU at peak.")
+    return " ".join(lines)

@@ -16,7 +16,7 @@ and on Ctrl-C (and every --save-every steps).
 
     python grpo.py                        # CPU preset: default model, arithmetic task, 10 steps, ~3 min
     python grpo.py --bench                # one step's parts, timed, against the matmul peak
-    python grpo.py --preset paper --model Qwen/Qwen3-4B --task deepmath   # the paper's setting
+    python grpo.py --preset paper         # the paper's setting (Qwen3-4B on one H200; see --help for the other models)
     torchrun --nproc_per_node=2 grpo.py   # the same, data parallel over 2 processes (distributed.py)
 """
 import contextlib
@@ -35,7 +35,7 @@ import distributed
 import policy as policy_lib
 from checkpoints import StopRequest, load_checkpoint, read_metrics, save_checkpoint
 from cli import Stopped, check, claim_run_dir, parse_config, run_main, write_jsonl
-from config import PRESETS, GRPOConfig, check_config
+from config import PRESETS, GRPOConfig, check_config, preset_help
 from critic import make_critic
 from decode import release
 from decompose import load_model, model_config
@@ -253,7 +253,7 @@ def bench(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(GRPOConfig, PRESETS, "GRPO training (the baseline of BuPO, arXiv 2512.19673).", argv)
+    cfg = parse_config(GRPOConfig, PRESETS, "GRPO training (the baseline of BuPO, arXiv 2512.19673). " + preset_help(PRESETS), argv)
     if cfg.bench:
         return bench(cfg)
     d = distributed.init()
