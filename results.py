@@ -202,11 +202,12 @@ def report(cfg, start, runs, sweep):
     probes = plot_probes(cfg.out, start, runs, k)
     if probes:
         tables.append(probe_table(probes, k))
+    tables.append(f"reward: {cfg.reward} (rewards.py); loss aggregation: {cfg.loss_agg}; prompts cut at: {cfg.max_prompt_length or 'no cap'}")
     text = "\n".join(t for t in tables if t)
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump({"layer": k, "inter_steps": cfg.inter_steps, "steps": cfg.steps, "sweep": cfg.sweep, **greedy,
+        json.dump({"layer": k, "inter_steps": cfg.inter_steps, "steps": cfg.steps, "sweep": cfg.sweep, "reward": cfg.reward, **greedy,
                    "sampled": sampled, "pass_at_k": curves, "probes": probes,
                    "reward_first_last": {g: {s: [h[0]["reward_mean"], h[-1]["reward_mean"]] for s, h in r.items()} for g, r in runs.items()},
                    "profile_initial": start["profile"] and start["profile"]["layer"]}, f, indent=1)

@@ -127,6 +127,7 @@ def test_experiment_pairs_seeds_and_reports_intervals(tmp_path, monkeypatch):
     assert [m["phase"] for m in bupo0] == ["internal", "full"] and [m["phase"] for m in grpo0] == ["full", "full"]
     table = (out / "results.md").read_text()
     assert "| BuPO − GRPO (paired) |" in table and "seed 0 | seed 1" in table
+    assert "reward: math (rewards.py)" in table and json.loads((out / "results.json").read_text())["reward"] == "math"
     assert not any((out / f"seed{s}" / r / "checkpoint").exists() for s in (0, 1) for r in ("bupo", "grpo"))  # no 1.6 GB leftovers
 
 
