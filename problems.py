@@ -16,6 +16,7 @@ load them too.
 import math
 import os
 import random
+import re
 
 import pyarrow
 import pyarrow.parquet as pq
@@ -101,7 +102,8 @@ def grader_of(row, name):
             raise InputError(f"{name}: answer_type '{kind}' is not one of math, choice, exact")
         return kind
     src = f"{row.get('data_source') or ''} {os.path.basename(name)}".lower()
-    return "choice" if any(s in src for s in ("mmlu", "gpqa", "arc")) else "exact" if "bbh" in src else "math"
+    named = lambda *words: re.search(rf"(^|[^a-z])({'|'.join(words)})([^a-z]|$)", src)  # a word: "arc" is not "search"
+    return "choice" if named("mmlu", "gpqa", "arc") else "exact" if named("bbh") else "math"
 
 
 def with_reward(problems, reward):

@@ -134,7 +134,7 @@ def choice_letter(text):
         m = re.fullmatch(r"\s*(?:\\text\{)?\s*" + LETTER + r"\s*\}?\s*[.:]?.*", box, re.S)
         if m:
             return m.group(1)
-    found = re.findall(r"answer\s*(?:is|:)?\s*[:：]?\s*(?:option\s*)?" + LETTER + r"(?![A-Za-z])", text, re.I)
+    found = re.findall(r"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*(?:(?i:option)\s*)?" + LETTER + r"(?![A-Za-z])", text)  # capitals only
     found = found or re.findall(r"\(([A-J])\)", text) or re.findall(r"(?<![A-Za-z])([A-J])\)", text)
     return found[-1].upper() if found else (text.strip()[0] if re.fullmatch(r"\s*[A-J][.)]?\s*", text) else None)
 

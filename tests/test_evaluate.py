@@ -139,3 +139,22 @@ def test_a_k_per_set_as_the_paper():
     assert curve["math500"]["pass@1"] == 12.5 and curve["math500"]["pass@16"] == 50.0
     table = results_table(s, ["aime24", "math500"])
     assert "| K | 32 | 16 |  |" in table and "| avg@K | 25.0 | 12.5 | 18.8 |" in table and "| pass@K | 100.0 | 50.0 | 75.0 |" in table
+
+
+def test_table9_files_are_graded_by_their_answer_type(tmp_path):
+    """A multiple-choice file (MMLU-Pro-like, by data_source) and a BBH-like one beside a math set, a K per set: each
+    record is graded by its set's rule (rewards.problem_reward), and each set gets its own number of samples."""
+    import rewards
+    rows = [{"problem": f"Q{i}? (A) 1 (B) 2", "answer": "(B)", "data_source": "TIGER-Lab/MMLU-Pro"} for i in range(2)]
+    (tmp_path / "mmlu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "bbh.jsonl").write_text(json.dumps({"problem": "True or False?", "answer": "True"}) + "\n")
+    sets = [str(tmp_path / "mmlu.jsonl"), str(tmp_path / "bbh.jsonl"), "arithmetic"]
+    problems = [p for name in sets for p in task_problems(name, 2, 0, "test")]
+    _, recs = evaluate.evaluate(tiny_model("llama"), FakeTok(), problems, k={sets[0]: 3, "arithmetic": 2}, max_new_tokens=4,
+                                progress=False)
+    count = lambda s: sum(r["set"] == s for r in recs)
+    assert (count(sets[0]), count(sets[1]), count("arithmetic")) == (6, 1, 4)
+    assert {r["grader"] for r in recs if r["set"] == sets[0]} == {"choice"} and {r["grader"] for r in recs if r["set"] == sets[1]} == {"exact"}
+    by_key = {(p["set"], p["id"]): p for p in problems}
+    assert all(r["correct"] == bool(rewards.problem_reward(r["response"], by_key[r["set"], r["id"]])) for r in recs)
+    assert rewards.problem_reward("the answer is (B)", by_key[sets[0], 0]) == 1.0

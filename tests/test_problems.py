@@ -152,6 +152,7 @@ def test_grader_of_a_row():
     from problems import grader_of, with_reward
     assert grader_of({"data_source": "TIGER-Lab/MMLU-Pro"}, "x.parquet") == "choice" == grader_of({}, "gpqa_diamond.jsonl")
     assert grader_of({"data_source": "bbh"}, "x") == "exact" and grader_of({}, "math500") == "math"
+    assert grader_of({"data_source": "allenai/ai2_arc"}, "x") == "choice" and grader_of({"data_source": "research_math"}, "march.jsonl") == "math"
     assert grader_of({"answer_type": "exact", "data_source": "arc"}, "x") == "exact"
     with pytest.raises(InputError, match="answer_type 'code'"):
         grader_of({"answer_type": "code"}, "x")

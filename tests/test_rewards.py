@@ -48,7 +48,7 @@ def test_the_reward_follows_the_problem_grader():
 @pytest.mark.parametrize("response,letter", [
     ("(B)", "B"), ("B)", "B"), ("B", "B"), ("The answer is B.", "B"), ("the answer is (C)", "C"), ("Answer: D", "D"),
     ("\\boxed{B}", "B"), ("so \\boxed{\\text{(E)}}", "E"), ("A) is wrong, (C) too; the answer is (B)", "B"),
-    ("I think it is 42", None), ("", None), (None, None),
+    ("I think it is 42", None), ("", None), (None, None), ("The answer is a number", None), ("ANSWER IS C", "C"),
 ])
 def test_choice_letter(response, letter):
     assert choice_letter(response) == letter
