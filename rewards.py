@@ -67,11 +67,12 @@ def fix_fracs(s):
 
 
 def fix_a_slash_b(s):
-    r"""'3/4' -> '\frac{3}{4}' when both sides are plain integers; anything else unchanged."""
-    a, _, b = s.partition("/")
-    if s.count("/") != 1 or not re.fullmatch(r"-?\d+", a) or not re.fullmatch(r"-?\d+", b) or s != f"{int(a)}/{int(b)}":
+    r"""'3/4' -> '\frac{3}{4}'. One '/' between anything but integers raises ValueError (as Hendrycks' int(), which
+    only an AssertionError guard follows), so verl_equiv then compares the raw strings: '\pi / 2' is not '\pi/2'."""
+    if s.count("/") != 1:
         return s
-    return "\\frac{" + a + "}{" + b + "}"
+    a, b = (int(x) for x in s.split("/"))
+    return "\\frac{" + str(a) + "}{" + str(b) + "}" if s == f"{a}/{b}" else s
 
 
 def fix_sqrt(s):

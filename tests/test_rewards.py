@@ -26,6 +26,8 @@ from rewards import choice_letter, exact_text, problem_reward, strip_string, ver
     ("\\fbox{5}", "5", 0.0),                                 # verl's unboxing knows \boxed only
     ("\\boxed{10}", "10.0", 0.0),                            # strings, not numbers
     ("\\boxed{\\frac}", "1", 0.0), (None, "1", 0.0), (b"\\boxed{3}", "3", 1.0),
+    ("\\boxed{\\pi/2}", "\\pi/2", 1.0), ("\\boxed{\\pi / 2}", "\\pi/2", 0.0),  # not integers: raw strings compared
+    ("\\boxed{+3/4}", "\\frac{3}{4}", 0.0), ("\\boxed{1 \\text{ m} + 2 \\text{ m}}", "1 \\text{ m} + 2 \\text{ m}", 1.0),
 ])
 def test_verl_math_score_on_known_strings(response, gold, score):
     assert verl_math_score(response, gold) == score
