@@ -254,6 +254,6 @@ def preset_help(presets):
             config = AutoConfig.from_pretrained(os.path.join(CONFIG_DIR, shipped + ".json"))
             world = 8 if cfg.fsdp else 1
             gpus = "torchrun --nproc_per_node=8 (--fsdp)" if cfg.fsdp else "one H200"
-            lines.append(f"--preset {name}: {hub}, k={k}, s_inter=30, {n}-token responses; on {gpus}: "
+            lines.append(f"--preset {name}: {hub}, {n}-token responses (BuPO: k={k}, s_inter=30); on {gpus}: "
                          f"{memory_plan(cfg, config, world)['peak']:.0f} GB a GPU at peak.")
     return " ".join(lines)

@@ -69,12 +69,13 @@ def test_ppo_is_refused_at_the_papers_scale_with_the_arithmetic():
         check_config(BuPOConfig(**{**BUPO_PRESETS["paper"], "adv_estimator": "gae"}), shipped("qwen3-4b"), 1, memory=H200)
 
 
-def test_help_prints_each_paper_preset(capsys):
+def test_help_prints_each_paper_preset(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "2000")  # argparse wraps at hyphens ("Hybrid-" / "Base") otherwise
     with pytest.raises(SystemExit):
         bupo.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     for preset, (hub, _, k, n, _) in PAPER_MODELS.items():
-        assert f"--preset {preset}: {hub}, k={k}" in out and f"{n}-token responses" in out
+        assert f"--preset {preset}: {hub}, {n}-token responses (BuPO: k={k}, s_inter=30)" in out
 
 
 def test_analyses_at_qwen3_4b_width():
