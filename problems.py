@@ -120,7 +120,7 @@ def epoch_order(problems, seed, epoch):
     return random.Random(seed * 1_000_003 + epoch).sample(problems, len(problems))
 
 
-def step_problems(problems, step, prompts_per_step, positions, seed):
+def epoch_problems(problems, step, prompts_per_step, positions, seed):
     """The problems at `positions` (0..prompts_per_step-1) of a step's batch: consecutive slices of the epochs' orders."""
     out = []
     for i in positions:

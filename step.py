@@ -23,7 +23,7 @@ from rewards import problem_reward
 from hardware import clock
 from loss import aggregate, kl_penalty, policy_loss
 from policy import Batch, compute_precision, micro_slices, output_policy, pad_rows, update_slices, upper_parameters
-from problems import prompt_ids, step_problems as epoch_problems
+from problems import epoch_problems, prompt_ids
 from rollout import generate
 
 

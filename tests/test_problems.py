@@ -137,14 +137,14 @@ def test_prompts_truncated_on_the_left():
 def test_training_data_reshuffled_every_epoch():
     """Issue 30.4: epoch 0 in the given order, each later epoch a seeded permutation of all problems (as verl's
     shuffled dataloader); a step's problems depend on (step, seed) alone, so a resumed run continues the order."""
-    from problems import epoch_order, step_problems
+    from problems import epoch_order, epoch_problems
     probs = list(range(10))
     assert epoch_order(probs, 0, 0) == probs
     e1, e2 = epoch_order(probs, 0, 1), epoch_order(probs, 0, 2)
     assert sorted(e1) == sorted(e2) == probs and e1 != probs and e1 != e2 and e1 == epoch_order(probs, 0, 1) != epoch_order(probs, 1, 1)
-    seen = [p for step in range(5) for p in step_problems(probs, step, 4, range(4), 0)]  # 20 = two epochs
+    seen = [p for step in range(5) for p in epoch_problems(probs, step, 4, range(4), 0)]  # 20 = two epochs
     assert seen[:10] == probs and seen[10:] == e1
-    assert step_problems(probs, 2, 4, [3, 1], 0) == [seen[11], seen[9]]
+    assert epoch_problems(probs, 2, 4, [3, 1], 0) == [seen[11], seen[9]]
 
 
 def test_grader_of_a_row():
