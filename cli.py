@@ -2,7 +2,8 @@
 
 - InputError: something the user gave is wrong (a path, a data set, a setting). `run_main`
   prints it as one line, `error: <what is wrong and what to do>`, and exits with status 2;
-  Stopped (a run interrupted on request, its work saved) exits with 130; any other
+  Stopped (a run interrupted on request, its work saved) exits with 130; Diverged (a run
+  whose losses stayed non-finite) is one line too, with exit status 1; any other
   exception is a bug and keeps its traceback.
 - parse_config: a typed @dataclass becomes argparse flags (help from the comment beside each
   field), over a preset; with --resume, over the config saved in the run dir.
@@ -30,8 +31,23 @@ class InputError(ValueError):
     """A user's input is wrong; the message says what is wrong and what to do."""
 
 
-class Stopped(Exception):
-    """A run stopped on request (Ctrl-C, SIGTERM) before its last step, its checkpoint saved; the message says how to go on."""
+class RunEnded(Exception):
+    """A run that ended before its last step: `what` says where, `advice` how to go on (bupo.py gives its own)."""
+
+    def __init__(self, what, advice):
+        super().__init__(f"{what}; {advice}")
+        self.what = what
+
+
+class Stopped(RunEnded):
+    """A run stopped on request (Ctrl-C, SIGTERM), its checkpoint saved."""
+
+
+class Diverged(RunEnded):
+    """A run stopped because its losses or gradients stayed non-finite."""
+
+
+SEEDS = range(2 ** 32)  # the seeds a run may use: seed * 1_000_003 + step must fit torch's 64-bit generator seed
 
 
 def run_main(main, argv=None):
@@ -51,6 +67,9 @@ def run_main(main, argv=None):
     except Stopped as e:
         print("stopped: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(130)  # as a shell reports a run ended by Ctrl-C: not a success
+    except Diverged as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(1)
 
 
 # ----------------------------------------------------------------------------- flags
@@ -149,6 +168,11 @@ def check(ok, message):
     """Raise InputError(message) unless ok: settings are checked before any work."""
     if not ok:
         raise InputError(message)
+
+
+def check_seed(seed, flag="--seed"):
+    """A seed in SEEDS, or an InputError naming the flag and the range."""
+    check(seed in SEEDS, f"{flag} must lie in 0..{SEEDS[-1]}, got {seed}")
 
 
 # ----------------------------------------------------------------------------- run dirs

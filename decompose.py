@@ -40,6 +40,7 @@ from problems import prompt_ids
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "gemma3_text")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+WEIGHTS = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")  # what from_pretrained loads a model from
 RANDOM = "random:"  # --model random:NAME: configs/NAME.json with random weights (benchmarks, no download)
 
 
@@ -142,6 +143,9 @@ def model_config(name_or_path):
                          f"a short name ({', '.join(EMBEDDED)}), or nothing for the default SmolLM2-135M-Instruct")
     if looks_local and not os.path.exists(os.path.join(path, "config.json")):
         raise InputError(f"'{path}' has no config.json: not a Hugging Face checkpoint dir")
+    if looks_local and not any(f.endswith(WEIGHTS) for f in os.listdir(path)):
+        raise InputError(f"'{path}' has a config.json but no weights (model.safetensors, pytorch_model.bin or their shards): "
+                         "copy or download the whole checkpoint, or pass another --model")
     hub = logging.getLogger("huggingface_hub")
     level = hub.level
     hub.setLevel(logging.ERROR)  # its retry warnings would come before our one-line error
