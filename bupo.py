@@ -22,7 +22,7 @@ ablations. Interrupted, --resume skips the finished runs and continues the other
 """
 import copy
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 from tqdm import tqdm
@@ -30,7 +30,8 @@ from tqdm import tqdm
 import distributed
 import grpo
 from checkpoints import RunDamaged, checkpoint_path, read_metrics, remove_checkpoint
-from cli import Diverged, InputError, Stopped, check, check_seed, claim_run_dir, parse_config, read_json, run_main, write_json
+from cli import (Diverged, InputError, Stopped, check, check_seed, claim_run_dir, parse_config, read_json, run_main, settings_diff,
+                 write_json)
 from config import BUPO_PRESETS, BuPOConfig, check_config
 from decompose import load_model, model_config
 from entropy import eic_stages, internal_entropy
@@ -178,6 +179,17 @@ def finished_run(cfg):
     return hist if len(hist) == cfg.steps else None
 
 
+def check_run(cfg, run_cfg):
+    """Refuse a run dir of this experiment that was trained with other settings (its config.json or the experiment's
+    edited by hand), naming them: a report never mixes runs of two settings, finished ones included."""
+    path = os.path.join(run_cfg.out, "config.json")
+    diff = settings_diff(read_json(path), asdict(run_cfg), run_cfg.SAFE_ON_RESUME) if os.path.exists(path) else []
+    saved = read_json(path) if diff else {}
+    what = ", ".join(f"{k} ({saved.get(k)!r} in the run, {getattr(run_cfg, k, None)!r} in the experiment)" for k in diff)
+    check(not diff, f"{path} and {cfg.out}/config.json disagree: {what}; one was edited by hand: put back the value(s) "
+          "the run was trained with, or start the experiment afresh with --overwrite (or another --out)")
+
+
 def check_experiment(cfg):
     """Settings of the experiment, before any work: seeds, methods, sweep, layers against the model's config."""
     seeds = parse_seeds(cfg)
@@ -211,6 +223,7 @@ def experiment(cfg):
         layers = sorted({start["layer"]} | (set(values) if key == "layer" else set()))
         runs = {}
         for group, seed, run_cfg in plan(cfg, start["layer"], seeds):
+            check_run(cfg, run_cfg)
             hist = finished_run(run_cfg)
             if hist is None:
                 hist = train_run(cfg, run_cfg, init, tok, d, f"{group}, seed {seed}", layers, start.get("probe_set"))

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from cli import InputError, read_json, read_jsonl, write_json
+from cli import InputError, read_json, read_jsonl, settings_diff, write_json
 from decompose import load_model
 
 
@@ -145,8 +145,8 @@ def check_resume(out, state, settings, mutable, history):
     """Refuse a resume whose checkpoint disagrees with the run dir: config.json edited since the checkpoint was saved
     (its settings are compared as a changed flag is: all but `mutable`), or a metrics log that lacks a step the
     checkpoint has trained (a line cut or deleted: it cannot be recomputed, and the run would never count as done)."""
-    saved, skip = state["config"], set(mutable) | {"resume", "overwrite", "out"}
-    diff = [k for k in sorted(set(saved) | set(settings)) if k not in skip and saved.get(k) != settings.get(k)]
+    saved = state["config"]
+    diff = settings_diff(saved, settings, mutable)
     if diff:
         what = ", ".join(f"{k} ({saved.get(k)!r} in the checkpoint, {settings.get(k)!r} in config.json)" for k in diff)
         raise InputError(f"{out}/config.json was changed after its checkpoint was saved: {what}; put the checkpoint's "

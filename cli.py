@@ -211,6 +211,13 @@ def claim_run_dir(path, settings, *, resume=False, overwrite=False, mutable=(), 
         yield
 
 
+def settings_diff(saved, settings, mutable=()):
+    """The fields in which two runs' settings differ, sorted; those in `mutable` and how a run was started
+    (resume, overwrite, out) are not compared: they do not alter what is computed."""
+    skip = set(mutable) | {"resume", "overwrite", "out"}
+    return [k for k in sorted(set(saved) | set(settings)) if k not in skip and saved.get(k) != settings.get(k)]
+
+
 def _reconcile(path, settings, resume, overwrite, mutable):
     """Empty the dir (overwrite), check the saved settings (resume), or refuse a dir that holds a run."""
     saved_path = os.path.join(path, "config.json")
@@ -231,8 +238,7 @@ def _reconcile(path, settings, resume, overwrite, mutable):
         raise InputError(f"{path} holds a run already; continue it with --resume, replace it with --overwrite, "
                          "or pass another --out")
     saved = read_json(saved_path)
-    skip = set(mutable) | {"resume", "overwrite", "out"}
-    diff = [k for k in sorted(set(saved) | set(settings)) if k not in skip and saved.get(k) != settings.get(k)]
+    diff = settings_diff(saved, settings, mutable)
     if diff:
         what = ", ".join(f"{k} ({saved.get(k)!r} there, {settings.get(k)!r} now)" for k in diff)
         raise InputError(f"{path} holds a run with other settings: {what}. Resume with its settings, "

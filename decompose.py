@@ -143,9 +143,6 @@ def model_config(name_or_path):
                          f"a short name ({', '.join(EMBEDDED)}), or nothing for the default SmolLM2-135M-Instruct")
     if looks_local and not os.path.exists(os.path.join(path, "config.json")):
         raise InputError(f"'{path}' has no config.json: not a Hugging Face checkpoint dir")
-    if looks_local and not any(f.endswith(WEIGHTS) for f in os.listdir(path)):
-        raise InputError(f"'{path}' has a config.json but no weights (model.safetensors, pytorch_model.bin or their shards): "
-                         "copy or download the whole checkpoint, or pass another --model")
     hub = logging.getLogger("huggingface_hub")
     level = hub.level
     hub.setLevel(logging.ERROR)  # its retry warnings would come before our one-line error
@@ -162,6 +159,9 @@ def model_config(name_or_path):
     if config.model_type not in SUPPORTED:
         hint = " (for Gemma 3 load the text-only checkpoint, model_type gemma3_text)" if config.model_type == "gemma3" else ""
         raise InputError(f"unsupported architecture '{config.model_type}'{hint}; supported: {', '.join(SUPPORTED)}")
+    if looks_local and not any(f.endswith(WEIGHTS) for f in os.listdir(path)):
+        raise InputError(f"'{path}' has a config.json but no weights (model.safetensors, pytorch_model.bin or their shards): "
+                         "copy or download the whole checkpoint, or pass another --model")
     return config
 
 

@@ -282,7 +282,11 @@ def main(argv=None):
     if cfg.bench:
         return bench(cfg)
     d = distributed.init()
-    history, _, _ = train(cfg)  # a stop request or a non-finite stop raises Stopped or Diverged: one line
+    try:
+        history, _, _ = train(cfg)
+    except (Stopped, Diverged):  # a stop request, or the non-finite stop: every rank ends so, together; one line
+        distributed.close()
+        raise
     distributed.close()
     if not d.main:
         return

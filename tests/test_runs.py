@@ -312,3 +312,44 @@ def test_9_a_damaged_run_of_an_experiment_names_the_experiments_way_on(tmp_path,
     os.rename(aside, str(run_dir) + ".damaged")
     run(bupo.main, shlex.split(advice), capsys, 0)
     assert steps_logged(run_dir) == [0, 1] and (out / "results.md").exists()
+
+
+def test_4_a_hand_edited_experiment_config_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    """bupo.py: the experiment's config.json with another lr used to train the next runs with it beside the finished
+    ones (one report, two settings); now the run that disagrees is named, and putting the value back resumes."""
+    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(bupo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
+    monkeypatch.setattr(bupo, "model_config", lambda *a: tiny_model("llama").config)
+    monkeypatch.setattr(checkpoints, "load_model", fake_load)
+    out = tmp_path / "exp"
+    argv = GRPO_ARGS + ["--steps=1", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2", "--seeds=2",
+                        "--methods=grpo", "--task=arithmetic", "--eval-data=arithmetic", "--eval-limit=4", "--eval-max-new-tokens=4",
+                        "--lr=0.01", f"--out={out}"]
+    real, calls = bupo.readout_entropies, []
+    monkeypatch.setattr(bupo, "readout_entropies", lambda *a: (calls.append(1), len(calls) == 2 and os.kill(os.getpid(), signal.SIGINT), real(*a))[2])
+    run(bupo.main, argv, capsys, 130)  # seed 0 finished, seed 1 stopped in its (last) step
+    cfg = json.load(open(out / "config.json"))
+    json.dump({**cfg, "lr": 0.02}, open(out / "config.json", "w"))
+    last = run(bupo.main, ["--resume", f"--out={out}"], capsys, 2)
+    assert f"{out}/seed0/grpo/config.json and {out}/config.json disagree: lr (0.01 in the run, 0.02 in the experiment)" in last
+    json.dump(cfg, open(out / "config.json", "w"))
+    run(bupo.main, ["--resume", f"--out={out}"], capsys, 0)
+    assert (out / "results.md").exists() and len(calls) == 2  # seed 1 stopped after its last step: nothing to train again
+
+
+def test_3_a_non_finite_stop_in_an_experiment_advises_a_fresh_experiment_that_works(tmp_path, monkeypatch, capsys):
+    """bupo.py: the runs of an experiment share one lr (they are paired), so a diverged run's advice is the whole
+    experiment afresh with a lower lr; followed as printed, it finishes."""
+    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(bupo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
+    monkeypatch.setattr(bupo, "model_config", lambda *a: tiny_model("llama").config)
+    monkeypatch.setattr(grpo, "train_step", nan_from(1, above_lr=5e-3))
+    out = tmp_path / "exp"
+    argv = GRPO_ARGS + ["--steps=3", "--max-nonfinite=2", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2",
+                        "--seeds=0,", "--methods=grpo", "--task=arithmetic", "--eval-data=arithmetic", "--eval-limit=4",
+                        "--eval-max-new-tokens=4", "--lr=0.01", f"--out={out}"]
+    last = run(bupo.main, argv, capsys, 1)
+    assert "GRPO, seed 0: steps 1..2 had only non-finite losses" in last
+    advice = re.search(r"start it afresh with a lower --lr \(e.g. (--lr \S+)\) and (--overwrite)", last).groups()
+    run(bupo.main, argv + shlex.split(" ".join(advice)), capsys, 0)
+    assert (out / "results.md").exists() and steps_logged(out / "seed0" / "grpo") == [0, 1, 2]
