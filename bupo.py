@@ -23,15 +23,16 @@ ablations. Interrupted, --resume skips the finished runs and continues the other
 """
 import copy
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 from tqdm import tqdm
 
 import distributed
 import grpo
-from checkpoints import checkpoint_path, read_metrics, remove_checkpoint
-from cli import InputError, Stopped, check, claim_run_dir, parse_config, read_json, run_main, write_json
+from checkpoints import RunDamaged, checkpoint_path, read_metrics, remove_checkpoint
+from cli import (Diverged, InputError, Stopped, check, check_seed, claim_run_dir, parse_config, read_json, run_main, settings_diff,
+                 write_json)
 from config import BUPO_PRESETS, BuPOConfig, check_config, check_ppo_memory, preset_help
 from decompose import load_model, model_config
 from entropy import eic_stages, internal_entropy
@@ -136,6 +137,8 @@ def parse_seeds(cfg):
     except ValueError:
         seeds = []
     check(seeds and len(set(seeds)) == len(seeds), f"--seeds must be a count N >= 1 or a comma list of distinct seeds, got '{cfg.seeds}'")
+    for seed in seeds:
+        check_seed(seed, "--seeds" if "," in cfg.seeds else "--seed + --seeds - 1")
     return seeds
 
 
@@ -182,6 +185,17 @@ def finished_run(cfg):
     return hist if len(hist) == cfg.steps else None
 
 
+def check_run(cfg, run_cfg):
+    """Refuse a run dir of this experiment that was trained with other settings (its config.json or the experiment's
+    edited by hand), naming them: a report never mixes runs of two settings, finished ones included."""
+    path = os.path.join(run_cfg.out, "config.json")
+    diff = settings_diff(read_json(path), asdict(run_cfg), run_cfg.SAFE_ON_RESUME) if os.path.exists(path) else []
+    saved = read_json(path) if diff else {}
+    what = ", ".join(f"{k} ({saved.get(k)!r} in the run, {getattr(run_cfg, k, None)!r} in the experiment)" for k in diff)
+    check(not diff, f"{path} and {cfg.out}/config.json disagree: {what}; one was edited by hand: put back the value(s) "
+          "the run was trained with, or start the experiment afresh with --overwrite (or another --out)")
+
+
 def check_experiment(cfg):
     """Settings of the experiment, before any work: seeds, methods, sweep, layers against the model's config."""
     seeds = parse_seeds(cfg)
@@ -217,21 +231,34 @@ def experiment(cfg):
         layers = sorted({start["layer"]} | (set(values) if key == "layer" else set()))
         runs = {}
         for group, seed, run_cfg in plan(cfg, start["layer"], seeds):
+            check_run(cfg, run_cfg)
             hist = finished_run(run_cfg)
             if hist is None:
-                has_ckpt = checkpoint_path(run_cfg.out) is not None
-                run_cfg = replace(run_cfg, resume=has_ckpt, overwrite=not has_ckpt)  # a run killed before any checkpoint restarts
-                hist, _, _ = train_bupo(run_cfg, int(run_cfg.layer), copy.deepcopy(init).to(d.device), tok,
-                                        desc=f"{group}, seed {seed}", layers=layers, probes=start.get("probe_set"))
-                if len(hist) < run_cfg.steps:  # stopped on request: keep its checkpoint, report nothing
-                    raise Stopped(f"{group}, seed {seed} after step {len(hist) - 1} of {run_cfg.steps}, checkpoint saved; "
-                                  f"continue the experiment with --resume --out {cfg.out}")
-                if not cfg.keep_checkpoints and d.main:
-                    remove_checkpoint(run_cfg.out)  # its metrics hold all the report needs
+                hist = train_run(cfg, run_cfg, init, tok, d, f"{group}, seed {seed}", layers, start.get("probe_set"))
+            if not cfg.keep_checkpoints and d.main:
+                remove_checkpoint(run_cfg.out)  # its metrics hold all the report needs (also one stopped after its last step)
             runs.setdefault(group, {})[seed] = hist
         distributed.close()
         if d.main:
             report(cfg, start, runs, parse_sweep(cfg))
+
+
+def train_run(cfg, run_cfg, init, tok, d, name, layers, probes):
+    """One run of the experiment from its checkpoint, or afresh (killed before any checkpoint); its metrics. A stop
+    request (also in its last step) stops the experiment; a non-finite stop or a damaged run names the experiment's way on."""
+    has_ckpt = checkpoint_path(run_cfg.out) is not None
+    run_cfg = replace(run_cfg, resume=has_ckpt, overwrite=not has_ckpt)
+    try:
+        hist, _, _ = train_bupo(run_cfg, int(run_cfg.layer), copy.deepcopy(init).to(d.device), tok, desc=name, layers=layers, probes=probes)
+    except Stopped as e:  # keep its checkpoint, report nothing
+        raise Stopped(f"{name} {e.what}", f"continue the experiment with --resume --out {cfg.out}") from None
+    except Diverged as e:
+        raise Diverged(f"{name}: {e.what}", f"the experiment's runs share one lr: start it afresh with a lower --lr "
+                       f"(e.g. --lr {cfg.lr / 10:g}) and --overwrite, or another --out") from None
+    except RunDamaged as e:
+        raise InputError(f"{name}: {e.what}; move {run_cfg.out} aside (mv it to a new name: nothing is lost) and continue "
+                         f"the experiment with --resume --out {cfg.out}: that run is trained again") from None
+    return hist
 
 
 def _initial(cfg, model, tok, d):

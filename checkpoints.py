@@ -13,6 +13,7 @@ exists. Left-over checkpoint.tmp* dirs (a killed save) are deleted at the next s
 """
 import glob
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -23,8 +24,18 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from cli import InputError, read_jsonl
+from cli import InputError, read_json, read_jsonl, settings_diff, write_json
 from decompose import load_model
+
+
+class RunDamaged(InputError):
+    """A run dir whose files cannot be read or disagree. `what` names them; the message adds how to start grpo.py's
+    run afresh (bupo.py catches it and names its own way: the run moved aside is trained again)."""
+
+    def __init__(self, what, out):
+        super().__init__(f"{what}; start the run afresh: move {out} aside (mv it to a new name: nothing is lost) and rerun "
+                         "without --resume, or rerun with --overwrite")
+        self.what = what
 
 
 def _clean_partial(out):
@@ -105,23 +116,69 @@ def load_checkpoint(out, device):
         raise InputError(f"--resume: no checkpoint in {out}; start afresh with --overwrite (or another --out)")
     _clean_partial(out)
     model, tok = load_model(os.path.join(path, "model"), dtype=torch.float32, device=device)
-    state = _load_state(os.path.join(path, "trainer.pt"), "cpu", weights_only=False)
+    state = _load_state(os.path.join(path, "trainer.pt"), "cpu", weights_only=False,
+                        keys=("optimizer", "step", "config", "torch_rng", "python_rng"))
     if os.path.exists(os.path.join(path, "critic.pt")):
         state["critic"] = _load_state(os.path.join(path, "critic.pt"), device, weights_only=True)
     return model, tok, state
 
 
-def _load_state(path, device, weights_only):
+def _load_state(path, device, weights_only, keys=()):
     try:
-        return torch.load(path, map_location=device, weights_only=weights_only)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # a truncated or overwritten file
-        raise InputError(f"{path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}): the checkpoint cannot "
-                         "be resumed; restore it, or move the run dir aside and start afresh") from e
+        state = torch.load(path, map_location=device, weights_only=weights_only)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError,
+            ImportError, TypeError, UnicodeDecodeError) as e:  # truncated, overwritten, or not a torch file at all
+        state, err = None, str(e).splitlines()[0] if str(e) else type(e).__name__
+    else:
+        err = None if isinstance(state, dict) and set(keys) <= set(state) else "not a trainer state"
+    if err is not None:
+        raise RunDamaged(f"{path} is damaged ({err}): the checkpoint cannot be resumed", os.path.dirname(os.path.dirname(path)))
+    return state
 
 
 def read_metrics(path, before_step):
     """Logged steps < before_step (a resumed run rewrites what followed its checkpoint)."""
     return [m for m in read_jsonl(path) if m["step"] < before_step]
+
+
+def check_resume(out, state, settings, mutable, history):
+    """Refuse a resume whose checkpoint disagrees with the run dir: config.json edited since the checkpoint was saved
+    (its settings are compared as a changed flag is: all but `mutable`), or a metrics log that lacks a step the
+    checkpoint has trained (a line cut or deleted: it cannot be recomputed, and the run would never count as done)."""
+    saved = state["config"]
+    diff = settings_diff(saved, settings, mutable)
+    if diff:
+        what = ", ".join(f"{k} ({saved.get(k)!r} in the checkpoint, {settings.get(k)!r} in config.json)" for k in diff)
+        raise InputError(f"{out}/config.json was changed after its checkpoint was saved: {what}; put the checkpoint's "
+                         "value(s) back in config.json and resume, or start afresh with --overwrite (or another --out)")
+    missing = sorted(set(range(state["step"])) - {m["step"] for m in history})
+    if missing:
+        steps = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        raise RunDamaged(f"{out}/metrics.jsonl lacks the record of step(s) {steps}, which its checkpoint (after step "
+                         f"{state['step'] - 1}) has trained: a line was cut or deleted, and the checkpoint cannot recompute it", out)
+
+
+# ----------------------------------------------------------------------------- the non-finite stop
+
+def divergence_path(out):
+    """out/nonfinite.json: where a run stopped for non-finite losses says which lr failed (a resume may lower it)."""
+    return os.path.join(out, "nonfinite.json")
+
+
+def mark_divergence(out, record):
+    write_json(divergence_path(out), record)
+
+
+def lr_may_change(out, lr):
+    """("lr",) if the run in out stopped for non-finite losses and lr is lower than the one that failed, else ()."""
+    path = divergence_path(out)
+    return ("lr",) if os.path.exists(path) and lr < read_json(path)["lr"] else ()
+
+
+def clear_divergence(out):
+    """Forget the non-finite stop once a checkpoint of the lowered lr is saved: that lr is the run's from then on."""
+    if os.path.exists(divergence_path(out)):
+        os.remove(divergence_path(out))
 
 
 class StopRequest:

@@ -2,7 +2,8 @@
 
 - InputError: something the user gave is wrong (a path, a data set, a setting). `run_main`
   prints it as one line, `error: <what is wrong and what to do>`, and exits with status 2;
-  Stopped (a run interrupted on request, its work saved) exits with 130; any other
+  Stopped (a run interrupted on request, its work saved) exits with 130; Diverged (a run
+  whose losses stayed non-finite) is one line too, with exit status 1; any other
   exception is a bug and keeps its traceback.
 - parse_config: a typed @dataclass becomes argparse flags (help from the comment beside each
   field), over a preset; with --resume, over the config saved in the run dir.
@@ -30,8 +31,23 @@ class InputError(ValueError):
     """A user's input is wrong; the message says what is wrong and what to do."""
 
 
-class Stopped(Exception):
-    """A run stopped on request (Ctrl-C, SIGTERM) before its last step, its checkpoint saved; the message says how to go on."""
+class RunEnded(Exception):
+    """A run ended by a stop, not by finishing: `what` says where, `advice` how to go on (bupo.py gives its own)."""
+
+    def __init__(self, what, advice):
+        super().__init__(f"{what}; {advice}")
+        self.what = what
+
+
+class Stopped(RunEnded):
+    """A run stopped on request (Ctrl-C, SIGTERM), its checkpoint saved."""
+
+
+class Diverged(RunEnded):
+    """A run stopped because its losses or gradients stayed non-finite."""
+
+
+SEEDS = range(2 ** 32)  # the seeds a run may use: seed * 1_000_003 + step must fit torch's 64-bit generator seed
 
 
 def run_main(main, argv=None):
@@ -51,6 +67,9 @@ def run_main(main, argv=None):
     except Stopped as e:
         print("stopped: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(130)  # as a shell reports a run ended by Ctrl-C: not a success
+    except Diverged as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(1)
 
 
 # ----------------------------------------------------------------------------- flags
@@ -151,6 +170,11 @@ def check(ok, message):
         raise InputError(message)
 
 
+def check_seed(seed, flag="--seed"):
+    """A seed in SEEDS, or an InputError naming the flag and the range."""
+    check(seed in SEEDS, f"{flag} must lie in 0..{SEEDS[-1]}, got {seed}")
+
+
 # ----------------------------------------------------------------------------- run dirs
 
 @contextlib.contextmanager
@@ -187,6 +211,13 @@ def claim_run_dir(path, settings, *, resume=False, overwrite=False, mutable=(), 
         yield
 
 
+def settings_diff(saved, settings, mutable=()):
+    """The fields in which two runs' settings differ, sorted; those in `mutable` and how a run was started
+    (resume, overwrite, out) are not compared: they do not alter what is computed."""
+    skip = set(mutable) | {"resume", "overwrite", "out"}
+    return [k for k in sorted(set(saved) | set(settings)) if k not in skip and saved.get(k) != settings.get(k)]
+
+
 def _reconcile(path, settings, resume, overwrite, mutable):
     """Empty the dir (overwrite), check the saved settings (resume), or refuse a dir that holds a run."""
     saved_path = os.path.join(path, "config.json")
@@ -207,8 +238,7 @@ def _reconcile(path, settings, resume, overwrite, mutable):
         raise InputError(f"{path} holds a run already; continue it with --resume, replace it with --overwrite, "
                          "or pass another --out")
     saved = read_json(saved_path)
-    skip = set(mutable) | {"resume", "overwrite", "out"}
-    diff = [k for k in sorted(set(saved) | set(settings)) if k not in skip and saved.get(k) != settings.get(k)]
+    diff = settings_diff(saved, settings, mutable)
     if diff:
         what = ", ".join(f"{k} ({saved.get(k)!r} there, {settings.get(k)!r} now)" for k in diff)
         raise InputError(f"{path} holds a run with other settings: {what}. Resume with its settings, "

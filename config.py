@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from transformers import AutoConfig
 
-from cli import check
+from cli import check, check_seed
 from advantages import ESTIMATORS
 from decompose import CONFIG_DIR
 from evaluate import parse_k
@@ -114,6 +114,7 @@ def check_config(cfg, config, world=1, memory=None):
         v = getattr(cfg, f.name)
         check(not isinstance(v, float) or math.isfinite(v), f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
     check(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}")
+    check_seed(cfg.seed)
     for name in ("prompts_per_step", "group_size", "mini_batch_prompts", "micro_batch", "max_new_tokens", "eval_max_new_tokens"):
         check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     check(cfg.group_size >= 2, "--group-size must be >= 2: GRPO's baseline is the group mean")

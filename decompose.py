@@ -40,6 +40,7 @@ from problems import prompt_ids
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "gemma3_text")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+WEIGHTS = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")  # what from_pretrained loads a model from
 RANDOM = "random:"  # --model random:NAME: configs/NAME.json with random weights (benchmarks, no download)
 
 
@@ -158,6 +159,9 @@ def model_config(name_or_path):
     if config.model_type not in SUPPORTED:
         hint = " (for Gemma 3 load the text-only checkpoint, model_type gemma3_text)" if config.model_type == "gemma3" else ""
         raise InputError(f"unsupported architecture '{config.model_type}'{hint}; supported: {', '.join(SUPPORTED)}")
+    if looks_local and not any(f.endswith(WEIGHTS) for f in os.listdir(path)):
+        raise InputError(f"'{path}' has a config.json but no weights (model.safetensors, pytorch_model.bin or their shards): "
+                         "copy or download the whole checkpoint, or pass another --model")
     return config
 
 

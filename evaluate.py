@@ -21,7 +21,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from cli import InputError, check, claim_run_dir, read_jsonl, run_main, write_jsonl
+from cli import InputError, check, check_seed, claim_run_dir, read_jsonl, run_main, write_jsonl
 from decompose import EMBEDDED, load_model, model_config, weights_id
 from rewards import REWARDS, final_answer, problem_reward
 from problems import TASKS, prompt_ids, task_problems, with_reward
@@ -101,29 +101,38 @@ def evaluate(model, tokenizer, problems, k=1, max_new_tokens=1024, temperature=1
 
     done: records already graded (resume; the same settings are the caller's duty, see
     main); on_record(record) is called for each new one. Sample j of problem i is row
-    i*k+j of one batch sampled with `seed` (rollout.generate's batch_index): its tokens
-    depend neither on batch_size nor on what was done before, so a resumed evaluation
-    samples what an uninterrupted one would. dtype: sample with a copy of the weights in
+    i*k+j of one batch sampled with `seed` (rollout.generate's batch_index): its random
+    draws depend neither on batch_size nor on what was done before. Its logits may: a
+    batch of another shape or other rows sums in another order (BLAS blocking), and a
+    rounding step can flip a draw. So the batches are rows [b, b + batch_size) whatever
+    is done, a batch with any row to do is sampled whole (its new rows kept), and a
+    resumed evaluation samples exactly what an uninterrupted one with the same
+    batch_size would (main keys a run on it). dtype: sample with a copy of the weights in
     this dtype (rollout.generate's), e.g. bf16 as the training rollouts do.
     """
     records = list(done or [])
     have = {(r["set"], r["id"], r["sample"]) for r in records}
     rows = [(p, j) for p in problems for j in range(k if isinstance(k, int) else k.get(p["set"], 1))]
-    todo = [i for i, (p, j) in enumerate(rows) if (p["set"], p["id"], j) not in have]
+    todo = {i for i, (p, j) in enumerate(rows) if (p["set"], p["id"], j) not in have}
     bar = tqdm(total=len(todo), desc="evaluate", disable=not progress)
-    for b in range(0, len(todo), batch_size):
-        chunk = todo[b:b + batch_size]
+    for b in range(0, len(rows), batch_size):
+        chunk = list(range(b, min(b + batch_size, len(rows))))  # the uninterrupted run's batch, whole, so its numerics too
+        if not todo.intersection(chunk):
+            continue
         out = generate(model, prompt_ids(tokenizer, [rows[i][0] for i in chunk], max_prompt_length), max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, seed=seed, batch_index=chunk, batch_rows=len(rows), dtype=dtype)
-        for (p, j), toks, n in zip([rows[i] for i in chunk], out.tokens.tolist(), out.lengths.tolist()):
+        for i, toks, n in zip(chunk, out.tokens.tolist(), out.lengths.tolist()):
+            if i not in todo:
+                continue
+            p, j = rows[i]
             text = tokenizer.decode(toks[:n], skip_special_tokens=True)
             rec = dict(source=p["source"], set=p["set"], id=p["id"], sample=j, response=text, pred=final_answer(text, p),
                        gold=p["answer"], correct=bool(problem_reward(text, p)), length=n, grader=p.get("grader", "math"))
             records.append(rec)
             if on_record:
                 on_record(rec)
-        bar.update(len(chunk))
+            bar.update(1)
     bar.close()
     return summarize(records, k if isinstance(k, int) else None), records
 
@@ -153,7 +162,8 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=1024, help="response length limit")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences sampled together (the samples do not depend on it)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences sampled together; their random draws do not depend on it, "
+                   "but the kernels' rounding does, so a resumed evaluation must keep it")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", default="runs/evaluate", help="output dir: responses.jsonl, summary.json, summary.md; "
                    "rerun with the same settings to resume")
@@ -163,6 +173,7 @@ def main(argv=None):
     check(args.max_prompt_length >= 0, f"--max-prompt-length must be >= 0, got {args.max_prompt_length}")
     check(args.limit is None or args.limit >= 1, f"--limit must be >= 1 (leave it out for all problems), got {args.limit}")
     check(args.batch_size >= 1 and args.max_new_tokens >= 1, "--batch-size and --max-new-tokens must be >= 1")
+    check_seed(args.seed)
     check(math.isfinite(args.temperature) and args.temperature >= 0 and 0 < args.top_p <= 1,
           "--temperature must be a finite number >= 0 and --top-p in (0, 1]")
     n_ctx = getattr(model_config(args.model), "max_position_embeddings", None)
@@ -170,9 +181,11 @@ def main(argv=None):
           f"in the model's context of {n_ctx}; lower it")
     problems = with_reward([q for name in args.data.split(",") for q in task_problems(name, args.limit or 0, 0, "test")], args.reward)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # load_model's default, and its dtype
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "batch_size")} | {
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")} | {
         "weights": weights_id(args.model), "device": device, "dtype": "bfloat16" if device == "cuda" else "float32", "records": 2}
-    with claim_run_dir(args.out, settings, resume=True, overwrite=args.overwrite):  # same settings: resume; others: refused
+    # same settings: resume; others refused. The model is keyed by its weights alone (DIR, DIR/, a symlink to it, or
+    # smollm2 and no --model are one model); the batch size is a setting, as the numerics of a batch depend on its shape
+    with claim_run_dir(args.out, settings, resume=True, overwrite=args.overwrite, mutable=("model",)):
         path = os.path.join(args.out, "responses.jsonl")
         done = read_jsonl(path)
         write_jsonl(path, done)  # drop a line cut off by a killed run before appending

@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 import distributed
 import policy as policy_lib
-from checkpoints import StopRequest, load_checkpoint, read_metrics, save_checkpoint
-from cli import Stopped, check, claim_run_dir, parse_config, run_main, write_jsonl
+from checkpoints import (StopRequest, check_resume, clear_divergence, load_checkpoint, lr_may_change, mark_divergence,
+                         read_metrics, save_checkpoint)
+from cli import Diverged, Stopped, check, claim_run_dir, parse_config, run_main, write_jsonl
 from config import PRESETS, GRPOConfig, check_config, preset_help
 from critic import make_critic
 from decode import release
@@ -86,11 +87,12 @@ def eval_ks(cfg):
     return parse_k(cfg.eval_k) if cfg.eval_k else {}
 
 
-def setup(cfg, d, model=None, tok=None, find_unused=False, upper_k=None):
+def setup(cfg, d, model=None, tok=None, find_unused=False, upper_k=None, mutable=()):
     """(runner, tok, optimizer, ref runner, critic, first step, metrics so far), fresh or from out/checkpoint with --resume.
 
     model, tok: the initial policy (default: loaded from cfg.model). Resuming, the trained
-    weights come from the checkpoint, and the KL reference is still the initial policy.
+    weights come from the checkpoint, and the KL reference is still the initial policy;
+    the checkpoint's settings and the log are checked against the run's (all but `mutable`).
     upper_k: the parameters above layer k get a param group of their own (Table 11's controls).
     critic: (Critic, its optimizer) for PPO (cfg.adv_estimator "gae"), else None.
     """
@@ -120,6 +122,10 @@ def setup(cfg, d, model=None, tok=None, find_unused=False, upper_k=None):
         start = state["step"]
     path = os.path.join(cfg.out, "metrics.jsonl")
     history = read_metrics(path, start)
+    if state is not None:
+        check_resume(cfg.out, state, asdict(cfg), mutable, history)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr  # the run's (lowered after a non-finite stop), not the saved state's; scale_upper sets the upper group's
     if d.main:
         write_jsonl(path, history)  # a resumed run drops what was logged after its checkpoint
     return runner, tok, optimizer, ref, critic, start, history
@@ -140,9 +146,12 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
     problems = with_reward(task_problems(cfg.task, 0, cfg.seed, "train"), cfg.reward)
     for name in cfg.eval_data.split(",") if cfg.eval_every or cfg.eval_samples else []:
         task_problems(name, 1, 0, "test")  # a bad held-out set fails now, not after the first step
-    with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=cfg.SAFE_ON_RESUME, writer=d.main):
-        runner, tok, optimizer, ref, critic, start, history = setup(cfg, d, model, tok, find_unused=partial, upper_k=upper and upper[0])
-        bad_in_a_row, bar = 0, tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=not d.main)
+    mutable = cfg.SAFE_ON_RESUME + (lr_may_change(cfg.out, cfg.lr) if cfg.resume else ())
+    with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=mutable, writer=d.main):
+        runner, tok, optimizer, ref, critic, start, history = setup(cfg, d, model, tok, find_unused=partial,
+                                                                    upper_k=upper and upper[0], mutable=mutable)
+        bad_in_a_row, saved = 0, start if cfg.resume else None  # saved: the step the checkpoint on disk resumes at
+        bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=not d.main)
         log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if d.main else contextlib.nullcontext()  # only rank 0 writes
         with StopRequest(d.world) as stop, log_file as log:
             for step in bar:
@@ -165,18 +174,45 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
                 if d.main:
                     log.write(json.dumps(m) + "\n")
                     log.flush()
+                    os.fsync(log.fileno())  # on the disk before any checkpoint of a later step: the log never lags it
                 bar.set_postfix(reward=f"{m['reward_mean']:.3f}", s_step=f"{m['time_step']:.1f}")
                 if bad_in_a_row >= cfg.max_nonfinite:
-                    save_checkpoint(cfg.out, runner, tok, optimizer, step + 1, cfg, d, critic)
-                    raise RuntimeError(f"{bad_in_a_row} steps in a row had only non-finite losses or gradients; stopped "
-                                       f"(checkpoint in {cfg.out}/checkpoint): lower --lr and --resume")
+                    raise diverged(cfg, step, bad_in_a_row, saved, d)
                 stopping = distributed.any_rank(stop.requested)  # a Ctrl-C on any rank stops them all after this step
-                if cfg.save_every and (step + 1) % cfg.save_every == 0 or last and cfg.save_final or stopping:
+                due = cfg.save_every and (step + 1) % cfg.save_every == 0 or last and cfg.save_final or stopping
+                if due and not bad_in_a_row:  # weights that gave only non-finite losses never replace a checkpoint
                     save_checkpoint(cfg.out, runner, tok, optimizer, step + 1, cfg, d, critic)
-                if stopping:
-                    break
+                    saved = step + 1
+                    if d.main:
+                        clear_divergence(cfg.out)
+                if stopping:  # also in the last step: a stop request stops the caller (bupo.py's next run) too
+                    raise stopped(cfg, step, saved)
     model = distributed.plain_model(runner)
     return history, model.eval() if model is not None else None, tok
+
+
+def stopped(cfg, step, saved):
+    """The stop request's end: the checkpoint saved after this step (or, in a run of non-finite steps, the last one)."""
+    if saved is None:
+        return Stopped(f"after step {step} of {cfg.steps}; its weights gave only non-finite losses and no checkpoint is kept",
+                       "start afresh with a lower --lr, rerunning with --overwrite")
+    what = "checkpoint saved" if saved == step + 1 else f"the checkpoint after step {saved - 1} kept (later weights gave non-finite losses)"
+    return Stopped(f"after step {step} of {cfg.steps}, {what}", f"continue with --resume --out {cfg.out}")
+
+
+def diverged(cfg, step, bad, saved, d):
+    """The non-finite stop: nothing is saved (the weights are lost); with a checkpoint from before the first bad step,
+    out/nonfinite.json lets a --resume lower --lr (its metrics record the lr of each step), else start afresh."""
+    first = step - bad + 1
+    what = (f"steps {first}..{step} had only non-finite losses or gradients ({bad} in a row, --max-nonfinite "
+            f"{cfg.max_nonfinite}): the run diverged at lr {cfg.lr:g}, and its weights since step {first} are not saved")
+    if saved is None or saved >= first:  # the checkpoint's weights gave step `first` its non-finite losses
+        return Diverged(what, f"no checkpoint from before step {first} is kept (--save-every N keeps one every N steps): "
+                        f"start afresh with a lower learning rate, rerunning with --overwrite --lr {cfg.lr / 10:g}")
+    if d.main:
+        mark_divergence(cfg.out, {"lr": cfg.lr, "first_bad_step": first, "stopped_after": step, "checkpoint_step": saved})
+    return Diverged(what, f"resume from the checkpoint after step {saved - 1} with a lower learning rate: "
+                    f"--resume --out {cfg.out} --lr {cfg.lr / 10:g}")
 
 
 def evaluations(runner, tok, cfg, d, sampled):
@@ -257,10 +293,12 @@ def main(argv=None):
     if cfg.bench:
         return bench(cfg)
     d = distributed.init()
-    history, _, _ = train(cfg)
+    try:
+        history, _, _ = train(cfg)
+    except (Stopped, Diverged):  # a stop request, or the non-finite stop: every rank ends so, together; one line
+        distributed.close()
+        raise
     distributed.close()
-    if len(history) < cfg.steps:
-        raise Stopped(f"after step {len(history) - 1} of {cfg.steps}, checkpoint saved; continue with --resume --out {cfg.out}")
     if not d.main:
         return
     plot_panels(os.path.join(cfg.out, "curves.png"), {"GRPO": [run_series(history, [k for k, _ in CURVES])]}, CURVES)

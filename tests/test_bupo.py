@@ -11,7 +11,7 @@ import bupo
 import checkpoints
 import grpo
 import step
-from cli import InputError
+from cli import InputError, Stopped
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
 from distributed import Policy
 from policy import Batch, layer_policy, pad_rows, upper_parameters
@@ -91,8 +91,8 @@ def test_tiny_end_to_end_with_interruption_and_resume(tmp_path, monkeypatch):
     cfg_b = tiny_cfg(tmp_path / "b", bupo.BuPOConfig, **base)
     real = bupo.readout_entropies
     monkeypatch.setattr(bupo, "readout_entropies", lambda *a: (os.kill(os.getpid(), signal.SIGINT), real(*a))[1])
-    part, _, _ = bupo.train_bupo(cfg_b, 1, tiny_model("llama"), FakeTok())
-    assert len(part) == 1
+    with pytest.raises(Stopped, match="after step 0 of 3"):
+        bupo.train_bupo(cfg_b, 1, tiny_model("llama"), FakeTok())
     monkeypatch.setattr(bupo, "readout_entropies", real)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
     resumed, _, _ = bupo.train_bupo(replace(cfg_b, resume=True), 1, None, None)

@@ -40,7 +40,7 @@ def test_evaluate_resumes_where_it_stopped():
         again, recs2 = evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=5, batch_size=4, progress=False, done=recs[:7])
     finally:
         evaluate.generate = real
-    assert sum(calls) == 12 - 7 and again == full
+    assert sum(calls) == 12 - 4 and again == full  # the batch of rows 4..7 is sampled whole (row 7 kept), then rows 8..11
     key = lambda r: (r["id"], r["sample"])
     assert sorted((key(r), r["response"]) for r in recs2) == sorted((key(r), r["response"]) for r in recs)  # the same samples
     assert len({r["response"] for r in recs}) > 6  # sampled at temperature 1: a different draw would show
@@ -68,7 +68,7 @@ def test_cli_resumes_the_same_evaluation_and_refuses_to_mix_another(tmp_path, mo
     monkeypatch.setattr(evaluate, "generate", lambda *x, **k: calls.append(1))
     evaluate.main(args)  # resumed: everything is there
     assert calls == [] and (tmp_path / "ev" / "responses.jsonl").read_text().splitlines() == lines
-    with pytest.raises(InputError, match=r"other settings: model .*temperature \(1.0 there, 0.5 now\)"):
+    with pytest.raises(InputError, match=r"other settings: temperature \(1.0 there, 0.5 now\), weights"):
         evaluate.main(args[:1] + [b] + args[2:] + ["--temperature", "0.5"])
     monkeypatch.undo()
     evaluate.main(args[:1] + [b] + args[2:] + ["--overwrite"])

@@ -13,7 +13,7 @@ import decode
 import evaluate
 import grpo
 import step
-from cli import InputError
+from cli import Diverged, InputError, Stopped
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
 from distributed import Policy
 from loss import aggregate, kl_penalty
@@ -147,8 +147,9 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypat
     monkeypatch.setattr(step, "problem_reward", text_reward)
     full, _, _ = grpo.train(tiny_cfg(tmp_path / "a", kl_coef=kl, save_every=0, adv_estimator=est), model=tiny_model("llama"), tok=FakeTok())
     cfg = tiny_cfg(tmp_path / "b", kl_coef=kl, save_every=0, adv_estimator=est)
-    part, _, _ = grpo.train(cfg, on_step=ctrl_c_at(1), model=tiny_model("llama"), tok=FakeTok())
-    assert [m["step"] for m in part] == [0, 1]  # stopped at the end of step 1, checkpoint saved on Ctrl-C
+    with pytest.raises(Stopped, match="after step 1 of 3, checkpoint saved"):  # at the end of step 1, checkpoint saved on Ctrl-C
+        grpo.train(cfg, on_step=ctrl_c_at(1), model=tiny_model("llama"), tok=FakeTok())
+    assert [json.loads(x)["step"] for x in open(tmp_path / "b" / "run" / "metrics.jsonl")] == [0, 1]
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
     resumed, _, _ = grpo.train(replace(cfg, resume=True), model=tiny_model("llama") if kl else None, tok=FakeTok() if kl else None)
     assert strip(resumed) == strip(full)  # bit-identical metrics after the interruption
@@ -202,7 +203,7 @@ def test_nan_loss_is_skipped_and_reported(tmp_path, capsys):
     assert hist[0]["skipped_updates"] == 2 and hist[0]["updates"] == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert "skipped" in capsys.readouterr().out
-    with pytest.raises(RuntimeError, match="non-finite"):
+    with pytest.raises(Diverged, match="non-finite"):
         grpo.train(tiny_cfg(tmp_path / "2", steps=3, max_nonfinite=2), policy_for_step=lambda s: nan_policy, model=tiny_model("llama"), tok=FakeTok())
 
 
