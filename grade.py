@@ -21,6 +21,8 @@ from functools import lru_cache
 import sympy
 from sympy.parsing.sympy_parser import convert_xor, implicit_multiplication_application, parse_expr, standard_transformations
 
+from answers import clean, inequality, items, named, option, repeating, split_top, unit
+
 MAX_ANSWER_CHARS = 1000  # longer answers (a degenerate response) are compared as plain text: golds are < 200
 MAX_BITS = 1 << 14       # a sympy expression whose value could need more bits is compared as text (10^{10^5}, 9^{9^9})
 
@@ -55,97 +57,62 @@ def extract_answer(text):
     return None  # unbalanced: the response was cut off inside the box
 
 
-# ----------------------------------------------------------------------------- normalization
+# ----------------------------------------------------------------------------- values
 
-UNITS = ("mm|cm|km|m|meters?|centimeters?|kilometers?|inch|inches|in|feet|foot|ft|yards?|yd|miles?|mi|units?|square units|"
-         "sq units|degrees?|dollars?|cents?|hours?|hrs?|minutes?|mins?|seconds?|secs?|s|days?|weeks?|months?|years?|kg|g|grams?|"
-         "kilograms?|lbs?|pounds?|ounces?|oz|liters?|l|ml|mph|km/h|m/s|cm/s|people|students|ways|times")
+GREEK = "alpha|beta|gamma|delta|epsilon|theta|lambda|mu|sigma|phi|omega"
 
 
-def _strip_text_units(s):
-    s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{\s*\(?([A-E])\)?\s*\}", r"\1", s)  # \text{(C)} -> C
-    s = re.sub(r"([\d}])\s*\\(?:text|mbox|mathrm)\{[^{}]*\}\s*(\^\{?\d\}?)?$", r"\1", s)  # 5\text{ cm}^2, \frac12\text{ cm} -> 5
-    return re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
-
-
-SAME_UNIT = {w + e: u for u, ws in {"m": ["meter"], "cm": ["centimeter"], "km": ["kilometer"], "in": ["inch"], "ft": ["feet", "foot"],
-                                   "yd": ["yard"], "mi": ["mile"], "s": ["second", "sec"], "min": ["minute"], "h": ["hour", "hr"],
-                                   "g": ["gram"], "kg": ["kilogram"], "lb": ["pound"], "l": ["liter"], "unit": ["units"]}.items()
-             for w in ws + [u] for e in ("", "s", "es") if w + e != u}
-
-
-def unit(s):
-    """(value, unit) of an answer that ends in a plain unit after a number or a closing brace ("5 cm", "5cm",
-    "\\frac{1}{2} m^2"), else (s, None): i and e, written after a number, are constants, not units."""
-    s = str(s).strip()
-    m = re.fullmatch(rf"(.*[\d}}])\s*(?:\\text\{{\s*)?({UNITS})\}}?(\^\{{?[23]\}}?)?", s)
-    if m and re.search(r"\d", m.group(1)) and (m.group(2) not in ("m", "s", "g", "l", "in") or re.search(r"\d\s+\S+$", s)):
-        return m.group(1), m.group(2) + (m.group(3) or "")
-    return s, None
-
-
-def normalize(s):
-    """A canonical string for MATH-style answers (spacing, \\left, \\dfrac, units, degrees, %, x=, sets, \\pm, "and")."""
-    s = _matrix_to_tuple(unit(str(s).replace("\u2212", "-"))[0])
-    s = re.sub(r"\\[,;:! ]|\\q?quad|~", " ", s).replace("\\left", "").replace("\\right", "")
-    s = s.replace("\\$", "").replace("$", "").replace("\\displaystyle", "")
-    s = re.sub(r"\\[dt]frac", r"\\frac", s)
-    s = _strip_text_units(s)
+def value_text(s):
+    """An item's canonical text: no degrees, %, \\text{} or spaces; \\frac12 and \\sqrt2 braced; a base's subscript
+    unbraced; a repeating decimal as its fraction."""
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\%|%|\\degree", "", s)
-    s = re.sub(r"\s*,?\s+(?:and|or)\s+", ",", s)  # "1 and 2", "1, 2, and 3": a list
+    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    s = re.sub(rf"\\(pi|{GREEK})\s+(?=\w)", r"\\\1*", s)  # 2\pi i: a product, not \pii
     s = re.sub(r"\s+", "", s).rstrip(".")
-    s = re.sub(r"^\\\{(.*)\\\}$", r"\1", s)  # a set \{1,0\}: its elements, an unordered list
-    s = re.sub(r"(\d)\{,\}(\d\d\d)", r"\1\2", s)  # 1{,}000
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # 10,000 -> 10000 (a lone number only)
-        s = s.replace(",", "")
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac9{19}
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
     s = re.sub(r"\\sqrt(\d+|[a-z])", r"\\sqrt{\1}", s)  # \sqrt2
-    m = re.fullmatch(r"[a-zA-Z](?:_\w|_\{\w+\})?=(.+)", s)  # x=3 -> 3
-    if m and "=" not in m.group(1):
-        s = m.group(1)
-    if re.fullmatch(r"\(?[A-E]\)?", s):
-        s = s.strip("()")
-    s = re.sub(r"^[a-zA-Z]\\in", "", s)  # x \in [-2,7]
-    s = re.sub(r"_\{(\d+)\}", r"_\1", s)  # 4210_{5} -> 4210_5
-    m = re.fullmatch(r"([^,]*)\\pm([^,]+)", s)  # a \pm b -> the list a+b, a-b; \pm b -> b, -b
-    if m:
-        s = f"{m.group(1)}+{m.group(2)},{m.group(1)}-{m.group(2)}" if m.group(1) else f"{m.group(2)},-{m.group(2)}"
-    return s
+    s = re.sub(r"^(\d+)_\{(\d+)\}$", r"\1_\2", s)  # 4210_{5} -> 4210_5
+    return repeating(s)
 
 
-def _matrix_to_tuple(s):
-    """\\begin{pmatrix} a \\\\ b \\end{pmatrix} -> (a,b); rows with & become nested tuples."""
-    m = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", s, re.S)
-    if not m:
-        return s
-    rows = [r.strip() for r in m.group(1).split("\\\\") if r.strip()]
-    if any("&" in r for r in rows):
-        rows = ["(" + r.replace("&", ",") + ")" for r in rows]
-    return "(" + ",".join(rows) + ")" if len(rows) > 1 else rows[0]
+_FUNCS = rf"sqrt|pi|oo|log|ln|sin|cos|tan|cot|sec|csc|exp|binomial|{GREEK.replace('lambda', 'lamda')}|i|e"
+_ATOM = r"\d+(?:\.\d+)?|[a-zA-Z]|\\pi|\\(?:" + GREEK + ")"
 
 
-# ----------------------------------------------------------------------------- values
-
-_FUNCS = r"sqrt|pi|oo|log|ln|sin|cos|tan|cot|sec|csc|exp|i|e"
+def _functions_to_text(s):
+    """\\log_2 8 -> (log(8)/log(2)); \\binom{a}{b} -> binomial((a),(b)); \\sin x, \\ln 2 -> sin(x), ln(2) where the
+    argument is one atom; other function applications are left to sympy's implicit application."""
+    arg = rf"(?:\{{([^{{}}]+)\}}|\(([^()]+)\)|({_ATOM}))"
+    s = re.sub(rf"\\log_(?:\{{([^{{}}]+)\}}|(\w)){arg}", lambda m: f"(log({m.group(3) or m.group(4) or m.group(5)})/log({m.group(1) or m.group(2)}))", s)
+    s = re.sub(r"\\binom\{([^{}]*)\}\{([^{}]*)\}", r"binomial((\1),(\2))", s)
+    s = re.sub(r"\\(ln|log|sin|cos|tan|cot|sec|csc|exp)\{([^{}]*)\}", r" \1(\2)", s)
+    s = re.sub(rf"\\(ln|log|sin|cos|tan|cot|sec|csc|exp)({_ATOM})(?![\w{{(^])", r" \1(\2)", s)
+    return re.sub(r"\\(ln|log|sin|cos|tan|cot|sec|csc|exp)", r" \1 ", s)
 
 
 def _latex_to_sympy_text(s):
-    """Plain-text expression for sympy.parse_expr, or None where the LaTeX is beyond us."""
-    s = re.sub(r"(\d)\\frac", r"\1+\\frac", s)  # mixed number 2\frac{1}{2}
+    """Plain-text expression for sympy.parse_expr, or None where the LaTeX is beyond us or ambiguous. A number
+    right before \\frac is a product when the fraction holds a symbol (3\\frac{\\pi}{4} = 3pi/4) and ambiguous
+    when it is numeric (-2\\frac{1}{2}, 1\\frac{3}{2}: a whole positive mixed number is read by _number)."""
+    if re.search(r"\d\\frac\{\d+\}\{\d+\}", s):
+        return None
+    s = re.sub(r"(\d)\\frac", r"\1*\\frac", s)
+    s = _functions_to_text(s)
     for _ in range(8):  # innermost first: \frac{a}{b}, \sqrt[n]{a}, \sqrt{a}
         t = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
         t = re.sub(r"\\sqrt\[([^\[\]{}]*)\]\{([^{}]*)\}", r"((\2)**(1/(\1)))", t)
         t = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", t)
+        t = re.sub(r"\\binom\{([^{}]*)\}\{([^{}]*)\}", r"binomial((\1),(\2))", t)
         if t == s:
             break
         s = t
-    s = s.replace("\\infty", "oo").replace("\\pi", "pi").replace("\\cdot", "*").replace("\\times", "*")
-    s = re.sub(r"\\(ln|log|sin|cos|tan|cot|sec|csc|exp)", r"\1", s).replace("{", "(").replace("}", ")").replace("^", "**")
-    if re.search(r"[^0-9a-zA-Z+\-*/().! ]", s) or "\\" in s:
+    s = s.replace("\\infty", "oo").replace("\\pi", "pi").replace("\\cdot", "*").replace("\\times", "*").replace("\\lambda", "lamda")
+    s = re.sub(rf"\\({GREEK})", r" \1 ", s).replace("{", "(").replace("}", ")").replace("^", "**")
+    if re.search(r"[^0-9a-zA-Z+\-*/().!, ]", s) or "\\" in s:
         return None
-    if re.search(r"[)a-zA-Z]\d", s):  # "(14/3)1", "x1": no one writes a product so; never parse it as one
+    if re.search(r"[)a-zA-Z]\d", s.replace(" ", "")) or re.search(r"\d\s+\d", s):  # "(14/3)1", "x1": never a product
         return None
     if re.search(r"\d{4,}\s*!", s):  # 1000!+ : sympy computes it even unevaluated, for seconds (and 2000! > MAX_BITS)
         return None
@@ -176,11 +143,15 @@ def _with_time_limit(fn, seconds):
 
 @lru_cache(maxsize=100_000)
 def _number(s):
-    """Exact value of a plain integer, decimal or fraction string, else None (fast path)."""
+    """Exact value of a plain integer, decimal, fraction or positive mixed number (2\\frac{1}{2}: a proper numeric
+    fraction after a positive integer) string, else None (fast path)."""
     m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s) or re.fullmatch(r"(-?)(-?\d+)/(-?\d+)", s)
+    mixed = re.fullmatch(r"(\d+)\\frac\{(\d+)\}\{(\d+)\}", s)
     try:  # int() refuses strings of over 4300 digits: those stay text
         if m:
             return None if int(m.group(3)) == 0 else (-1 if m.group(1) else 1) * Fraction(int(m.group(2)), int(m.group(3)))
+        if mixed and int(mixed.group(1)) > 0 and 0 < int(mixed.group(2)) < int(mixed.group(3)):
+            return int(mixed.group(1)) + Fraction(int(mixed.group(2)), int(mixed.group(3)))
         if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)", s):
             return Fraction(s)
     except ValueError:
@@ -201,7 +172,8 @@ def _log2_bound(e):
     return 1.0 + sum(_log2_bound(a) for a in e.args)  # sums, products, functions: at most the sum of the parts
 
 
-CONSTANTS = {"i": sympy.I, "e": sympy.E}  # as MATH's answers use them: 2i, e^2
+CONSTANTS = {"i": sympy.I, "e": sympy.E}  # as MATH's answers use them: 2i, e^2; Greek letters are symbols (not gamma())
+CONSTANTS.update({g: sympy.Symbol(g) for g in GREEK.replace("lambda", "lamda").split("|")})
 
 
 @lru_cache(maxsize=100_000)
@@ -230,24 +202,45 @@ def _sympy(s):
         return None
 
 
-def _close(a, b, rel=1e-6):
-    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
+def _tolerance(s):
+    """Half a unit of the last written digit of a lone decimal of 6+ significant digits (0.333333: 5e-7), else None:
+    such a decimal may round a non-integer value (docs/grading.md)."""
+    m = re.fullmatch(r"-?(\d*)\.(\d+)", s)
+    if m and len((m.group(1) + m.group(2)).lstrip("0")) >= 6:
+        return Fraction(1, 2 * 10 ** len(m.group(2)))
+    return None
 
 
-def _decimals(s):
-    """The most digits after a decimal point written in s."""
-    return max((len(d) for d in re.findall(r"\.(\d+)", s)), default=0)
+def _rounds(d, exact):
+    """True when d, a lone decimal of 6+ significant digits, is exact (a non-integer number that is not itself a
+    written decimal) rounded within half a unit of d's last digit."""
+    tol = _tolerance(d)
+    if tol is None or _number(exact) is not None and "." in exact:
+        return False
+    x = _number(exact)
+    if x is not None:
+        return x.denominator != 1 and abs(Fraction(d) - x) <= tol
+    e = _sympy(exact)
+    if e is None or e.free_symbols or e.is_Integer:
+        return False
+    v = sympy.N(e, 30)
+    return bool(v.is_real) and abs(sympy.Rational(d) - v) <= tol
 
 
 def _values_equal(a, b):
-    """Numbers: exact, except that a decimal of 6+ digits may round a fraction. Expressions: exact rationals
-    compare exactly; a written decimal of 6+ digits against an exact non-integer value numerically to 1e-6
-    (0.785398 = pi/4), any other decimal exactly as the rational it writes (3.0000001 is not sqrt(9)),
-    exact irrationals symbolically."""
+    """Integers, fractions and decimals exactly (a decimal is the rational it writes: 3.0000001 is not sqrt(9)),
+    except that a lone decimal of 6+ significant digits may round a non-integer value within half a unit of its last
+    digit (0.333333 = 1/3, 3.14159 = pi, not 3.141595); other expressions symbolically, decimals in them exactly."""
     x, y = _number(a), _number(b)
+    if x is not None and y is not None and x == y:
+        return True
+    try:
+        if _with_time_limit(lambda: _rounds(a, b) or _rounds(b, a), 1.0):
+            return True
+    except (_Timeout, Exception):
+        return False
     if x is not None and y is not None:
-        rounds = lambda d, f: re.search(r"\.\d{6,}$", d) and ("/" in f or "frac" in f)
-        return x == y or bool(rounds(a, b) or rounds(b, a)) and _close(float(x), float(y))
+        return False
     ea, eb = _sympy(a), _sympy(b)
     if ea is None or eb is None:
         return False
@@ -255,15 +248,8 @@ def _values_equal(a, b):
     def check():
         if ea.free_symbols != eb.free_symbols:
             return False
-        if ea.free_symbols:
-            return sympy.simplify(ea - eb) == 0
         if ea.is_Rational and eb.is_Rational:  # integers and fractions: exactly (10^6 is not 1000001)
             return ea == eb
-        fa, fb = ea.has(sympy.Float), eb.has(sympy.Float)
-        exact = eb if fa and not fb else ea if fb and not fa else None
-        if exact is not None and _decimals(a + b) >= 6 and not exact.is_Integer:  # a decimal that may round: 1e-6
-            va, vb = complex(sympy.N(ea)), complex(sympy.N(eb))
-            return _close(va.real, vb.real) and _close(va.imag, vb.imag)
         rational = lambda e: sympy.nsimplify(e, rational=True)  # a written decimal is the rational it writes
         return sympy.simplify(rational(ea) - rational(eb)) == 0
     try:
@@ -274,68 +260,92 @@ def _values_equal(a, b):
 
 # ----------------------------------------------------------------------------- equivalence
 
-def _split_top(s):
-    """Split on commas outside brackets/braces."""
-    parts, depth, cur = [], 0, ""
-    for ch in s:
-        depth += ch in "([{" and 1 or ch in ")]}" and -1 or 0
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return parts + [cur]
-
-
 def _as_tuple(s):
     """(open, close, items) of a bracketed, comma-separated answer, else None."""
     if len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
-        items = _split_top(s[1:-1])
-        if len(items) >= 2:
-            return s[0], s[-1], items
+        parts = split_top(s[1:-1])
+        if len(parts) >= 2:
+            return s[0], s[-1], parts
     return None
 
 
+def _is_word(s):
+    """A word or phrase whose case carries no meaning (Yes, north, Even, No); not a one- or two-letter name."""
+    return re.fullmatch(r"[A-Za-z]+", s) is not None and (len(s) >= 3 or s.lower() == "no")
+
+
 def _equiv(p, g):
+    """One item (canonical text) against one item: tuples and intervals element by element with their brackets,
+    equations side by side, words without case, values by _values_equal."""
     if p == g:
         return True
+    if _is_word(p) and _is_word(g):
+        return p.lower() == g.lower()
     tp, tg = _as_tuple(p), _as_tuple(g)
     if tp or tg:  # tuples and intervals: brackets and order matter
         return bool(tp and tg) and tp[:2] == tg[:2] and len(tp[2]) == len(tg[2]) and all(map(_equiv, tp[2], tg[2]))
-    lg, lp = _split_top(g), _split_top(p)
-    if len(lg) > 1 or len(lp) > 1:  # unordered list of answers: a multiset match
-        if len(lg) != len(lp):
-            return False
-        rest = list(lp)
-        for x in lg:
-            hit = next((i for i, y in enumerate(rest) if _equiv(y, x)), None)
-            if hit is None:
-                return False
-            rest.pop(hit)
-        return True
-    if "\\cup" in g or "\\cup" in p:  # unions of intervals, in order
-        a, b = p.split("\\cup"), g.split("\\cup")
-        return len(a) == len(b) and all(map(_equiv, a, b))
     if "=" in g and "=" in p:  # equations: side by side
         return all(_equiv(a, b) for a, b in zip(p.split("=", 1), g.split("=", 1)))
     return _values_equal(p, g)
 
 
+def _named_items(parts):
+    """[(name, value)] of a list's items: the name an item gives itself ("x = 3", "x > 2" -> its interval), and a \\pm
+    item as its two values (1 \\pm \\sqrt{2} -> 1+\\sqrt{2}, 1-\\sqrt{2}; \\pm 2 -> 2, -2)."""
+    out = []
+    for part in parts:
+        name, value = named(part)
+        ineq = inequality(value)
+        if ineq:
+            name, value = ineq[0] if name is None else name, ineq[1]
+        m = re.fullmatch(r"(.*?)\\pm(.+)", value, re.S)
+        values = [value] if not m else [f"{m.group(1)}+{m.group(2)}", f"{m.group(1)}-{m.group(2)}"] if m.group(1).strip() else [m.group(2), "-" + m.group(2)]
+        out += [(name, value_text(v)) for v in values]
+    return out
+
+
+def _item_equiv(p, g):
+    (pn, pv), (gn, gv) = p, g
+    if pn is not None and gn is not None and re.sub(r"\s+", "", pn) != re.sub(r"\s+", "", gn):  # y = 3 is not x = 3
+        return False
+    base = re.fullmatch(r"\d+(_\{?\d+\}?)", gv)  # 4343_6: a bare 4343 means the same base
+    return bool(pv) and _equiv(pv + base.group(1) if base and pv.isdigit() else pv, gv)
+
+
+def _equiv_answer(p, g):
+    """Answer against gold, both cleaned and without units: lists, sets and unions as multisets of items."""
+    gk, gl = items(g)
+    pk, pl = items(p, len(gl))
+    if (pk == "union") != (gk == "union"):
+        return False
+    pl, gl = _named_items(pl), _named_items(gl)
+    if len(pl) != len(gl):
+        return False
+    rest = list(pl)
+    for x in gl:  # a multiset match
+        hit = next((i for i, y in enumerate(rest) if _item_equiv(y, x)), None)
+        if hit is None:
+            return False
+        rest.pop(hit)
+    return True
+
+
 def is_equiv(pred, gold):
-    """True when pred is the same answer as gold (MATH-style); never true for a different value."""
+    """True when pred is the same answer as gold (MATH-style); never true for a different value (docs/grading.md)."""
     pred, gold = as_text(pred), as_text(gold)
     if pred is None or gold is None:
         return False
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return pred.strip() == gold.strip()
-    (_, up), (_, ug) = unit(pred), unit(gold)
-    if up and ug and SAME_UNIT.get(up, up) != SAME_UNIT.get(ug, ug):  # 5 m is not 5 cm; either without a unit is
+    p, g = clean(pred), clean(gold)
+    (lp, tp), (lg, tg) = option(p), option(g)
+    if lg and (lp or not tg):  # a letter against a letter: "(B) 12" is B
+        return lp == lg
+    p, g = tp if lp and tp else p, tg if lg else g  # the option's text against a value: "(B) 12" is 12
+    (p, up), (g, ug) = unit(p), unit(g)
+    if up and ug and up != ug:  # 5 m is not 5 cm; either without a unit is
         return False
-    p, g = normalize(pred), normalize(gold)
-    base = re.search(r"_\{?\d+\}?$", g)  # 4343_6: a bare 4343 means the same base
-    if base and re.fullmatch(r"\d+", p):
-        p += base.group(0)
-    return bool(p) and _equiv(p, g)
+    return bool(p) and _equiv_answer(p, g)
 
 
 def final_answer(response, last_number=False):

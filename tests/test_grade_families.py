@@ -1,0 +1,167 @@
+"""grade.py against the answer families of issue 31: answers as models write them for MATH500, AMC, AIME and
+DeepMath-5k, each family with pairs that must pay and pairs that must not (so a rule that pays too much fails).
+
+Golds are real ones of data/ or written in their style. `python tests/test_grade_families.py` prints, per family,
+the wrong verdicts of grade.py and of math-verify on these pairs, and their speed (docs/grading.md)."""
+import os
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from grade import problem_reward  # noqa: E402
+
+# family: [(the boxed answer, gold, paid)]
+FAMILIES = {
+    # false-positive families: a wrong answer paid
+    "mixed": [
+        (r"-2\frac{1}{2}", r"-\frac{3}{2}", False), (r"-2\frac{1}{2}", r"-1", False), (r"3\frac{\pi}{4}", r"3+\frac{\pi}{4}", False),
+        (r"3\frac{\pi}{4}", r"\frac{3\pi}{4}", True), (r"2\frac{\sqrt{3}}{3}", r"\frac{2\sqrt{3}}{3}", True),
+        (r"2\frac{\sqrt{3}}{3}", r"2+\frac{\sqrt{3}}{3}", False), (r"2\frac{1}{2}", r"\frac{5}{2}", True), (r"2 \frac{1}{2}", "2.5", True),
+        (r"2\frac{1}{2}", "1", False), (r"3\frac{x}{2}", r"\frac{3x}{2}", True), (r"3\frac{x}{2}", r"3+\frac{x}{2}", False),
+        (r"-\frac{5}{2}", r"-2\frac{1}{2}", False), (r"1\frac{3}{2}", r"\frac{5}{2}", False), (r"1\frac{3}{2}", r"\frac{3}{2}", False),
+        (r"\frac{3\pi}{4}", r"3\frac{\pi}{4}", True), (r"12\frac{3}{4}", r"\frac{51}{4}", True),
+    ],
+    "thousands": [
+        ("100", "0, 100", False), ("0,100", "0, 100", True), ("100, 0", "0, 100", True), ("0", "0, 100", False),
+        ("1,500", "1500", True), ("1{,}500", "1500", True), (r"1,\!500", "1500", True), ("1, 500", "1500", False),
+        ("15,00", "1500", False), ("1,500", "1, 500", True), ("500, 1", "1, 500", True), ("1500", "1, 500", False),
+        ("2,019", "2019", True), ("2, 019", "2019", False), ("12,345,678", "12345678", True), ("12,345,678", "12345,678", False),
+        ("3, 5", "3,5", True), ("5", "3, 5", False), ("3, 5, 7", "3, 5", False), ("1,000", "1", False), ("1,000", "1000", True),
+        ("-1, 1", "-1,1", True), ("1", "-1, 1", False),
+    ],
+    "units": [
+        (r"164\pi", r"164 \pi \mbox{ square feet}", True), (r"164\pi\text{ square inches}", r"164 \pi \mbox{ square feet}", False),
+        (r"164\pi \text{ ft}^2", r"164 \pi \mbox{ square feet}", True), (r"18", r"18 \text{ integers}", True),
+        (r"\$5", r"5\text{ cents}", False), (r"5\text{ dollars}", r"5\text{ cents}", False), (r"\$5", r"5\text{ dollars}", True),
+        (r"\$5", "5", True), (r"5\text{ cents}", r"\$0.05", False), (r"5\text{ m}", r"5\text{ cm}", False),
+        (r"5\text{ s}", r"5\text{ min}", False), (r"5\text{ min}", r"5\text{ minutes}", True), (r"5\text{ m}", r"5\text{ meters}", True),
+        (r"5\text{ m}", "5", True), ("5", r"5\text{ m}", True), (r"5\text{ m}^2", r"5\text{ m}", False), (r"5\,\mathrm{cm}", r"5\text{ cm}", True),
+        (r"5\mbox{ kg}", r"5\text{ g}", False), (r"5\text{ hours}", r"5\text{ h}", True), (r"5\text{ hours}", r"5\text{ days}", False),
+        (r"12\text{ inches}", r"12\text{ feet}", False), (r"6 \text{ cm}^2", r"6\text{ square centimeters}", True),
+        (r"30^\circ", "30", True), (r"30^\circ", r"\frac{\pi}{6}", False), (r"\$32,\!348", r"\$32,\!348", True),
+        (r"5\text{ mph}", r"5\text{ km/h}", False), (r"5\textrm{ m}", r"5\text{ cm}", False),
+    ],
+    "tolerance": [
+        (r"3\pi+0.000001", r"3\pi", False), (r"3\pi", r"3\pi+0.000001", False), ("314.159000", r"100\pi", False),
+        ("3.141595", r"\pi", False), ("333333.100000", r"\frac{1000000}{3}", False), (r"1.4142135623730951+10^{-7}", r"\sqrt{2}", False),
+        ("0.333333", r"\frac{1}{3}", True), ("3.14159", r"\pi", True), ("314.159265", r"100\pi", True), ("1.41421356", r"\sqrt{2}", True),
+        ("333333.333333", r"\frac{1000000}{3}", True), ("0.33333", r"\frac{1}{3}", False), ("3.1416", r"\pi", False),
+        ("0.785398", r"\frac{\pi}{4}", True), ("0.785399", r"\frac{\pi}{4}", False), ("2.718282", "e", True), ("2.718281", "e", False),
+        ("1.0000001", "1", False), ("0.1428571", r"\frac{1}{7}", True), ("0.1428570", r"\frac{1}{7}", False),
+        (r"\sqrt{2}+0.0000001", r"\sqrt{2}", False), (r"0.70710678", r"\frac{\sqrt{2}}{2}", True), ("0.6931472", r"\ln 2", True),
+        ("0.6931475", r"\ln 2", False),
+    ],
+    # miss families: a right answer not paid
+    "named": [
+        ("x = 3", "3", True), ("x = 4", "3", False), ("x = 1, x = 2", "1, 2", True), ("x = 1, x = 3", "1, 2", False),
+        (r"x = 1 \text{ or } x = 2", "1,2", True), (r"x=2 \text{ and } x=-2", r"\pm 2", True), ("(x, y) = (1, 2)", "(1,2)", True),
+        ("(x, y) = (2, 1)", "(1,2)", False), (r"\vec{v} = \begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", True),
+        (r"\mathbf{v} = \begin{pmatrix} 1 \\ 3 \end{pmatrix}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", False), ("AB = 5", "5", True),
+        ("AB = 6", "5", False), (r"\overline{AB} = 2\sqrt{3}", r"2\sqrt{3}", True), (r"f(x) = x^2", "x^2", True),
+        ("f(x) = x", "f(x) = x", True), ("x", "f(x) = x", True), ("x^2", "f(x) = x", False), (r"a_n = n(T - n)", "a_n = n(T - n)", True),
+        (r"\theta = \frac{\pi}{3}", r"\frac{\pi}{3}", True), ("y = 3", "x = 3", False), (r"n = 12", "12", True), ("k=1,2", "1, 2", True),
+    ],
+    "lists": [
+        (r"\{3, 1, 2\}", r"\{1,2,3\}", True), (r"\{3, 1\}", r"\{1,2,3\}", False), ("2, 1", "1, 2", True),
+        (r"(3, 4) \cup (1, 2)", r"(1,2) \cup (3,4)", True), (r"(3, 4] \cup (1, 2)", r"(1,2) \cup (3,4)", False),
+        (r"\{\pm 1\}", r"\{-1, 1\}", True), (r"\{\pm 2\}", r"\{-1, 1\}", False), (r"\{1 \pm \sqrt{2}\}", r"1-\sqrt{2}, 1+\sqrt{2}", True),
+        (r"\pm 1, \pm 2", "-2, -1, 1, 2", True), (r"\pm 1, \pm 2", "-2, 1, 2", False), ("(1, 2)", "(2, 1)", False),
+        (r"\{1, 2\}", "(1, 2)", False), (r"\{1,2\}", "[1, 2]", False), (r"\{40, 960\}", "960, 40", True),
+        (r"(-\infty, -2) \cup (2, 4) \cup (0, 1)", r"(-\infty, -2) \cup (0, 1) \cup (2, 4)", True),
+        (r"(2,4)\cup(0,1)", r"(-\infty, -2) \cup (0, 1) \cup (2, 4)", False), (r"\left\{ \frac{1}{2}, -3 \right\}", r"-3, \frac12", True),
+    ],
+    "spellings": [
+        (r"+\infty", r"\infty", True), (r"-\infty", r"\infty", False), (r"\varnothing", r"\emptyset", True), (r"\{\}", r"\emptyset", True),
+        (r"\{0\}", r"\emptyset", False), (r"\dfrac{\pi}{2}", r"\frac{\pi}{2}", True), (r"\tfrac{\pi}{3}", r"\frac{\pi}{2}", False),
+        (r"\displaystyle \frac{1}{e}", r"\dfrac{1}{e}", True), (r"\sin(x)", r"\sin x", True), (r"\sin(2x)", r"\sin x", False),
+        (r"\left(\frac{7}{45}, \frac{4}{45}\right)", r"\left( \frac{7}{45}, \frac{4}{45} \right)", True), (r"\ln(2)", r"\ln 2", True),
+        (r"\ln(3)", r"\ln 2", False), (r"\sin \theta", r"\sin(\theta)", True), (r"\cos\theta", r"\sin \theta", False), ("∞", r"\infty", True),
+        (r"\mathbb{R}", r"(-\infty, \infty)", True), (r"\mathbb{R}", r"(0, \infty)", False), (r"\mathrm{e}^{2}", "e^2", True),
+        (r"\textbf{Yes}", "Yes", True), (r"\exp(x)", "e^x", True), (r"\sqrt{e}", r"e^{1/2}", True), (r"\sqrt{e}", r"e^{2}", False),
+        (r"2\pi \cdot i", r"2\pi i", True), (r"\ln 2 \cdot \pi", r"\pi \ln 2", True),
+    ],
+    "cas": [
+        (r"\log_2 8", "3", True), (r"\log_2 9", "3", False), (r"2\ln 2", r"\ln 4", True), (r"3\ln 2", r"\ln 4", False),
+        (r"\binom{5}{2}", "10", True), (r"\binom{5}{3}", "20", False), (r"\dbinom{6}{3}", "20", True), (r"\log_{10} 100", "2", True),
+        (r"\ln 8", r"3\ln 2", True), (r"\ln 6", r"\ln 2 + \ln 3", True), (r"\ln 5", r"\ln 2 + \ln 3", False),
+        (r"\frac{(2n)!}{(n!)^2}", r"\dbinom{2n}{n}", True), (r"\frac{(2n)!}{n!}", r"\dbinom{2n}{n}", False), (r"{5 \choose 2}", "10", True),
+        (r"\log_3 81", "4", True), (r"\frac{\ln 8}{\ln 2}", "3", True), (r"e^{\ln 3}", "3", True), (r"\log_2 8", "4", False),
+    ],
+    "inequality": [
+        ("x > 2", r"(2, \infty)", True), (r"x \geq 2", r"(2, \infty)", False), (r"-1 \le x < 3", "[-1, 3)", True),
+        (r"-1 < x \le 3", "[-1, 3)", False), (r"(1, \infty)", "a > 1", True), (r"[1, \infty)", "a > 1", False), (r"a \geq 1", r"a \ge 1", True),
+        (r"1 < a", "a > 1", True), ("b > 1", "a > 1", False), (r"x \in (2, \infty)", r"(2,\infty)", True), ("x < 0", r"(-\infty, 0)", True),
+        (r"x \leq 0", r"(-\infty, 0)", False), (r"x < 1 \text{ or } x > 2", r"(-\infty,1)\cup(2,\infty)", True),
+        (r"x < 1 \text{ or } x \ge 2", r"(-\infty,1)\cup(2,\infty)", False), (r"2 \leq n \leq 43", "[2, 43]", True),
+        (r"n \geq 23", "n \\geq 23", True), (r"n > 23", r"n \geq 23", False), (r"x>\frac{1}{2}", r"\left(\frac12, \infty\right)", True),
+    ],
+    "repeating": [
+        (r"0.\overline{3}", r"\frac{1}{3}", True), (r"0.\overline{3}", "0.3", False), (r"0.1\overline{6}", r"\frac{1}{6}", True),
+        (r"0.1\overline{6}", r"\frac{1}{3}", False), ("0.(3)", r"\frac{1}{3}", True), ("0.(3)", r"\frac{3}{10}", False),
+        (r"1.\overline{142857}", r"\frac{8}{7}", True), (r"0.\overline{12}", r"\frac{4}{33}", True), (r"0.\overline{12}", r"\frac{12}{100}", False),
+        ("0.1(6)", r"\frac{1}{6}", True), (r"0.\overline{9}", "1", True), (r"\frac{1}{3}", r"0.\overline{3}", True),
+        (r"2.\overline{5}", r"\frac{23}{9}", True), (r"2.\overline{5}", r"\frac{5}{2}", False),
+    ],
+    "case": [
+        ("yes", "Yes", True), ("YES", "Yes", True), (r"\text{yes}", "Yes", True), ("no", "Yes", False), ("No", "no", True),
+        ("north", "North", True), ("South", "North", False), ("even", "Even", True), ("odd", "Even", False), ("true", "True", True),
+        ("false", "True", False), (r"\text{Clockwise}", r"\text{clockwise}", True), ("a", "A", False), ("n", "N", False),
+        ("AB", "ab", False), ("Yes", "True", False),
+    ],
+    "options": [
+        ("(B) 12", "B", True), ("B. 12", "B", True), (r"\textbf{(B) } 12", "B", True), ("(C) 12", "B", False),
+        ("(B) 12", "12", True), ("B. 12", "12", True), ("(B) 13", "12", False), (r"\text{(B)}\ 12", "12", True),
+        ("B", "12", False), ("(B) 12", "C", False), ("B) 12", "B", True), (r"\text{(D) } \frac{1}{2}", r"\frac12", True),
+        (r"\text{(D) } \frac{1}{2}", r"\frac13", False), ("(B)", "B", True), ("(E)", "B", False),
+    ],
+}
+PAIRS = [(fam, *p) for fam, ps in FAMILIES.items() for p in ps]
+
+
+def response(answer):
+    return f"Let me think step by step. ... Therefore the answer is $\\boxed{{{answer}}}$."
+
+
+@pytest.mark.parametrize("family,answer,gold,paid", PAIRS, ids=[f"{p[0]}:{p[1]}|{p[2]}" for p in PAIRS])
+def test_families(family, answer, gold, paid):
+    assert problem_reward(response(answer), {"answer": gold}) == float(paid)
+
+
+def math_verify_reward(text, gold):
+    """math-verify's verdict, as TRL's accuracy reward calls it (gold as LaTeX, the response as written)."""
+    from math_verify import parse, verify
+    return float(verify(parse(f"${gold}$"), parse(text)))
+
+
+def compare(graders):
+    """Per family: the wrong verdicts (false positives + misses) of each grader, and their time per pair."""
+    rows = {name: {} for name in graders}
+    times = {name: [] for name in graders}
+    for name, reward in graders.items():
+        for fam, answer, gold, paid in PAIRS:
+            t = time.perf_counter()
+            r = reward(response(answer), gold)
+            times[name].append(time.perf_counter() - t)
+            fp, miss = rows[name].get(fam, (0, 0))
+            rows[name][fam] = (fp + (r == 1.0 and not paid), miss + (r == 0.0 and paid))
+    print(f"{'family':12s} {'pairs':>5s} " + " ".join(f"{n + ' fp/miss':>22s}" for n in graders))
+    for fam in FAMILIES:
+        print(f"{fam:12s} {len(FAMILIES[fam]):5d} " + " ".join(f"{'%d/%d' % rows[n][fam]:>22s}" for n in graders))
+    total = lambda n: tuple(map(sum, zip(*rows[n].values())))
+    print(f"{'all':12s} {len(PAIRS):5d} " + " ".join(f"{'%d/%d' % total(n):>22s}" for n in graders))
+    for n, ts in times.items():
+        ts = sorted(ts)
+        print(f"{n}: median {ts[len(ts) // 2] * 1e3:.2f} ms, worst {ts[-1] * 1e3:.1f} ms per pair (first call, no cache)")
+
+
+if __name__ == "__main__":  # python tests/test_grade_families.py [other_grade.py]: wrong verdicts per family
+    import importlib.util
+    graders = {"grade.py": lambda text, gold: problem_reward(text, {"answer": gold}), "math-verify": math_verify_reward}
+    if len(sys.argv) > 1:
+        spec = importlib.util.spec_from_file_location("other", sys.argv[1])
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
+        graders = {os.path.basename(sys.argv[1]): lambda text, gold: other.problem_reward(text, {"answer": gold}), **graders}
+    compare(graders)
