@@ -19,7 +19,8 @@ SPELLINGS = [  # (pattern, replacement), in order: one spelling per symbol
     (r"\\[dtc]frac", r"\\frac"), (r"\\[dt]binom", r"\\binom"), (r"\\lbrace", r"\\{"), (r"\\rbrace", r"\\}"),
     (r"\{\s*([^{}]+?)\s*\\choose\s*([^{}]+?)\s*\}", r"\\binom{\1}{\2}"), (r"\\varnothing|\\\{\s*\\\}", r"\\emptyset"),
     (r"\\(?:textbf|textrm|textit|textnormal|mbox|mathrm|mathbf|mathit|operatorname|boldsymbol)\s*\{", r"\\text{"),
-    (r"\\text\{\s*([ei])\s*\}", r"\1"), (r"\\mathbb\{R\}", r"(-\\infty,\\infty)"), (r"\\dots|\\ldots|\\cdots", "..."),
+    (r"\\text\{\s*([ei])\s*\}", r"\1"), (r"\\text\{\s*(-?\d[^{}]*)\}", r"\1"),  # \text{5 cm}: its text
+    (r"\\text\{\s*\+?\s*infinity\s*\}|^\+?\s*infinity$", r"\\infty"), (r"\\mathbb\{R\}", r"(-\\infty,\\infty)"), (r"\\dots|\\ldots|\\cdots", "..."),
     (r"(?<=\d),\\!\s*(?=\d{3}(?!\d))", "{,}"),  # 11,\! 111: a thousands separator as MATH writes it
     (r"(?<!\\)\\[,;:! ]|\\q?quad|~", " "), (r"(?<!\\)\$", ""),  # spacing; math delimiters (\$ stays: a currency)
     (r"(^|[(\[,=]|\\cup|\\in)\s*\+\s*\\infty", r"\1\\infty"),  # +\infty
@@ -46,6 +47,7 @@ def option(s):
     """(letter, text) of a multiple-choice answer: "(B) 12", "B. 12", "B) 12", "\\text{(B)} 12" -> ("B", "12");
     a bare "B" or "(B)" -> ("B", ""); anything else -> (None, s)."""
     t = re.sub(r"\\text\{\s*(\(?[A-E]\)?[.:]?)\s*\}", r"\1 ", s).strip()
+    t = re.sub(r"^(?:\\text\{)?\s*(?:option|choice)\s*([A-E])\s*\}?", r"\1.", t, flags=re.I)  # "Option B" 
     m = re.fullmatch(r"\(([A-E])\)\s*([^\s+*/^=_].*|)", t, re.S) or re.fullmatch(r"([A-E])(?:[.:)]\s*([^\s+*/^=_].*)|[.:]?)", t, re.S)
     return (m.group(1), (m.group(2) or "").strip()) if m else (None, s)
 
@@ -111,6 +113,8 @@ def items(s, gold_len=None):
     """(kind, items) of an answer: kind "union" for A \\cup B or inequalities joined by "or", "list" for
     a list or set (unordered), None for one item. A number with thousands separators (1,500; 10{,}080)
     is one item, unless gold_len says the gold is a list of as many items (then "1,500" lists 1 and 500)."""
+    name, value = named(s)
+    s = value if name and value.startswith("\\{") else s  # x \in \{1, 2\}
     s = re.sub(r"^\\\{(.*)\\\}$", r"\1", s.strip(), flags=re.S).strip()  # a set: its elements
     if THOUSANDS.fullmatch(s) and ("{,}" in s or gold_len != len(s.split(","))):  # no space after its commas
         return None, [s.replace("{,}", "").replace(",", "")]
@@ -119,12 +123,14 @@ def items(s, gold_len=None):
     if "\\cup" in s:
         return "union", [x for part in ors for x in split_top(part, "\\cup")]
     parts = [x for part in ors for x in split_top(part)]
+    if len(parts) == 1 and ";" in s:  # 1; 2
+        parts = split_top(s, ";")
     if len(ors) > 1 and all(inequality(named(x)[1]) or inequality(x) for x in ors):
         return "union", parts
     return ("list" if len(parts) > 1 else None), parts
 
 
-NAME = (r"[a-zA-Z](?:_\{?\w+\}?)?|[A-Z]{2,3}|\\(?:vec|text|overrightarrow|overline|hat|bar)\{\w+\}|\|[A-Z]{2}\||"
+NAME = (r"[a-zA-Z](?:_\{?\w+\}?)?|[A-Z]{2,3}|(?:m)?\\angle[A-Z]{1,3}|[a-z](?:[+-]?[a-z]){1,3}|\\(?:vec|text|overrightarrow|overline|hat|bar)\{\w+\}|\|[A-Z]{2}\||"
         r"\\(?:alpha|beta|gamma|delta|theta|lambda|mu|sigma|phi|omega)|[a-zA-Z]\(\w(?:,\w)*\)")
 
 
@@ -161,7 +167,7 @@ def inequality(s):
 def repeating(s):
     """A repeating decimal as its fraction: 0.\\overline{3}, 0.(3) -> \\frac{1}{3}; 0.1\\overline{6} -> \\frac{1}{6};
     anything else unchanged."""
-    m = re.fullmatch(r"(-?)(\d*)\.(\d*)(?:\\overline\{(\d+)\}|\\overline(\d)|\((\d+)\)|\\dot\{?(\d)\}?)", s)
+    m = re.fullmatch(r"(-?)(\d*)\.(\d*)(?:\\(?:overline|bar)\{(\d+)\}|\\(?:overline|bar)(\d)|\((\d+)\)|\\dot\{?(\d)\}?)", s)
     if not m or len(s) > 60:
         return s
     whole, fixed, rep = m.group(2) or "0", m.group(3), next(g for g in m.groups()[3:] if g)

@@ -68,6 +68,8 @@ def value_text(s):
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\%|%|\\degree", "", s)
     s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
     s = re.sub(rf"\\(pi|{GREEK})\s+(?=\w)", r"\\\1*", s)  # 2\pi i: a product, not \pii
+    spaced = re.fullmatch(r"-?\d{1,3}(?:\s\d{3})+(?:\.\d+)?", s.strip())  # 10 000 (from 10\,000); 1 2 is no number
+    s = re.sub(r"(?<![_^]\d)(?<=\d)\s+(?=\d)", "" if spaced else "#", s)  # not \log_2 8
     s = re.sub(r"\s+", "", s).rstrip(".")
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac9{19}
@@ -77,7 +79,8 @@ def value_text(s):
     return repeating(s)
 
 
-_FUNCS = rf"sqrt|pi|oo|log|ln|sin|cos|tan|cot|sec|csc|exp|binomial|{GREEK.replace('lambda', 'lamda')}|i|e"
+_FN = "ln|log|sin|cos|tan|cot|sec|csc|exp|arcsin|arccos|arctan"
+_FUNCS = rf"sqrt|pi|oo|{_FN}|binomial|{GREEK.replace('lambda', 'lamda')}|i|e"
 _ATOM = r"\d+(?:\.\d+)?|[a-zA-Z]|\\pi|\\(?:" + GREEK + ")"
 
 
@@ -87,9 +90,9 @@ def _functions_to_text(s):
     arg = rf"(?:\{{([^{{}}]+)\}}|\(([^()]+)\)|({_ATOM}))"
     s = re.sub(rf"\\log_(?:\{{([^{{}}]+)\}}|(\w)){arg}", lambda m: f"(log({m.group(3) or m.group(4) or m.group(5)})/log({m.group(1) or m.group(2)}))", s)
     s = re.sub(r"\\binom\{([^{}]*)\}\{([^{}]*)\}", r"binomial((\1),(\2))", s)
-    s = re.sub(r"\\(ln|log|sin|cos|tan|cot|sec|csc|exp)\{([^{}]*)\}", r" \1(\2)", s)
-    s = re.sub(rf"\\(ln|log|sin|cos|tan|cot|sec|csc|exp)({_ATOM})(?![\w{{(^])", r" \1(\2)", s)
-    return re.sub(r"\\(ln|log|sin|cos|tan|cot|sec|csc|exp)", r" \1 ", s)
+    s = re.sub(rf"\\({_FN})\{{([^{{}}]*)\}}", r" \1(\2)", s)
+    s = re.sub(rf"\\({_FN})(\d+[a-zA-Z]|{_ATOM})(?![\w{{(^])", r" \1(\2)", s)  # \sin x, \ln 2, \sin 2x = sin(2x)
+    return re.sub(rf"\\({_FN})", r" \1 ", s)
 
 
 def _latex_to_sympy_text(s):
@@ -112,7 +115,7 @@ def _latex_to_sympy_text(s):
     s = re.sub(rf"\\({GREEK})", r" \1 ", s).replace("{", "(").replace("}", ")").replace("^", "**")
     if re.search(r"[^0-9a-zA-Z+\-*/().!, ]", s) or "\\" in s:
         return None
-    if re.search(r"[)a-zA-Z]\d", s.replace(" ", "")) or re.search(r"\d\s+\d", s):  # "(14/3)1", "x1": never a product
+    if re.search(r"[)a-zA-Z!]\d", s.replace(" ", "")) or re.search(r"\d\s+\d", s):  # "(14/3)1", "x1": never a product
         return None
     if re.search(r"\d{4,}\s*!", s):  # 1000!+ : sympy computes it even unevaluated, for seconds (and 2000! > MAX_BITS)
         return None
@@ -174,6 +177,7 @@ def _log2_bound(e):
 
 CONSTANTS = {"i": sympy.I, "e": sympy.E}  # as MATH's answers use them: 2i, e^2; Greek letters are symbols (not gamma())
 CONSTANTS.update({g: sympy.Symbol(g) for g in GREEK.replace("lambda", "lamda").split("|")})
+CONSTANTS.update({f: sympy.Function(f) for f in "fgFG"})  # f(0) is a value of f, not f*0
 
 
 @lru_cache(maxsize=100_000)
@@ -269,18 +273,22 @@ def _as_tuple(s):
     return None
 
 
-def _is_word(s):
-    """A word or phrase whose case carries no meaning (Yes, north, Even, No); not a one- or two-letter name."""
-    return re.fullmatch(r"[A-Za-z]+", s) is not None and (len(s) >= 3 or s.lower() == "no")
+def _same_word(p, g):
+    """Words whose case carries no meaning: Yes = yes = YES, North = north, No = no; not names of one or two
+    letters (A, AB) nor a short capital name against a product (ABC, abc)."""
+    words = [re.fullmatch(r"[A-Za-z]+", w) and (len(w) >= 3 or w.lower() == "no") for w in (p, g)]
+    short_caps = len(p) <= 4 and {p.isupper(), g.isupper()} == {True, False} and p.lower() not in ("yes", "no")
+    return all(words) and not short_caps and p.lower() == g.lower()
 
 
 def _equiv(p, g):
     """One item (canonical text) against one item: tuples and intervals element by element with their brackets,
     equations side by side, words without case, values by _values_equal."""
+    p, g = repeating(p), repeating(g)
     if p == g:
         return True
-    if _is_word(p) and _is_word(g):
-        return p.lower() == g.lower()
+    if _same_word(p, g):
+        return True
     tp, tg = _as_tuple(p), _as_tuple(g)
     if tp or tg:  # tuples and intervals: brackets and order matter
         return bool(tp and tg) and tp[:2] == tg[:2] and len(tp[2]) == len(tg[2]) and all(map(_equiv, tp[2], tg[2]))
