@@ -25,6 +25,7 @@ from answers import clean, inequality, items, named, option, repeating, split_to
 
 MAX_ANSWER_CHARS = 1000  # longer answers (a degenerate response) are compared as plain text: golds are < 200
 MAX_BITS = 1 << 14       # a sympy expression whose value could need more bits is compared as text (10^{10^5}, 9^{9^9})
+MAX_DEPTH = 20           # deeper nesting of brackets is compared as text (real answers nest < 6)
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -95,6 +96,14 @@ def _functions_to_text(s):
     return re.sub(rf"\\({_FN})", r" \1 ", s)
 
 
+def _depths(s):
+    """The nesting depth of brackets after each character of s."""
+    depth = 0
+    for ch in s:
+        depth += 1 if ch in "([{" else -1 if ch in ")]}" else 0
+        yield depth
+
+
 def _latex_to_sympy_text(s):
     """Plain-text expression for sympy.parse_expr, or None where the LaTeX is beyond us or ambiguous. A number
     right before \\frac is a product when the fraction holds a symbol (3\\frac{\\pi}{4} = 3pi/4) and ambiguous
@@ -117,7 +126,9 @@ def _latex_to_sympy_text(s):
         return None
     if re.search(r"[)a-zA-Z!]\d", s.replace(" ", "")) or re.search(r"\d\s+\d", s):  # "(14/3)1", "x1": never a product
         return None
-    if re.search(r"\d{4,}\s*!", s):  # 1000!+ : sympy computes it even unevaluated, for seconds (and 2000! > MAX_BITS)
+    if max(_depths(s), default=0) > MAX_DEPTH:  # (((((...))))): sympy's parser recurses per level
+        return None
+    if re.search(r"\d{4,}\s*!|binomial\(\(\d{5,}", s):  # 1000!, \binom{10^5}{k}: sympy computes them even unevaluated
         return None
     words = re.sub(rf"\b(?:{_FUNCS})\b|\d", " ", re.sub(rf"({_FUNCS[:-4]})", r" \1 ", s))
     if re.search(r"[a-zA-Z]{3,}", words):  # a word, not a formula: compare as text
@@ -169,6 +180,9 @@ def _log2_bound(e):
     if e.is_Pow and not e.exp.free_symbols:
         exp_bits = _log2_bound(e.exp)
         return math.inf if exp_bits > 20 else _log2_bound(e.base) * max(1.0, abs(float(e.exp)))
+    if isinstance(e, sympy.binomial) and not e.args[0].free_symbols:  # binomial(n, k) < 2^n
+        n_bits = _log2_bound(e.args[0])
+        return math.inf if n_bits > 20 else abs(float(e.args[0])) + sum(_log2_bound(a) for a in e.args)
     if isinstance(e, sympy.factorial) and not e.args[0].free_symbols:
         n_bits = _log2_bound(e.args[0])
         return math.inf if n_bits > 20 else float(e.args[0]) * n_bits
