@@ -124,7 +124,7 @@ def _latex_to_sympy_text(s):
     s = re.sub(rf"\\({GREEK})", r" \1 ", s).replace("{", "(").replace("}", ")").replace("^", "**")
     if re.search(r"[^0-9a-zA-Z+\-*/().!, ]", s) or "\\" in s:
         return None
-    if re.search(r"[)a-zA-Z!]\d", s.replace(" ", "")) or re.search(r"\d\s+\d", s):  # "(14/3)1", "x1": never a product
+    if re.search(r"[)a-zA-Z]\d|!\d(?!\d*!)", s.replace(" ", "")) or re.search(r"\d\s+\d", s):  # "(14/3)1", "x1": never a product
         return None
     if max(_depths(s), default=0) > MAX_DEPTH:  # (((((...))))): sympy's parser recurses per level
         return None

@@ -22,6 +22,8 @@ FAMILIES = {
         (r"2\frac{1}{2}", "1", False), (r"3\frac{x}{2}", r"\frac{3x}{2}", True), (r"3\frac{x}{2}", r"3+\frac{x}{2}", False),
         (r"-\frac{5}{2}", r"-2\frac{1}{2}", False), (r"1\frac{3}{2}", r"\frac{5}{2}", False), (r"1\frac{3}{2}", r"\frac{3}{2}", False),
         (r"\frac{3\pi}{4}", r"3\frac{\pi}{4}", True), (r"12\frac{3}{4}", r"\frac{51}{4}", True),
+        (r"5\dfrac{2}{3}", r"\frac{17}{3}", True), (r"2\frac{\pi}{3}", r"2+\frac{\pi}{3}", False), (r"-3\frac{\pi}{4}", r"-\frac{3\pi}{4}", True),
+        (r"\frac{1}{2}\pi", r"\frac{\pi}{2}", True), (r"3\frac{1}{4}\pi", r"\frac{13\pi}{4}", False), (r"0\frac{1}{2}", r"\frac12", False),
     ],
     "thousands": [
         ("100", "0, 100", False), ("0,100", "0, 100", True), ("100, 0", "0, 100", True), ("0", "0, 100", False),
@@ -29,7 +31,9 @@ FAMILIES = {
         ("15,00", "1500", False), ("1,500", "1, 500", True), ("500, 1", "1, 500", True), ("1500", "1, 500", False),
         ("2,019", "2019", True), ("2, 019", "2019", False), ("12,345,678", "12345678", True), ("12,345,678", "12345,678", False),
         ("3, 5", "3,5", True), ("5", "3, 5", False), ("3, 5, 7", "3, 5", False), ("1,000", "1", False), ("1,000", "1000", True),
-        ("-1, 1", "-1,1", True), ("1", "-1, 1", False),
+        ("-1, 1", "-1,1", True), ("1", "-1, 1", False), ("10{,}000", "10000", True), (r"10\,000", "10000", True),
+        ("1,000,000", "10^6", True), ("1,234", "1,2,3,4", False), ("2, 3", "23", False), ("1 2", "12", False), ("(0,100)", "(0, 100)", True),
+        ("1; 2", "1, 2", True), ("1; 2", "12", False),
     ],
     "units": [
         (r"164\pi", r"164 \pi \mbox{ square feet}", True), (r"164\pi\text{ square inches}", r"164 \pi \mbox{ square feet}", False),
@@ -42,6 +46,9 @@ FAMILIES = {
         (r"12\text{ inches}", r"12\text{ feet}", False), (r"6 \text{ cm}^2", r"6\text{ square centimeters}", True),
         (r"30^\circ", "30", True), (r"30^\circ", r"\frac{\pi}{6}", False), (r"\$32,\!348", r"\$32,\!348", True),
         (r"5\text{ mph}", r"5\text{ km/h}", False), (r"5\textrm{ m}", r"5\text{ cm}", False),
+        (r"5 \mathrm{~cm}", r"5\text{ cm}", True), (r"5 \mathrm{~mm}", r"5\text{ cm}", False), (r"\text{5 cm}", "5", True),
+        (r"\text{5 cm}", r"5\text{ m}", False), (r"50\text{ cents}", r"\$0.50", False), (r"\$1.50", r"1.5\text{ dollars}", True),
+        (r"16\text{ square units}", "16", True), (r"9.8\ \mathrm{m/s^2}", "9.8", True), (r"\frac{3}{4}\text{ of the cake}", r"\frac34", True),
     ],
     "tolerance": [
         (r"3\pi+0.000001", r"3\pi", False), (r"3\pi", r"3\pi+0.000001", False), ("314.159000", r"100\pi", False),
@@ -51,7 +58,10 @@ FAMILIES = {
         ("0.785398", r"\frac{\pi}{4}", True), ("0.785399", r"\frac{\pi}{4}", False), ("2.718282", "e", True), ("2.718281", "e", False),
         ("1.0000001", "1", False), ("0.1428571", r"\frac{1}{7}", True), ("0.1428570", r"\frac{1}{7}", False),
         (r"\sqrt{2}+0.0000001", r"\sqrt{2}", False), (r"0.70710678", r"\frac{\sqrt{2}}{2}", True), ("0.6931472", r"\ln 2", True),
-        ("0.6931475", r"\ln 2", False),
+        ("0.6931475", r"\ln 2", False), ("0.666667", r"\frac23", True), ("0.666666", r"\frac23", False),
+        ("0.667", r"\frac23", False), ("-0.333333", r"-\frac13", True), ("1.414214", r"\sqrt2", True), ("0.5000001", r"\frac12", False),
+        ("0.740001", "0.74", False), ("0.7400000", "0.74", True), ("7.099999", "7.1", False), ("1.9999999", "2", False), ("6.283185", r"2\pi", True),
+        (r"3\pi+10^{-7}", r"3\pi", False), (r"x+0.000001", "x", False), ("0.5x", r"\frac{x}{2}", True),
     ],
     # miss families: a right answer not paid
     "named": [
@@ -62,6 +72,10 @@ FAMILIES = {
         ("AB = 6", "5", False), (r"\overline{AB} = 2\sqrt{3}", r"2\sqrt{3}", True), (r"f(x) = x^2", "x^2", True),
         ("f(x) = x", "f(x) = x", True), ("x", "f(x) = x", True), ("x^2", "f(x) = x", False), (r"a_n = n(T - n)", "a_n = n(T - n)", True),
         (r"\theta = \frac{\pi}{3}", r"\frac{\pi}{3}", True), ("y = 3", "x = 3", False), (r"n = 12", "12", True), ("k=1,2", "1, 2", True),
+        ("x_1 = 1, x_2 = 2", "1, 2", True), ("(a, b, c) = (1, 2, 3)", "(1,2,3)", True), ("(a, b, c) = (1, 3, 2)", "(1,2,3)", False),
+        (r"P(A) = \frac12", r"\frac12", True), (r"x \in \{1, 2\}", "1,2", True), (r"x \in \{1, 3\}", "1,2", False), ("a+b = 10", "10", True),
+        (r"m\angle ABC = 30^\circ", "30", True), ("2x = 6", "6", False), ("x^2 = 9", "9", False), ("|x| = 3", "3", False),
+        (r"x = -1 \quad \text{or} \quad x = 3", "3, -1", True), (r"x = -1 \quad \text{or} \quad x = 3", "-1", False),
     ],
     "lists": [
         (r"\{3, 1, 2\}", r"\{1,2,3\}", True), (r"\{3, 1\}", r"\{1,2,3\}", False), ("2, 1", "1, 2", True),
@@ -71,6 +85,8 @@ FAMILIES = {
         (r"\{1, 2\}", "(1, 2)", False), (r"\{1,2\}", "[1, 2]", False), (r"\{40, 960\}", "960, 40", True),
         (r"(-\infty, -2) \cup (2, 4) \cup (0, 1)", r"(-\infty, -2) \cup (0, 1) \cup (2, 4)", True),
         (r"(2,4)\cup(0,1)", r"(-\infty, -2) \cup (0, 1) \cup (2, 4)", False), (r"\left\{ \frac{1}{2}, -3 \right\}", r"-3, \frac12", True),
+        (r"x = \pm\sqrt{2}", r"\sqrt2, -\sqrt2", True), (r"x = \pm\sqrt{2}", r"\sqrt2", False), (r"\{(1,2), (3,4)\}", "(3,4), (1,2)", True),
+        (r"\{(1,2), (4,3)\}", "(3,4), (1,2)", False), (r"(-\infty, 1) \cup (1, \infty)", r"(1, \infty) \cup (-\infty, 1)", True),
     ],
     "spellings": [
         (r"+\infty", r"\infty", True), (r"-\infty", r"\infty", False), (r"\varnothing", r"\emptyset", True), (r"\{\}", r"\emptyset", True),
@@ -81,6 +97,9 @@ FAMILIES = {
         (r"\mathbb{R}", r"(-\infty, \infty)", True), (r"\mathbb{R}", r"(0, \infty)", False), (r"\mathrm{e}^{2}", "e^2", True),
         (r"\textbf{Yes}", "Yes", True), (r"\exp(x)", "e^x", True), (r"\sqrt{e}", r"e^{1/2}", True), (r"\sqrt{e}", r"e^{2}", False),
         (r"2\pi \cdot i", r"2\pi i", True), (r"\ln 2 \cdot \pi", r"\pi \ln 2", True),
+        (r"\sin 2x", r"\sin(2x)", True), (r"\sin 2x", r"2\sin x", False), (r"\arctan 2", r"\arctan(2)", True), (r"\text{infinity}", r"\infty", True),
+        (r"\sqrt[3]{2}", "2^{1/3}", True), (r"\frac{\sqrt{2}}{2}", r"\frac{1}{\sqrt{2}}", True), (r"e^{-x}", r"\frac{1}{e^x}", True),
+        (r"\sin^2 x", r"(\sin x)^2", True), (r"\sin^2 x", r"\sin x^2", False), (r"\pi r^2", r"r^2\pi", True),
     ],
     "cas": [
         (r"\log_2 8", "3", True), (r"\log_2 9", "3", False), (r"2\ln 2", r"\ln 4", True), (r"3\ln 2", r"\ln 4", False),
@@ -88,6 +107,8 @@ FAMILIES = {
         (r"\ln 8", r"3\ln 2", True), (r"\ln 6", r"\ln 2 + \ln 3", True), (r"\ln 5", r"\ln 2 + \ln 3", False),
         (r"\frac{(2n)!}{(n!)^2}", r"\dbinom{2n}{n}", True), (r"\frac{(2n)!}{n!}", r"\dbinom{2n}{n}", False), (r"{5 \choose 2}", "10", True),
         (r"\log_3 81", "4", True), (r"\frac{\ln 8}{\ln 2}", "3", True), (r"e^{\ln 3}", "3", True), (r"\log_2 8", "4", False),
+        (r"\log_2(8)", "3", True), (r"\log_{2}{8}", "3", True), (r"\binom{10}{3}", "120", True), (r"\binom{10}{3}", "720", False),
+        (r"2^{\log_2 5}", "5", True), (r"\ln(e^2)", "2", True), (r"\frac{10!}{3!7!}", "120", True), ("(n-1)!1", "(n-1)!", False), (r"\sin\frac{\pi}{6}", r"\frac12", True),
     ],
     "inequality": [
         ("x > 2", r"(2, \infty)", True), (r"x \geq 2", r"(2, \infty)", False), (r"-1 \le x < 3", "[-1, 3)", True),
@@ -96,6 +117,8 @@ FAMILIES = {
         (r"x \leq 0", r"(-\infty, 0)", False), (r"x < 1 \text{ or } x > 2", r"(-\infty,1)\cup(2,\infty)", True),
         (r"x < 1 \text{ or } x \ge 2", r"(-\infty,1)\cup(2,\infty)", False), (r"2 \leq n \leq 43", "[2, 43]", True),
         (r"n \geq 23", "n \\geq 23", True), (r"n > 23", r"n \geq 23", False), (r"x>\frac{1}{2}", r"\left(\frac12, \infty\right)", True),
+        ("-2 < x < 2", "(-2,2)", True), (r"-2 \le x < 2", "(-2,2)", False), (r"x \geq 0", r"[0, +\infty)", True),
+        (r"x \le -1 \text{ or } x \ge 1", r"(-\infty,-1]\cup[1,\infty)", True), (r"x \le -1 \text{ or } x > 1", r"(-\infty,-1]\cup[1,\infty)", False),
     ],
     "repeating": [
         (r"0.\overline{3}", r"\frac{1}{3}", True), (r"0.\overline{3}", "0.3", False), (r"0.1\overline{6}", r"\frac{1}{6}", True),
@@ -103,18 +126,25 @@ FAMILIES = {
         (r"1.\overline{142857}", r"\frac{8}{7}", True), (r"0.\overline{12}", r"\frac{4}{33}", True), (r"0.\overline{12}", r"\frac{12}{100}", False),
         ("0.1(6)", r"\frac{1}{6}", True), (r"0.\overline{9}", "1", True), (r"\frac{1}{3}", r"0.\overline{3}", True),
         (r"2.\overline{5}", r"\frac{23}{9}", True), (r"2.\overline{5}", r"\frac{5}{2}", False),
+        (r"0.\overline{142857}", r"\frac17", True), (r".\overline{3}", r"\frac13", True), (r"0.\bar{3}", r"\frac13", True),
+        (r"-0.\overline{6}", r"-\frac23", True), (r"-0.\overline{6}", r"\frac23", False), (r"(0.\overline{3}, 1)", r"(\frac13,1)", True),
     ],
     "case": [
         ("yes", "Yes", True), ("YES", "Yes", True), (r"\text{yes}", "Yes", True), ("no", "Yes", False), ("No", "no", True),
         ("north", "North", True), ("South", "North", False), ("even", "Even", True), ("odd", "Even", False), ("true", "True", True),
         ("false", "True", False), (r"\text{Clockwise}", r"\text{clockwise}", True), ("a", "A", False), ("n", "N", False),
         ("AB", "ab", False), ("Yes", "True", False),
+        (r"\textbf{YES}", "Yes", True), ("Yes.", "Yes", True), ("Yes, it converges", "Yes", False), ("NORTH", "north", True),
+        ("ABC", "abc", False), ("Not possible", "not possible", True), ("Possible", "not possible", False),
     ],
     "options": [
         ("(B) 12", "B", True), ("B. 12", "B", True), (r"\textbf{(B) } 12", "B", True), ("(C) 12", "B", False),
         ("(B) 12", "12", True), ("B. 12", "12", True), ("(B) 13", "12", False), (r"\text{(B)}\ 12", "12", True),
         ("B", "12", False), ("(B) 12", "C", False), ("B) 12", "B", True), (r"\text{(D) } \frac{1}{2}", r"\frac12", True),
         (r"\text{(D) } \frac{1}{2}", r"\frac13", False), ("(B)", "B", True), ("(E)", "B", False),
+        ("B: 12", "B", True), (r"\mathrm{(B)}", "B", True), (r"(B)\ \frac{1}{2}", r"\frac12", True), (r"\text{(B) } 12 \text{ cm}", "12", True),
+        (r"\text{(B) } 12 \text{ cm}", "B", True), ("Option B", "B", True), ("Option C", "B", False), ("12", "(B) 12", True), ("B", "(B) 12", True),
+        ("(A)", "(B) 12", False), ("(B)+1", "B", False),
     ],
 }
 PAIRS = [(fam, *p) for fam, ps in FAMILIES.items() for p in ps]
