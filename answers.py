@@ -12,6 +12,7 @@ checks each with pairs that must and must not pay.
 import re
 from fractions import Fraction
 
+GREEK = "alpha|beta|gamma|delta|epsilon|theta|lambda|mu|sigma|phi|omega"
 SPELLINGS = [  # (pattern, replacement), in order: one spelling per symbol
     (r"\u2212|\u2013", "-"), (r"∞", r"\\infty "), (r"≤|\\leqslant|\\leq|\\le(?![a-zA-Z])", "<="),
     (r"≥|\\geqslant|\\geq|\\ge(?![a-zA-Z])", ">="), (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
@@ -92,6 +93,25 @@ def unit(s):
     return s, None
 
 
+# ----------------------------------------------------------------------------- an item's text
+
+def value_text(s):
+    """An item's canonical text: no degrees, %, \\text{} or spaces; \\frac12 and \\sqrt2 braced; a base's subscript
+    unbraced; a repeating decimal as its fraction."""
+    s = re.sub(r"\^\s*\{?\\circ\}?|°|\\%|%|\\degree", "", s)
+    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    s = re.sub(rf"\\(pi|{GREEK})\s+(?=\w)", r"\\\1*", s)  # 2\pi i: a product, not \pii
+    spaced = re.fullmatch(r"-?\d{1,3}(?:\s\d{3})+(?:\.\d+)?", s.strip())  # 10 000 (from 10\,000); 1 2 is no number
+    s = re.sub(r"(?<![_^]\d)(?<=\d)\s+(?=\d)", "" if spaced else "#", s)  # not \log_2 8
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac9{19}
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
+    s = re.sub(r"\\sqrt(\d+|[a-z])", r"\\sqrt{\1}", s)  # \sqrt2
+    s = re.sub(r"^(\d+)_\{(\d+)\}$", r"\1_\2", s)  # 4210_{5} -> 4210_5
+    return repeating(s)
+
+
 # ----------------------------------------------------------------------------- lists, names, inequalities
 
 def split_top(s, sep=","):
@@ -130,15 +150,18 @@ def items(s, gold_len=None):
     return ("list" if len(parts) > 1 else None), parts
 
 
-NAME = (r"[a-zA-Z](?:_\{?\w+\}?)?|[A-Z]{2,3}|(?:m)?\\angle[A-Z]{1,3}|[a-z](?:[+-]?[a-z]){1,3}|\\(?:vec|text|overrightarrow|overline|hat|bar)\{\w+\}|\|[A-Z]{2}\||"
-        r"\\(?:alpha|beta|gamma|delta|theta|lambda|mu|sigma|phi|omega)|[a-zA-Z]\(\w(?:,\w)*\)")
+NAME = (r"[a-zA-Z](?:_\{?\w+\}?)?|[A-Z]{2,3}|(?:m)?\\angle[A-Z]{1,3}|\\(?:vec|text|overrightarrow|overline|hat|bar)\{\w+\}|\|[A-Z]{2}\||"
+        rf"\\(?:{GREEK})|[a-zA-Z]\(\w(?:,\w)*\)")
+QUANTITY = r"[a-z](?:[+-]?[a-z]){1,3}"  # a+b = 10, ab = 6: the quantity asked for, on the answer's side only
 
 
-def named(s):
+def named(s, answer=False):
     """(name, value) of an answer that names what it answers: "x = 3", "(x, y) = (1, 2)", "\\vec{v} = (1,2)",
-    "AB = 5", "f(x) = x^2", "x \\in [2, 7]"; else (None, s)."""
+    "AB = 5", "f(x) = x^2", "x \\in [2, 7]", and for an answer (not a gold, where x+y = 5 is a line) "a+b = 10";
+    else (None, s)."""
     flat = re.sub(r"\s+", "", s)
-    m = re.fullmatch(rf"((?:{NAME})|\((?:{NAME})(?:,(?:{NAME}))+\))(=|\\in)(.+)", flat, re.S)
+    name = f"{NAME}|{QUANTITY}" if answer else NAME
+    m = re.fullmatch(rf"((?:{name})|\((?:{NAME})(?:,(?:{NAME}))+\))(=|\\in)(.+)", flat, re.S)
     if m and not re.search(r"=|<|>", m.group(3)):
         return m.group(1), m.group(3)
     return None, s
@@ -173,3 +196,18 @@ def repeating(s):
     whole, fixed, rep = m.group(2) or "0", m.group(3), next(g for g in m.groups()[3:] if g)
     value = int(whole) + Fraction(int(fixed or "0"), 10 ** len(fixed)) + Fraction(int(rep), 10 ** len(fixed) * (10 ** len(rep) - 1))
     return f"{m.group(1)}\\frac{{{value.numerator}}}{{{value.denominator}}}"
+
+
+def named_items(parts, answer=False):
+    """[(name, value)] of a list's items: the name an item gives itself ("x = 3", "x > 2" -> its interval), and a \\pm
+    item as its two values (1 \\pm \\sqrt{2} -> 1+\\sqrt{2}, 1-\\sqrt{2}; \\pm 2 -> 2, -2)."""
+    out = []
+    for part in parts:
+        name, value = named(part, answer)
+        ineq = inequality(value)
+        if ineq:
+            name, value = ineq[0] if name is None else name, ineq[1]
+        m = re.fullmatch(r"(.*?)\\pm(.+)", value, re.S)
+        values = [value] if not m else [f"{m.group(1)}+{m.group(2)}", f"{m.group(1)}-{m.group(2)}"] if m.group(1).strip() else [m.group(2), "-" + m.group(2)]
+        out += [(name, value_text(v)) for v in values]
+    return out

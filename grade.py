@@ -1,15 +1,18 @@
-"""Grading math answers: extraction, normalization, equivalence and the reward (BuPO Sec. 3: 1 if the boxed answer matches).
+"""Grading math answers: extraction, equivalence and the reward (BuPO Sec. 3: 1 if the boxed answer matches).
 
-The grader normalizes LaTeX the way a careful human grader of MATH-style answers would
-(units, sets, \\pm, "and" lists, a Unicode minus), then compares integers, fractions and
-decimals exactly (a decimal is the rational it writes), except that a decimal of 6+
-digits may round a non-integer value (to 1e-6); tuples/intervals element-wise with their
-brackets; unordered lists and sets as multisets; other expressions symbolically with
-sympy (i and e are constants) under a time limit, after refusing any whose value would be
-astronomically large (a power tower such as 10^{10^5}, which sympy would expand in one
-uninterruptible C call). It never rewards a different value, and whatever a response
-holds, the reward is 0.0 or 1.0, never an exception (tests: ~200 hand-written pairs from
-the real golds and math-verify's classes, perturbed golds, big numbers, fuzzing).
+answers.py reads an answer as a careful human grader would (spellings, the option letter,
+the unit, the items of a list, set or union, names, inequalities as intervals, repeating
+decimals); this file compares what it reads. Different units are different answers; lists,
+sets and unions are multisets; tuples and intervals go element by element with their
+brackets; integers, fractions and decimals compare exactly (a decimal is the rational it
+writes), except that a lone decimal of 6+ significant digits may round a non-integer value
+within half a unit of its last digit (0.333333 = 1/3, not 3.141595 = pi); other expressions
+symbolically with sympy (i and e are constants) under a time limit, after refusing any whose
+value would be astronomically large (10^{10^5}, 1000!: sympy would build the number in one
+uninterruptible C call). An ambiguity (-2\\frac{1}{2}) is rejected, not paid. Whatever a
+response holds, the reward is 0.0 or 1.0, never an exception. Conventions, and the
+comparison with math-verify: docs/grading.md; tests: tests/test_grade.py (real golds,
+big numbers, fuzzing) and tests/test_grade_families.py (the answer families, both ways).
 """
 import math
 import re
@@ -21,7 +24,7 @@ from functools import lru_cache
 import sympy
 from sympy.parsing.sympy_parser import convert_xor, implicit_multiplication_application, parse_expr, standard_transformations
 
-from answers import clean, inequality, items, named, option, repeating, split_top, unit
+from answers import GREEK, clean, items, named_items, option, repeating, split_top, unit
 
 MAX_ANSWER_CHARS = 1000  # longer answers (a degenerate response) are compared as plain text: golds are < 200
 MAX_BITS = 1 << 14       # a sympy expression whose value could need more bits is compared as text (10^{10^5}, 9^{9^9})
@@ -59,26 +62,6 @@ def extract_answer(text):
 
 
 # ----------------------------------------------------------------------------- values
-
-GREEK = "alpha|beta|gamma|delta|epsilon|theta|lambda|mu|sigma|phi|omega"
-
-
-def value_text(s):
-    """An item's canonical text: no degrees, %, \\text{} or spaces; \\frac12 and \\sqrt2 braced; a base's subscript
-    unbraced; a repeating decimal as its fraction."""
-    s = re.sub(r"\^\s*\{?\\circ\}?|°|\\%|%|\\degree", "", s)
-    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
-    s = re.sub(rf"\\(pi|{GREEK})\s+(?=\w)", r"\\\1*", s)  # 2\pi i: a product, not \pii
-    spaced = re.fullmatch(r"-?\d{1,3}(?:\s\d{3})+(?:\.\d+)?", s.strip())  # 10 000 (from 10\,000); 1 2 is no number
-    s = re.sub(r"(?<![_^]\d)(?<=\d)\s+(?=\d)", "" if spaced else "#", s)  # not \log_2 8
-    s = re.sub(r"\s+", "", s).rstrip(".")
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
-    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac9{19}
-    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
-    s = re.sub(r"\\sqrt(\d+|[a-z])", r"\\sqrt{\1}", s)  # \sqrt2
-    s = re.sub(r"^(\d+)_\{(\d+)\}$", r"\1_\2", s)  # 4210_{5} -> 4210_5
-    return repeating(s)
-
 
 _FN = "ln|log|sin|cos|tan|cot|sec|csc|exp|arcsin|arccos|arctan"
 _FUNCS = rf"sqrt|pi|oo|{_FN}|binomial|{GREEK.replace('lambda', 'lamda')}|i|e"
@@ -311,21 +294,6 @@ def _equiv(p, g):
     return _values_equal(p, g)
 
 
-def _named_items(parts):
-    """[(name, value)] of a list's items: the name an item gives itself ("x = 3", "x > 2" -> its interval), and a \\pm
-    item as its two values (1 \\pm \\sqrt{2} -> 1+\\sqrt{2}, 1-\\sqrt{2}; \\pm 2 -> 2, -2)."""
-    out = []
-    for part in parts:
-        name, value = named(part)
-        ineq = inequality(value)
-        if ineq:
-            name, value = ineq[0] if name is None else name, ineq[1]
-        m = re.fullmatch(r"(.*?)\\pm(.+)", value, re.S)
-        values = [value] if not m else [f"{m.group(1)}+{m.group(2)}", f"{m.group(1)}-{m.group(2)}"] if m.group(1).strip() else [m.group(2), "-" + m.group(2)]
-        out += [(name, value_text(v)) for v in values]
-    return out
-
-
 def _item_equiv(p, g):
     (pn, pv), (gn, gv) = p, g
     if pn is not None and gn is not None and re.sub(r"\s+", "", pn) != re.sub(r"\s+", "", gn):  # y = 3 is not x = 3
@@ -340,7 +308,7 @@ def _equiv_answer(p, g):
     pk, pl = items(p, len(gl))
     if (pk == "union") != (gk == "union"):
         return False
-    pl, gl = _named_items(pl), _named_items(gl)
+    pl, gl = named_items(pl, answer=True), named_items(gl)
     if len(pl) != len(gl):
         return False
     rest = list(pl)
