@@ -204,11 +204,12 @@ def _sympy(s):
 
 
 def _tolerance(s):
-    """Half a unit of the last written digit of a lone decimal of 6+ significant digits (0.333333: 5e-7), else None:
-    such a decimal may round a non-integer value (docs/grading.md)."""
+    """Half a unit of the last written digit of a lone decimal of 6+ significant digits (0.333333: 5e-7), or a
+    float64's rounding if larger (1.4142135623730951 = sqrt(2), as Python prints it), else None: such a decimal
+    may round a non-integer value (docs/grading.md)."""
     m = re.fullmatch(r"-?(\d*)\.(\d+)", s)
     if m and len((m.group(1) + m.group(2)).lstrip("0")) >= 6:
-        return Fraction(1, 2 * 10 ** len(m.group(2)))
+        return max(Fraction(1, 2 * 10 ** len(m.group(2))), abs(Fraction(s)) / 2 ** 52)
     return None
 
 

@@ -1,6 +1,7 @@
 """grade.py: extraction, equivalence and rewards against hand-written cases from the real data, big numbers, fuzzing."""
 import random
 import re
+import threading
 import time
 
 import pytest
@@ -202,3 +203,30 @@ def test_a_grading_timeout_is_not_remembered(monkeypatch):
     monkeypatch.setattr(grade, "_with_time_limit", slow_once)
     grade._parsed.cache_clear()
     assert not is_equiv("\\sqrt{16}", "4") and is_equiv("\\sqrt{16}", "4")
+
+
+HOSTILE = [r"10^{10^{10^{10}}}", "1000!", r"(10^{100})!", r"\binom{100000}{50000}", r"\binom{10^{9}}{5}", "{" * 400 + "1" + "}" * 400,
+           "(" * 450 + "1" + ")" * 450, r"\sqrt{" * 300 + "2" + "}" * 300, r"x^{x^{x^{x^{x^{x^{x}}}}}}", "1," * 499, "9" * 100_000,
+           r"\pm" * 300 + "1", "x = " * 200 + "1", r"(1,2)\cup" * 100 + "(1,2)", r"1 < x < " * 100 + "2", r"0.(" + "9" * 300 + ")"]
+
+
+@pytest.mark.parametrize("worker", [False, True], ids=["main thread", "worker thread"])
+def test_hostile_answers_are_bounded_without_the_alarm(worker):
+    """Power towers, huge factorials and binomials, deep nesting, 100k-char answers: 0.0, quickly, also off the main
+    thread, where SIGALRM cannot stop sympy (the size and depth guards must)."""
+    bad = []  # (answer, gold, reward, seconds) of a paid or slow one: a worker thread's assert would not reach pytest
+
+    def grade_all():
+        for h in HOSTILE:
+            for gold in ("1", "x^2+1", "(1,2)"):
+                t = time.perf_counter()
+                r = math_reward(f"\\boxed{{{h}}}", gold) + is_equiv(gold, h)
+                if r != 0.0 or time.perf_counter() - t > 2.0:
+                    bad.append((h[:40], gold, r, time.perf_counter() - t))
+    if worker:
+        th = threading.Thread(target=grade_all)
+        th.start()
+        th.join()
+    else:
+        grade_all()
+    assert not bad
