@@ -162,7 +162,7 @@ FAMILIES = {
         ("false", "True", False), (r"\text{Clockwise}", r"\text{clockwise}", True), ("a", "A", False), ("n", "N", False),
         ("AB", "ab", False), ("Yes", "True", False),
         (r"\textbf{YES}", "Yes", True), ("Yes.", "Yes", True), ("Yes, it converges", "Yes", False), ("NORTH", "north", True),
-        ("ABC", "abc", False), ("Not possible", "not possible", True), ("Possible", "not possible", False),
+        ("ABC", "abc", False), ("E", "e", False), ("e", "E", False), ("I", "i", False), ("Not possible", "not possible", True), ("Possible", "not possible", False),
         ("Yes", "yes", True), (r"\text{No}", "No", True), ("no", "yes", False), ("East", "east", True), ("west", "East", False),
         (r"\text{Odd}", "odd", True), ("FALSE", "False", True), ("b", "B", False),
     ],
