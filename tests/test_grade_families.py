@@ -129,7 +129,7 @@ FAMILIES = {
         (r"\frac{(2n)!}{(n!)^2}", r"\dbinom{2n}{n}", True), (r"\frac{(2n)!}{n!}", r"\dbinom{2n}{n}", False), (r"{5 \choose 2}", "10", True),
         (r"\log_3 81", "4", True), (r"\frac{\ln 8}{\ln 2}", "3", True), (r"e^{\ln 3}", "3", True), (r"\log_2 8", "4", False),
         (r"\log_2(8)", "3", True), (r"\log_{2}{8}", "3", True), (r"\binom{10}{3}", "120", True), (r"\binom{10}{3}", "720", False),
-        (r"2^{\log_2 5}", "5", True), (r"\ln(e^2)", "2", True), (r"\frac{10!}{3!7!}", "120", True), ("(n-1)!1", "(n-1)!", False), (r"\sin\frac{\pi}{6}", r"\frac12", True),
+        (r"2^{\log_2 5}", "5", True), (r"\ln(e^2)", "2", True), (r"\frac{10!}{3!7!}", "120", True), ("(n-1)!1", "(n-1)!", False), ("(08)^2", "08", False), ("(08)^2", "64", True), (r"\sin\frac{\pi}{6}", r"\frac12", True),
         (r"\log_5 125", "3", True), (r"\log_5 125", "5", False), (r"\ln 9", r"2\ln 3", True), (r"\ln 9", r"3\ln 2", False),
         (r"\binom{8}{4}", "70", True), (r"\binom{8}{3}", "70", False), (r"\log 1000", "3", False),
     ],
