@@ -18,6 +18,7 @@ import math
 import re
 import signal
 import threading
+import warnings
 from fractions import Fraction
 from functools import lru_cache
 
@@ -189,9 +190,11 @@ def _parsed(s):
     parse = lambda evaluate: parse_expr(text, local_dict=CONSTANTS, transformations=standard_transformations + (
         implicit_multiplication_application, convert_xor), evaluate=evaluate)
     try:  # first unevaluated: sympy would expand 10**(10**5) into a 332k-bit integer in one C call, past any alarm
-        if _with_time_limit(lambda: _log2_bound(parse(False)), 1.0) > MAX_BITS:
-            return None
-        return _with_time_limit(lambda: parse(True), 1.0)
+        with warnings.catch_warnings():  # (1,2)^2: sympy's deprecation notice would fill a training log
+            warnings.simplefilter("ignore")
+            if _with_time_limit(lambda: _log2_bound(parse(False)), 1.0) > MAX_BITS:
+                return None
+            return _with_time_limit(lambda: parse(True), 1.0)
     except _Timeout:
         raise
     except Exception:
