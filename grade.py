@@ -315,6 +315,10 @@ def _equiv_answer(p, g):
     if (pk == "union") != (gk == "union"):
         return False
     pl, gl = named_items(pl, answer=True), named_items(gl)
+    names = [n for n, _ in pl]
+    if len(gl) == 1 and len(pl) > 1 and _as_tuple(gl[0][1]) and all(n and re.fullmatch(r"[a-z]", n) for n in names) \
+            and names == sorted(set(names)):  # a = 2, b = -3 is the pair (a, b) = (2, -3); b = -3, a = 2 is ambiguous
+        pl = [(None, "(" + ",".join(v for _, v in pl) + ")")]
     if len(pl) != len(gl):
         return False
     rest = list(pl)

@@ -89,7 +89,8 @@ FAMILIES = {
         (r"m\angle ABC = 30^\circ", "30", True), ("2x = 6", "6", False), ("x^2 = 9", "9", False), ("|x| = 3", "3", False),
         (r"x = -1 \quad \text{or} \quad x = 3", "3, -1", True), (r"x = -1 \quad \text{or} \quad x = 3", "-1", False),
         ("y = -2", "-2", True), ("y = -2", "2", False), (r"BC = 4\sqrt{3}", r"4\sqrt3", True),
-        (r"r = \frac{5}{2}", r"\frac52", True), ("(a,b) = (2, -3)", "(2,-3)", True), ("a = 2, b = -3", "(2,-3)", False),
+        (r"r = \frac{5}{2}", r"\frac52", True), ("(a,b) = (2, -3)", "(2,-3)", True), ("a = 2, b = -3", "(2,-3)", True), ("b = -3, a = 2", "(2,-3)", False), ("a = 2, b = 3", "(2,-3)", False),
+        ("x = 2, y = 3", "(2, 3)", True), ("x = 2, x = 3", "(2, 3)", False), ("x = 2, y = 3", "2, 3", True), ("x = 2, y = 3", "[2, 3]", False),
         (r"t = 4 \text{ s}", "4", True),
     ],
     "lists": [
