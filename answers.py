@@ -17,7 +17,7 @@ SPELLINGS = [  # (pattern, replacement), in order: one spelling per symbol
     (r"\u2212|\u2013", "-"), (r"∞", r"\\infty "), (r"≤|\\leqslant|\\leq|\\le(?![a-zA-Z])", "<="),
     (r"≥|\\geqslant|\\geq|\\ge(?![a-zA-Z])", ">="), (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
     (r"\\left(?![a-zA-Z])\s*\.?|\\right(?![a-zA-Z])\s*\.?|\\[bB]igg?[lr]?(?![a-zA-Z])", ""), (r"\\displaystyle|\\limits", ""),
-    (r"\\[dtc]frac", r"\\frac"), (r"\\[dt]binom", r"\\binom"), (r"\\lbrace", r"\\{"), (r"\\rbrace", r"\\}"),
+    (r"\\[dtc]frac", r"\\frac"), (r"\\[dt]binom", r"\\binom"), (r"\\lbrace", r"\\{"), (r"\\rbrace", r"\\}"), (r"\\langle", "("), (r"\\rangle", ")"),
     (r"\{\s*([^{}]+?)\s*\\choose\s*([^{}]+?)\s*\}", r"\\binom{\1}{\2}"), (r"\\varnothing|\\\{\s*\\\}", r"\\emptyset"),
     (r"\\(?:textbf|textrm|textit|textnormal|mbox|mathrm|mathbf|mathit|operatorname|boldsymbol)\s*\{", r"\\text{"),
     (r"\\text\{\s*([ei])\s*\}", r"\1"), (r"\\text\{\s*(-?\d[^{}]*)\}", r"\1"),  # \text{5 cm}: its text
@@ -47,7 +47,8 @@ def _matrix_to_tuple(body):
 def option(s):
     """(letter, text) of a multiple-choice answer: "(B) 12", "B. 12", "B) 12", "\\text{(B)} 12" -> ("B", "12");
     a bare "B" or "(B)" -> ("B", ""); anything else -> (None, s)."""
-    t = re.sub(r"\\text\{\s*(\(?[A-E]\)?[.:]?)\s*\}", r"\1 ", s).strip()
+    t = re.sub(r"^\\text\{([^{}]*)\}$", r"\1", s.strip())  # \text{(B) 12}
+    t = re.sub(r"\\text\{\s*(\(?[A-E]\)?[.:]?)\s*\}", r"\1 ", t).strip()
     t = re.sub(r"^(?:\\text\{)?\s*(?:option|choice)\s*([A-E])\s*\}?", r"\1.", t, flags=re.I)  # "Option B" 
     m = re.fullmatch(r"\(([A-E])\)\s*([^\s+*/^=_].*|)", t, re.S) or re.fullmatch(r"([A-E])(?:[.:)]\s*([^\s+*/^=_].*)|[.:]?)", t, re.S)
     return (m.group(1), (m.group(2) or "").strip()) if m else (None, s)
@@ -135,6 +136,8 @@ def items(s, gold_len=None):
     is one item, unless gold_len says the gold is a list of as many items (then "1,500" lists 1 and 500)."""
     name, value = named(s)
     s = value if name and value.startswith("\\{") else s  # x \in \{1, 2\}
+    builder = re.fullmatch(rf"\\\{{\s*(?:{NAME})\s*(?:\\mid|:|\|)(.+)\\\}}", s.strip(), re.S)
+    s = builder.group(1) if builder else s  # \{x \mid x > 2\}: the condition
     s = re.sub(r"^\\\{(.*)\\\}$", r"\1", s.strip(), flags=re.S).strip()  # a set: its elements
     if THOUSANDS.fullmatch(s) and ("{,}" in s or gold_len != len(s.split(","))):  # no space after its commas
         return None, [s.replace("{,}", "").replace(",", "")]

@@ -178,6 +178,7 @@ CONSTANTS = {"i": sympy.I, "e": sympy.E}  # as MATH's answers use them: 2i, e^2;
 CONSTANTS.update({g: sympy.Symbol(g) for g in GREEK.replace("lambda", "lamda").split("|")})
 CONSTANTS.update({c: sympy.Symbol(c) for c in "ABCDEHIJKLMNOPQRSTUVWXYZ"})  # E, I, N, S, O: letters, not sympy's names
 CONSTANTS.update({f: sympy.Function(f) for f in "fgFG"})  # f(0) is a value of f, not f*0
+CONSTANTS.update(arcsin=sympy.asin, arccos=sympy.acos, arctan=sympy.atan)
 
 
 @lru_cache(maxsize=100_000)
