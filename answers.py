@@ -128,6 +128,15 @@ def split_top(s, sep=","):
     return [p.strip() for p in parts + [s[start:]]]
 
 
+def as_tuple(s):
+    """(open, close, items) of a bracketed, comma-separated answer, else None."""
+    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
+        parts = split_top(s[1:-1])
+        if len(parts) >= 2:
+            return s[0], s[-1], parts
+    return None
+
+
 OR = "\x00"  # "x < 1 or x > 2": a union where all are inequalities, else a list
 THOUSANDS = re.compile(r"-?[1-9]\d{0,2}(?:(?:,|\{,\})\d{3})+(?:\.\d+)?")
 

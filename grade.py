@@ -25,7 +25,7 @@ from functools import lru_cache
 import sympy
 from sympy.parsing.sympy_parser import convert_xor, implicit_multiplication_application, parse_expr, standard_transformations
 
-from answers import GREEK, clean, items, named_items, option, repeating, split_top, unit
+from answers import GREEK, as_tuple, clean, items, named_items, option, repeating, unit
 
 MAX_ANSWER_CHARS = 1000  # longer answers (a degenerate response) are compared as plain text: golds are < 200
 MAX_BITS = 1 << 14       # a sympy expression whose value could need more bits is compared as text (10^{10^5}, 9^{9^9})
@@ -268,15 +268,6 @@ def _values_equal(a, b):
 
 # ----------------------------------------------------------------------------- equivalence
 
-def _as_tuple(s):
-    """(open, close, items) of a bracketed, comma-separated answer, else None."""
-    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
-        parts = split_top(s[1:-1])
-        if len(parts) >= 2:
-            return s[0], s[-1], parts
-    return None
-
-
 def _same_word(p, g):
     """Words whose case carries no meaning: Yes = yes = YES, North = north, No = no; not names of one or two
     letters (A, AB) nor a short capital name against a product (ABC, abc)."""
@@ -293,18 +284,41 @@ def _equiv(p, g):
         return True
     if _same_word(p, g):
         return True
-    tp, tg = _as_tuple(p), _as_tuple(g)
+    tp, tg = as_tuple(p), as_tuple(g)
     if tp or tg:  # tuples and intervals: brackets and order matter
         return bool(tp and tg) and tp[:2] == tg[:2] and len(tp[2]) == len(tg[2]) and all(map(_equiv, tp[2], tg[2]))
-    if "=" in g and "=" in p:  # equations: side by side
-        return all(_equiv(a, b) for a, b in zip(p.split("=", 1), g.split("=", 1)))
+    if "=" in g and "=" in p:  # equations: side by side, or the same equation rearranged
+        return all(_equiv(a, b) for a, b in zip(p.split("=", 1), g.split("=", 1))) or _same_equation(p, g)
     return _values_equal(p, g)
 
 
-def _item_equiv(p, g):
-    (pn, pv), (gn, gv) = p, g
-    if pn is not None and gn is not None and re.sub(r"\s+", "", pn) != re.sub(r"\s+", "", gn):  # y = 3 is not x = 3
+def _same_equation(p, g):
+    """True when the equations p and g in the same unknowns are one a nonzero constant times the other
+    (x - y = 1 and y - x = -1, 2x + 2y = 2 and x + y = 1); never for one unknown's value (x = 1, y = 1)."""
+    sides = [s.split("=") for s in (p, g)]
+    if any(len(s) != 2 for s in sides):
         return False
+    exprs = [(_sympy(a), _sympy(b)) for a, b in sides]
+    if any(e is None for pair in exprs for e in pair):
+        return False
+    try:
+        (pa, pb), (ga, gb) = exprs
+        dp, dg = pa - pb, ga - gb
+        if not dp.free_symbols or dp.free_symbols != dg.free_symbols or len(dp.free_symbols) < 2:
+            return False
+        ratio = _with_time_limit(lambda: sympy.simplify(dp / dg), 2.0)
+        return bool(ratio.is_number and ratio != 0 and ratio.is_finite)
+    except (_Timeout, Exception):
+        return False
+
+
+def _item_equiv(p, g):
+    """One (name, value) item against another: names, where both give one, must agree (y = 3 is not x = 3)."""
+    (pn, pv), (gn, gv) = p, g
+    if pn is not None and gn is not None and re.sub(r"\s+", "", pn) != re.sub(r"\s+", "", gn):
+        return False
+    if pn is not None and gn is None and "=" in gv:  # x - y = 1 against the equation x - y = 1, not against 1
+        pv = re.sub(r"\s+", "", pn) + "=" + pv
     base = re.fullmatch(r"\d+(_\{?\d+\}?)", gv)  # 4343_6: a bare 4343 means the same base
     return bool(pv) and _equiv(pv + base.group(1) if base and pv.isdigit() else pv, gv)
 
@@ -317,7 +331,7 @@ def _equiv_answer(p, g):
         return False
     pl, gl = named_items(pl, answer=True), named_items(gl)
     names = [n for n, _ in pl]
-    if len(gl) == 1 and len(pl) > 1 and _as_tuple(gl[0][1]) and all(n and re.fullmatch(r"[a-z]", n) for n in names) \
+    if len(gl) == 1 and len(pl) > 1 and as_tuple(gl[0][1]) and all(n and re.fullmatch(r"[a-z]", n) for n in names) \
             and names == sorted(set(names)):  # a = 2, b = -3 is the pair (a, b) = (2, -3); b = -3, a = 2 is ambiguous
         pl = [(None, "(" + ",".join(v for _, v in pl) + ")")]
     if len(pl) != len(gl):
