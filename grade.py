@@ -76,7 +76,7 @@ def _functions_to_text(s):
     s = re.sub(rf"\\log_(?:\{{([^{{}}]+)\}}|(\w)){arg}", lambda m: f"(log({m.group(3) or m.group(4) or m.group(5)})/log({m.group(1) or m.group(2)}))", s)
     s = re.sub(r"\\binom\{([^{}]*)\}\{([^{}]*)\}", r"binomial((\1),(\2))", s)
     s = re.sub(rf"\\({_FN})\{{([^{{}}]*)\}}", r" \1(\2)", s)
-    s = re.sub(rf"\\({_FN})(\d+[a-zA-Z]|{_ATOM})(?![\w{{(^])", r" \1(\2)", s)  # \sin x, \ln 2, \sin 2x = sin(2x)
+    s = re.sub(rf"\\({_FN})(\d+(?:[a-zA-Z]|\\pi|\\(?:{GREEK}))|{_ATOM})(?![\w{{(^])", r" \1(\2)", s)  # \sin 2x = sin(2x)
     return re.sub(rf"\\({_FN})", r" \1 ", s)
 
 

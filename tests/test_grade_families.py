@@ -27,6 +27,9 @@ FAMILIES = {
         (r"-1\frac{1}{3}", r"-\frac{4}{3}", False), (r"4\frac{1}{3}", r"\frac{13}{3}", True),
         (r"4\frac{\sqrt{2}}{2}", r"2\sqrt{2}", True), (r"4\frac{\sqrt{2}}{2}", r"4+\frac{\sqrt{2}}{2}", False),
         (r"7 \tfrac{1}{2}", "7.5", True),
+        (r"-3\frac{1}{4}", "-3.25", False), (r"3\frac{1}{4}", "3.25", True), (r"6\frac{\pi}{5}", r"\frac{6\pi}{5}", True),
+        (r"6 \cdot \frac{\pi}{5}", r"\frac{6\pi}{5}", True), (r"2\frac{e}{3}", r"\frac{2e}{3}", True),
+        (r"2\frac{e}{3}", r"2+\frac{e}{3}", False),
     ],
     "thousands": [
         ("100", "0, 100", False), ("0,100", "0, 100", True), ("100, 0", "0, 100", True), ("0", "0, 100", False),
@@ -39,6 +42,8 @@ FAMILIES = {
         ("1; 2", "1, 2", True), ("1; 2", "12", False),
         ("3, 600", "3600", False), ("3,600", "3600", True), ("36, 0", "0, 36", True), ("600", "3, 600", False),
         ("2,000,000", "2000000", True), ("2{,}000", "2000", True),
+        ("4,096", "4096", True), ("4, 096", "4096", False), ("0, 4096", "4096", False), ("4096, 0", "0, 4096", True),
+        ("100{,}000", "10^5", True), ("1,00,000", "100000", False),
     ],
     "units": [
         (r"164\pi", r"164 \pi \mbox{ square feet}", True), (r"164\pi\text{ square inches}", r"164 \pi \mbox{ square feet}", False),
@@ -58,6 +63,11 @@ FAMILIES = {
         (r"\$4.50", "4.50", True), (r"450\text{ cents}", r"\$4.50", False), (r"8\text{ km}", r"8\text{ m}", False),
         (r"8\,\text{km}", r"8\text{ kilometers}", True), (r"3 \mbox{ inches}", r"3\text{ in}", True),
         (r"3 \mbox{ inches}", r"3\text{ ft}", False), (r"40\text{ mL}", r"40\text{ L}", False),
+        (r"24\text{ cm}^2", "24", True), (r"24\text{ cm}^2", r"24\text{ cm}", False), (r"\$2.50", r"\$2.5", True),
+        (r"2.50\text{ dollars}", r"250\text{ cents}", False), (r"7\text{ days}", r"7\text{ weeks}", False),
+        (r"7\text{ days}", "7", True), (r"15\text{ mph}", r"15\text{ miles per hour}", False),
+        (r"3\text{ m}", r"3\mbox{ meters}", True), (r"3\text{ mm}", r"3\mbox{ meters}", False),
+        (r"45^\circ", r"45^{\circ}", True), (r"45\text{ degrees}", r"45^\circ", True),
     ],
     "tolerance": [
         (r"3\pi+0.000001", r"3\pi", False), (r"3\pi", r"3\pi+0.000001", False), ("314.159000", r"100\pi", False),
@@ -74,6 +84,9 @@ FAMILIES = {
         ("2.236068", r"\sqrt{5}", True), ("2.236067", r"\sqrt{5}", False), ("0.142857", r"\frac17", True),
         ("1.7320508", r"\sqrt3", True), ("1.7320510", r"\sqrt3", False), (r"2\sqrt{2}+0.00001", r"2\sqrt{2}", False),
         ("0.4", r"\frac{2}{5}", True), ("12.566371", r"4\pi", True), ("12.566380", r"4\pi", False),
+        ("0.577350", r"\frac{\sqrt{3}}{3}", True), ("0.577351", r"\frac{\sqrt{3}}{3}", False),
+        ("1.047198", r"\frac{\pi}{3}", True), ("1.0472", r"\frac{\pi}{3}", False), (r"\pi + 10^{-9}", r"\pi", False),
+        ("0.090909", r"\frac{1}{11}", False), ("0.0909", r"\frac{1}{11}", False), ("e^{0.000001}", "1", False),
     ],
     # miss families: a right answer not paid
     "named": [
@@ -93,6 +106,10 @@ FAMILIES = {
         (r"r = \frac{5}{2}", r"\frac52", True), ("(a,b) = (2, -3)", "(2,-3)", True), ("a = 2, b = -3", "(2,-3)", True), ("b = -3, a = 2", "(2,-3)", False), ("a = 2, b = 3", "(2,-3)", False),
         ("x = 2, y = 3", "(2, 3)", True), ("x = 2, x = 3", "(2, 3)", False), ("x = 2, y = 3", "2, 3", True), ("x = 2, y = 3", "[2, 3]", False),
         (r"t = 4 \text{ s}", "4", True),
+        (r"\lambda = 2", "2", True), (r"x=\frac{3}{2}", r"\frac32", True), (r"x = \frac{3}{2}", r"\frac23", False),
+        ("(m, n) = (3, 4)", "(3, 4)", True), ("(m, n) = (4, 3)", "(3, 4)", False), (r"x = 2 \text{ and } y = 5", "(2, 5)", True),
+        (r"\mathbf{v} = (1, -1, 2)", r"\begin{pmatrix} 1 \\ -1 \\ 2 \end{pmatrix}", True),
+        (r"AC = \sqrt{13}", r"\sqrt{13}", True),
     ],
     "lists": [
         (r"\{3, 1, 2\}", r"\{1,2,3\}", True), (r"\{3, 1\}", r"\{1,2,3\}", False), ("2, 1", "1, 2", True),
@@ -107,6 +124,9 @@ FAMILIES = {
         ("-3, 2", "2, -3", True), (r"x = 2 \text{ or } x = -3", "-3, 2", True), (r"\{2\}", "-3, 2", False),
         (r"\{-3, 2\}", r"\{2, -3\}", True), (r"2 \pm \sqrt{3}", r"2-\sqrt3, 2+\sqrt3", True),
         (r"2 \pm \sqrt{3}", r"2+\sqrt3", False),
+        (r"\{-2, 0, 2\}", "0, 2, -2", True), (r"\{-2, 2\}", "0, 2, -2", False),
+        (r"[0, 1) \cup (2, 3]", r"(2,3] \cup [0,1)", True), (r"x = \pm 3", "3, -3", True), (r"x = \pm 3", "3", False),
+        (r"\left\{ \pm \frac{1}{2} \right\}", r"\frac12, -\frac12", True),
     ],
     "spellings": [
         (r"+\infty", r"\infty", True), (r"-\infty", r"\infty", False), (r"\varnothing", r"\emptyset", True), (r"\{\}", r"\emptyset", True),
@@ -124,6 +144,9 @@ FAMILIES = {
         (r"\infty", r"+\infty", True), (r"\emptyset", r"\varnothing", True), (r"\cos(\theta)", r"\cos\theta", True),
         (r"\tan(x)", r"\tan x", True), (r"\dfrac{\sqrt{3}}{2}", r"\frac{\sqrt3}{2}", True), (r"\left[0,1\right]", "[0,1]", True),
         (r"\left[0,1\right)", "[0,1]", False),
+        (r"\dfrac{1}{\sqrt{2}}", r"\frac{\sqrt2}{2}", True), (r"\infty", r"\infty", True), (r"+ \infty", r"\infty", True),
+        (r"\cos (2\theta)", r"\cos 2\theta", True), (r"\ln(x+1)", r"\ln (x + 1)", True), (r"\ln(x+1)", r"\ln x + 1", False),
+        (r"\tfrac{3}{4}", r"\frac{3}{4}", True), (r"\displaystyle\frac{3}{4}", "0.75", True),
     ],
     "cas": [
         (r"\log_2 8", "3", True), (r"\log_2 9", "3", False), (r"2\ln 2", r"\ln 4", True), (r"3\ln 2", r"\ln 4", False),
@@ -135,6 +158,8 @@ FAMILIES = {
         (r"2^{\log_2 5}", "5", True), (r"\ln(e^2)", "2", True), (r"\frac{10!}{3!7!}", "120", True), ("(n-1)!1", "(n-1)!", False), ("(08)^2", "08", False), ("(08)^2", "64", True), (r"\sin\frac{\pi}{6}", r"\frac12", True),
         (r"\log_5 125", "3", True), (r"\log_5 125", "5", False), (r"\ln 9", r"2\ln 3", True), (r"\ln 9", r"3\ln 2", False),
         (r"\binom{8}{4}", "70", True), (r"\binom{8}{3}", "70", False), (r"\log 1000", "3", False),
+        (r"\log_4 64", "3", True), (r"\log_4 64", "4", False), (r"3\log 2", r"\log 8", True), (r"\binom{6}{2}", "15", True),
+        (r"\binom{6}{2}", "30", False), (r"\log_{3}{27}", "3", True), (r"\frac{\log 27}{\log 3}", "3", True),
     ],
     "inequality": [
         ("x > 2", r"(2, \infty)", True), (r"x \geq 2", r"(2, \infty)", False), (r"-1 \le x < 3", "[-1, 3)", True),
@@ -147,6 +172,8 @@ FAMILIES = {
         (r"x \le -1 \text{ or } x \ge 1", r"(-\infty,-1]\cup[1,\infty)", True), (r"x \le -1 \text{ or } x > 1", r"(-\infty,-1]\cup[1,\infty)", False),
         (r"x \ge 3", r"[3, \infty)", True), ("x > 3", r"[3, \infty)", False), (r"0 \le x \le 1", "[0,1]", True),
         ("k < 5", r"(-\infty, 5)", True), (r"k \leq 5", r"(-\infty, 5)", False),
+        (r"t \geq 1", r"[1,\infty)", True), (r"-3 < x \leq 5", "(-3, 5]", True), (r"-3 < x \leq 5", "[-3, 5]", False),
+        (r"x < -1 \text{ or } x > 1", r"(-\infty, -1) \cup (1, \infty)", True), (r"x \in [1, \infty)", r"x \geq 1", True),
     ],
     "repeating": [
         (r"0.\overline{3}", r"\frac{1}{3}", True), (r"0.\overline{3}", "0.3", False), (r"0.1\overline{6}", r"\frac{1}{6}", True),
@@ -158,6 +185,8 @@ FAMILIES = {
         (r"-0.\overline{6}", r"-\frac23", True), (r"-0.\overline{6}", r"\frac23", False), (r"(0.\overline{3}, 1)", r"(\frac13,1)", True),
         (r"0.\overline{6}", r"\frac23", True), (r"0.\overline{6}", "0.6", False), (r"0.8\overline{3}", r"\frac56", True),
         ("0.(27)", r"\frac{3}{11}", True), ("0.(27)", r"\frac{27}{100}", False),
+        (r"1.\overline{3}", r"\frac43", True), (r"0.\overline{45}", r"\frac{5}{11}", True),
+        (r"0.\overline{45}", r"\frac{45}{100}", False), (r"0.58\overline{3}", r"\frac{7}{12}", True),
     ],
     "case": [
         ("yes", "Yes", True), ("YES", "Yes", True), (r"\text{yes}", "Yes", True), ("no", "Yes", False), ("No", "no", True),
@@ -168,6 +197,8 @@ FAMILIES = {
         ("ABC", "abc", False), ("E", "e", False), ("e", "E", False), ("I", "i", False), ("Not possible", "not possible", True), ("Possible", "not possible", False),
         ("Yes", "yes", True), (r"\text{No}", "No", True), ("no", "yes", False), ("East", "east", True), ("west", "East", False),
         (r"\text{Odd}", "odd", True), ("FALSE", "False", True), ("b", "B", False),
+        (r"\text{YES}", "Yes", True), (r"\text{yes}", "No", False), ("south", "South", True), (r"\textbf{Odd}", "odd", True),
+        (r"\text{Converges}", r"\text{converges}", True), (r"\text{Diverges}", r"\text{converges}", False),
     ],
     "options": [
         ("(B) 12", "B", True), ("B. 12", "B", True), (r"\textbf{(B) } 12", "B", True), ("(C) 12", "B", False),
@@ -180,6 +211,8 @@ FAMILIES = {
         ("A, B", "A", False), ("B = 12", "B", False),
         ("(C) 7", "C", True), ("(C) 7", "7", True), ("(C) 7", "D", False), ("(C) 7", "8", False), (r"\textbf{(D) }24", "D", True),
         (r"\textbf{(D) }24", "24", True), ("D", "24", False),
+        (r"\textbf{(E)}", "E", True), (r"\textbf{(E) } 100", "100", True), (r"(E)\ 100", "E", True), ("(E) 100", "D", False),
+        (r"\text{(A) }\sqrt{2}", r"\sqrt{2}", True), (r"\text{(A) }\sqrt{2}", r"\sqrt{3}", False),
     ],
 }
 PAIRS = [(fam, *p) for fam, ps in FAMILIES.items() for p in ps]
