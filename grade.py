@@ -235,17 +235,6 @@ def _rounds(d, exact):
     return bool(v.is_real) and abs(sympy.Rational(d) - v) <= tol
 
 
-def _apart(ea, eb):
-    """True when ea and eb differ numerically at a fixed point (a proof that they differ, cheaper than simplify,
-    which is left to prove equality); False when they agree or cannot be evaluated there."""
-    point = {s: sympy.Rational(7 + 2 * k, 11 + 3 * k) for k, s in enumerate(sorted(ea.free_symbols, key=str))}
-    try:
-        va, vb = (complex(sympy.N(e.subs(point), 20)) for e in (ea, eb))
-    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
-        return False
-    return all(map(math.isfinite, (va.real, va.imag, vb.real, vb.imag))) and abs(va - vb) > 1e-9 * max(1.0, abs(va), abs(vb))
-
-
 def _values_equal(a, b):
     """Integers, fractions and decimals exactly (a decimal is the rational it writes: 3.0000001 is not sqrt(9)),
     except that a lone decimal of 6+ significant digits may round a non-integer value within half a unit of its last
@@ -269,8 +258,8 @@ def _values_equal(a, b):
             return False
         if ea.is_Rational and eb.is_Rational:  # integers and fractions: exactly (10^6 is not 1000001)
             return ea == eb
-        ra, rb = (sympy.nsimplify(e, rational=True) for e in (ea, eb))  # a written decimal is the rational it writes
-        return not _apart(ra, rb) and sympy.simplify(ra - rb) == 0
+        rational = lambda e: sympy.nsimplify(e, rational=True)  # a written decimal is the rational it writes
+        return sympy.simplify(rational(ea) - rational(eb)) == 0
     try:
         return bool(_with_time_limit(check, 2.0))
     except (_Timeout, Exception):
