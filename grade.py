@@ -350,8 +350,8 @@ def is_equiv(pred, gold):
     pred, gold = as_text(pred), as_text(gold)
     if pred is None or gold is None:
         return False
-    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
-        return pred.strip() == gold.strip()
+    if pred.strip() == gold.strip() or len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return bool(pred.strip()) and pred.strip() == gold.strip()  # the same text (fast), or a degenerate one
     p, g = clean(pred), clean(gold)
     (lp, tp), (lg, tg) = option(p), option(g)
     if lg and (lp or not tg):  # a letter against a letter: "(B) 12" is B
