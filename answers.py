@@ -60,7 +60,8 @@ UNIT_WORDS = {"m": ["meter", "metre"], "cm": ["centimeter", "centimetre"], "mm":
               "in": ["inch"], "ft": ["feet", "foot"], "yd": ["yard"], "mi": ["mile"], "s": ["second", "sec"], "min": ["minute"],
               "h": ["hour", "hr"], "g": ["gram"], "kg": ["kilogram"], "lb": ["pound"], "l": ["liter", "litre"], "ml": ["milliliter"],
               "dollar": ["\\$", "usd"], "cent": ["¢", "\\cent", "\\textcent"], "unit": [], "degree": ["deg", "°"], "day": [],
-              "week": [], "month": [], "year": ["yr"]}
+              "week": [], "month": [], "year": ["yr"], "mph": ["mile per hour", "miles per hour", "mi/h"],
+              "km/h": ["km/hr", "kph", "kilometer per hour", "kilometers per hour"], "m/s": ["meter per second", "meters per second"]}
 SAME_UNIT = {w + e: u for u, ws in UNIT_WORDS.items() for w in ws + [u] for e in ("", "s", "es")}
 PLAIN_UNITS = ("mm|cm|km|m|meters?|centimeters?|kilometers?|inch|inches|in|feet|foot|ft|yards?|yd|miles?|mi|units?|square units|"
                "sq units|degrees?|dollars?|cents?|hours?|hrs?|minutes?|mins?|seconds?|secs?|s|days?|weeks?|months?|years?|kg|g|grams?|"

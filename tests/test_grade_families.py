@@ -65,7 +65,7 @@ FAMILIES = {
         (r"3 \mbox{ inches}", r"3\text{ ft}", False), (r"40\text{ mL}", r"40\text{ L}", False),
         (r"24\text{ cm}^2", "24", True), (r"24\text{ cm}^2", r"24\text{ cm}", False), (r"\$2.50", r"\$2.5", True),
         (r"2.50\text{ dollars}", r"250\text{ cents}", False), (r"7\text{ days}", r"7\text{ weeks}", False),
-        (r"7\text{ days}", "7", True), (r"15\text{ mph}", r"15\text{ miles per hour}", False),
+        (r"7\text{ days}", "7", True), (r"15\text{ mph}", r"15\text{ miles per hour}", True), (r"15\text{ mph}", r"15\text{ km/hr}", False),
         (r"3\text{ m}", r"3\mbox{ meters}", True), (r"3\text{ mm}", r"3\mbox{ meters}", False),
         (r"45^\circ", r"45^{\circ}", True), (r"45\text{ degrees}", r"45^\circ", True),
     ],
