@@ -354,8 +354,8 @@ def is_equiv(pred, gold):
         return bool(pred.strip()) and pred.strip() == gold.strip()  # the same text (fast), or a degenerate one
     p, g = clean(pred), clean(gold)
     (lp, tp), (lg, tg) = option(p), option(g)
-    if lg and (lp or not tg):  # a letter against a letter: "(B) 12" is B
-        return lp == lg
+    if lg and (lp or not tg):  # a letter against a letter: "(B) 12" is B, but not "(B) 12" against "(B) 13"
+        return lp == lg and (not tp or not tg or is_equiv(tp, tg))
     p, g = tp if lp and tp else p, tg if lg else g  # the option's text against a value: "(B) 12" is 12
     (p, up), (g, ug) = unit(p), unit(g)
     if up and ug and up != ug:  # 5 m is not 5 cm; either without a unit is

@@ -208,7 +208,7 @@ FAMILIES = {
         ("B: 12", "B", True), (r"\mathrm{(B)}", "B", True), (r"(B)\ \frac{1}{2}", r"\frac12", True), (r"\text{(B) } 12 \text{ cm}", "12", True),
         (r"\text{(B) } 12 \text{ cm}", "B", True), ("Option B", "B", True), (r"\text{(B) 12}", "B", True), (r"\text{(B) 12}", "13", False), ("Option C", "B", False), ("12", "(B) 12", True), ("B", "(B) 12", True),
         ("(A)", "(B) 12", False), ("(B)+1", "B", False), ("(A) or (B)", "A", False), ("(A), (B)", "A", False), ("(A)(B)", "A", False), ("A or B", "A", False),
-        ("A, B", "A", False), ("B = 12", "B", False),
+        ("A, B", "A", False), ("B = 12", "B", False), ("B: 12", "(B) 13", False), ("B: 12", "(B) 12", True), ("(D) 24", r"\textbf{(D) }24", True),
         ("(C) 7", "C", True), ("(C) 7", "7", True), ("(C) 7", "D", False), ("(C) 7", "8", False), (r"\textbf{(D) }24", "D", True),
         (r"\textbf{(D) }24", "24", True), ("D", "24", False),
         (r"\textbf{(E)}", "E", True), (r"\textbf{(E) } 100", "100", True), (r"(E)\ 100", "E", True), ("(E) 100", "D", False),
