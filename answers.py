@@ -49,7 +49,7 @@ def option(s):
     a bare "B" or "(B)" -> ("B", ""); anything else -> (None, s)."""
     t = re.sub(r"^\\text\{([^{}]*)\}$", r"\1", s.strip())  # \text{(B) 12}
     t = re.sub(r"\\text\{\s*(\(?[A-E]\)?[.:]?)\s*\}", r"\1 ", t).strip()
-    t = re.sub(r"^(?:\\text\{)?\s*(?:option|choice)\s*([A-E])\s*\}?", r"\1.", t, flags=re.I)  # "Option B" 
+    t = re.sub(r"^(?:\\text\{)?\s*(?:option|choice)\s*([A-E])\s*\}?", r"\1.", t, flags=re.I)  # "Option B"
     m = re.fullmatch(r"\(([A-E])\)\s*([^\s+*/^=_,].*|)", t, re.S) or re.fullmatch(r"([A-E])(?:[.:)]\s*([^\s+*/^=_,].*)|[.:]?)", t, re.S)
     if not m or re.search(r"\([A-E]\)|^(?:and|or)\b|^[A-E](?:\W|$)", m.group(2) or ""):  # (A) or (B): no choice
         return None, s
