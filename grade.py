@@ -105,7 +105,7 @@ def _latex_to_sympy_text(s):
             break
         s = t
     s = re.sub(r"(?<![\d.])0+(?=\d)", "", s)  # 08 is 8 (sympy reads it as 0*8)
-    s = s.replace("\\infty", "oo").replace("\\pi", "pi").replace("\\cdot", "*").replace("\\times", "*").replace("\\lambda", "lamda")
+    s = s.replace("\\infty", "oo").replace("\\pi", " pi ").replace("\\cdot", "*").replace("\\times", "*").replace("\\lambda", "lamda")
     s = re.sub(rf"\\({GREEK})", r" \1 ", s).replace("{", "(").replace("}", ")").replace("^", "**")
     if re.search(r"[^0-9a-zA-Z+\-*/().!, ]", s) or "\\" in s:
         return None

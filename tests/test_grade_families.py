@@ -133,7 +133,7 @@ FAMILIES = {
         (r"\ln(3)", r"\ln 2", False), (r"\sin \theta", r"\sin(\theta)", True), (r"\cos\theta", r"\sin \theta", False),
         ("∞", r"\infty", True), (r"\mathbb{R}", r"(-\infty, \infty)", True), (r"\mathbb{R}", r"(0, \infty)", False),
         (r"\mathrm{e}^{2}", "e^2", True), (r"\textbf{Yes}", "Yes", True), (r"\exp(x)", "e^x", True), (r"\sqrt{e}", "e^{1/2}", True),
-        (r"\sqrt{e}", "e^{2}", False), (r"2\pi \cdot i", r"2\pi i", True), (r"\ln 2 \cdot \pi", r"\pi \ln 2", True),
+        (r"\sqrt{e}", "e^{2}", False), (r"2\pi \cdot i", r"2\pi i", True), (r"2i\pi", r"2\pi i", True), (r"2i\pi", r"2\pi", False), (r"\ln 2 \cdot \pi", r"\pi \ln 2", True),
         (r"\sin 2x", r"\sin(2x)", True), (r"\sin 2x", r"2\sin x", False), (r"\arctan 2", r"\arctan(2)", True),
         (r"\arctan 1", r"\frac{\pi}{4}", True), (r"\arcsin 1", r"\frac{\pi}{4}", False),
         (r"\langle 1, 2 \rangle", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", True), (r"\langle 2, 1 \rangle", "(1, 2)", False),
