@@ -1,28 +1,35 @@
-"""Grading math answers: extraction, normalization, equivalence and the reward (BuPO Sec. 3: 1 if the boxed answer matches).
+"""Grading math answers: extraction, equivalence and the reward (BuPO Sec. 3: 1 if the boxed answer matches).
 
-The grader normalizes LaTeX the way a careful human grader of MATH-style answers would
-(units, sets, \\pm, "and" lists, a Unicode minus), then compares integers, fractions and
-decimals exactly (a decimal is the rational it writes), except that a decimal of 6+
-digits may round a non-integer value (to 1e-6); tuples/intervals element-wise with their
-brackets; unordered lists and sets as multisets; other expressions symbolically with
-sympy (i and e are constants) under a time limit, after refusing any whose value would be
-astronomically large (a power tower such as 10^{10^5}, which sympy would expand in one
-uninterruptible C call). It never rewards a different value, and whatever a response
-holds, the reward is 0.0 or 1.0, never an exception (tests: ~200 hand-written pairs from
-the real golds and math-verify's classes, perturbed golds, big numbers, fuzzing).
+answers.py reads an answer as a careful human grader would (spellings, the option letter,
+the unit, the items of a list, set or union, names, inequalities as intervals, repeating
+decimals); this file compares what it reads. Different units are different answers; lists,
+sets and unions are multisets; tuples and intervals go element by element with their
+brackets; integers, fractions and decimals compare exactly (a decimal is the rational it
+writes), except that a lone decimal of 6+ significant digits may round a non-integer value
+within half a unit of its last digit (0.333333 = 1/3, not 3.141595 = pi); other expressions
+symbolically with sympy (i and e are constants) under a time limit, after refusing any whose
+value would be astronomically large (10^{10^5}, 1000!: sympy would build the number in one
+uninterruptible C call). An ambiguity (-2\\frac{1}{2}) is rejected, not paid. Whatever a
+response holds, the reward is 0.0 or 1.0, never an exception. Conventions, and the
+comparison with math-verify: docs/grading.md; tests: tests/test_grade.py (real golds,
+big numbers, fuzzing) and tests/test_grade_families.py (the answer families, both ways).
 """
 import math
 import re
 import signal
 import threading
+import warnings
 from fractions import Fraction
 from functools import lru_cache
 
 import sympy
 from sympy.parsing.sympy_parser import convert_xor, implicit_multiplication_application, parse_expr, standard_transformations
 
+from answers import GREEK, as_tuple, clean, items, named_items, option, repeating, unit
+
 MAX_ANSWER_CHARS = 1000  # longer answers (a degenerate response) are compared as plain text: golds are < 200
 MAX_BITS = 1 << 14       # a sympy expression whose value could need more bits is compared as text (10^{10^5}, 9^{9^9})
+MAX_DEPTH = 20           # deeper nesting of brackets is compared as text (real answers nest < 6)
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -55,99 +62,58 @@ def extract_answer(text):
     return None  # unbalanced: the response was cut off inside the box
 
 
-# ----------------------------------------------------------------------------- normalization
-
-UNITS = ("mm|cm|km|m|meters?|centimeters?|kilometers?|inch|inches|in|feet|foot|ft|yards?|yd|miles?|mi|units?|square units|"
-         "sq units|degrees?|dollars?|cents?|hours?|hrs?|minutes?|mins?|seconds?|secs?|s|days?|weeks?|months?|years?|kg|g|grams?|"
-         "kilograms?|lbs?|pounds?|ounces?|oz|liters?|l|ml|mph|km/h|m/s|cm/s|people|students|ways|times")
-
-
-def _strip_text_units(s):
-    s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{\s*\(?([A-E])\)?\s*\}", r"\1", s)  # \text{(C)} -> C
-    s = re.sub(r"([\d}])\s*\\(?:text|mbox|mathrm)\{[^{}]*\}\s*(\^\{?\d\}?)?$", r"\1", s)  # 5\text{ cm}^2, \frac12\text{ cm} -> 5
-    return re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
-
-
-SAME_UNIT = {w + e: u for u, ws in {"m": ["meter"], "cm": ["centimeter"], "km": ["kilometer"], "in": ["inch"], "ft": ["feet", "foot"],
-                                   "yd": ["yard"], "mi": ["mile"], "s": ["second", "sec"], "min": ["minute"], "h": ["hour", "hr"],
-                                   "g": ["gram"], "kg": ["kilogram"], "lb": ["pound"], "l": ["liter"], "unit": ["units"]}.items()
-             for w in ws + [u] for e in ("", "s", "es") if w + e != u}
-
-
-def unit(s):
-    """(value, unit) of an answer that ends in a plain unit after a number or a closing brace ("5 cm", "5cm",
-    "\\frac{1}{2} m^2"), else (s, None): i and e, written after a number, are constants, not units."""
-    s = str(s).strip()
-    m = re.fullmatch(rf"(.*[\d}}])\s*(?:\\text\{{\s*)?({UNITS})\}}?(\^\{{?[23]\}}?)?", s)
-    if m and re.search(r"\d", m.group(1)) and (m.group(2) not in ("m", "s", "g", "l", "in") or re.search(r"\d\s+\S+$", s)):
-        return m.group(1), m.group(2) + (m.group(3) or "")
-    return s, None
-
-
-def normalize(s):
-    """A canonical string for MATH-style answers (spacing, \\left, \\dfrac, units, degrees, %, x=, sets, \\pm, "and")."""
-    s = _matrix_to_tuple(unit(str(s).replace("\u2212", "-"))[0])
-    s = re.sub(r"\\[,;:! ]|\\q?quad|~", " ", s).replace("\\left", "").replace("\\right", "")
-    s = s.replace("\\$", "").replace("$", "").replace("\\displaystyle", "")
-    s = re.sub(r"\\[dt]frac", r"\\frac", s)
-    s = _strip_text_units(s)
-    s = re.sub(r"\^\s*\{?\\circ\}?|°|\\%|%|\\degree", "", s)
-    s = re.sub(r"\s*,?\s+(?:and|or)\s+", ",", s)  # "1 and 2", "1, 2, and 3": a list
-    s = re.sub(r"\s+", "", s).rstrip(".")
-    s = re.sub(r"^\\\{(.*)\\\}$", r"\1", s)  # a set \{1,0\}: its elements, an unordered list
-    s = re.sub(r"(\d)\{,\}(\d\d\d)", r"\1\2", s)  # 1{,}000
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # 10,000 -> 10000 (a lone number only)
-        s = s.replace(",", "")
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
-    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac9{19}
-    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
-    s = re.sub(r"\\sqrt(\d+|[a-z])", r"\\sqrt{\1}", s)  # \sqrt2
-    m = re.fullmatch(r"[a-zA-Z](?:_\w|_\{\w+\})?=(.+)", s)  # x=3 -> 3
-    if m and "=" not in m.group(1):
-        s = m.group(1)
-    if re.fullmatch(r"\(?[A-E]\)?", s):
-        s = s.strip("()")
-    s = re.sub(r"^[a-zA-Z]\\in", "", s)  # x \in [-2,7]
-    s = re.sub(r"_\{(\d+)\}", r"_\1", s)  # 4210_{5} -> 4210_5
-    m = re.fullmatch(r"([^,]*)\\pm([^,]+)", s)  # a \pm b -> the list a+b, a-b; \pm b -> b, -b
-    if m:
-        s = f"{m.group(1)}+{m.group(2)},{m.group(1)}-{m.group(2)}" if m.group(1) else f"{m.group(2)},-{m.group(2)}"
-    return s
-
-
-def _matrix_to_tuple(s):
-    """\\begin{pmatrix} a \\\\ b \\end{pmatrix} -> (a,b); rows with & become nested tuples."""
-    m = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", s, re.S)
-    if not m:
-        return s
-    rows = [r.strip() for r in m.group(1).split("\\\\") if r.strip()]
-    if any("&" in r for r in rows):
-        rows = ["(" + r.replace("&", ",") + ")" for r in rows]
-    return "(" + ",".join(rows) + ")" if len(rows) > 1 else rows[0]
-
-
 # ----------------------------------------------------------------------------- values
 
-_FUNCS = r"sqrt|pi|oo|log|ln|sin|cos|tan|cot|sec|csc|exp|i|e"
+_FN = "ln|log|sin|cos|tan|cot|sec|csc|exp|arcsin|arccos|arctan"
+_FUNCS = rf"sqrt|pi|oo|{_FN}|binomial|{GREEK.replace('lambda', 'lamda')}|i|e"
+_ATOM = r"\d+(?:\.\d+)?|[a-zA-Z]|\\pi|\\(?:" + GREEK + ")"
+
+
+def _functions_to_text(s):
+    """\\log_2 8 -> (log(8)/log(2)); \\binom{a}{b} -> binomial((a),(b)); \\sin x, \\ln 2 -> sin(x), ln(2) where the
+    argument is one atom; other function applications are left to sympy's implicit application."""
+    arg = rf"(?:\{{([^{{}}]+)\}}|\(([^()]+)\)|({_ATOM}))"
+    s = re.sub(rf"\\log_(?:\{{([^{{}}]+)\}}|(\w)){arg}", lambda m: f"(log({m.group(3) or m.group(4) or m.group(5)})/log({m.group(1) or m.group(2)}))", s)
+    s = re.sub(r"\\binom\{([^{}]*)\}\{([^{}]*)\}", r"binomial((\1),(\2))", s)
+    s = re.sub(rf"\\({_FN})\{{([^{{}}]*)\}}", r" \1(\2)", s)
+    s = re.sub(rf"\\({_FN})(\d+(?:[a-zA-Z]|\\pi|\\(?:{GREEK}))|{_ATOM})(?![\w{{(^])", r" \1(\2)", s)  # \sin 2x = sin(2x)
+    return re.sub(rf"\\({_FN})", r" \1 ", s)
+
+
+def _depths(s):
+    """The nesting depth of brackets after each character of s."""
+    depth = 0
+    for ch in s:
+        depth += 1 if ch in "([{" else -1 if ch in ")]}" else 0
+        yield depth
 
 
 def _latex_to_sympy_text(s):
-    """Plain-text expression for sympy.parse_expr, or None where the LaTeX is beyond us."""
-    s = re.sub(r"(\d)\\frac", r"\1+\\frac", s)  # mixed number 2\frac{1}{2}
+    """Plain-text expression for sympy.parse_expr, or None where the LaTeX is beyond us or ambiguous. A number
+    right before \\frac is a product when the fraction holds a symbol (3\\frac{\\pi}{4} = 3pi/4) and ambiguous
+    when it is numeric (-2\\frac{1}{2}, 1\\frac{3}{2}: a whole positive mixed number is read by _number)."""
+    if re.search(r"\d\\frac\{\d+\}\{\d+\}", s):
+        return None
+    s = re.sub(r"(\d)\\frac", r"\1*\\frac", s)
+    s = _functions_to_text(s)
     for _ in range(8):  # innermost first: \frac{a}{b}, \sqrt[n]{a}, \sqrt{a}
         t = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
         t = re.sub(r"\\sqrt\[([^\[\]{}]*)\]\{([^{}]*)\}", r"((\2)**(1/(\1)))", t)
         t = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", t)
+        t = re.sub(r"\\binom\{([^{}]*)\}\{([^{}]*)\}", r"binomial((\1),(\2))", t)
         if t == s:
             break
         s = t
-    s = s.replace("\\infty", "oo").replace("\\pi", "pi").replace("\\cdot", "*").replace("\\times", "*")
-    s = re.sub(r"\\(ln|log|sin|cos|tan|cot|sec|csc|exp)", r"\1", s).replace("{", "(").replace("}", ")").replace("^", "**")
-    if re.search(r"[^0-9a-zA-Z+\-*/().! ]", s) or "\\" in s:
+    s = re.sub(r"(?<![\d.])0+(?=\d)", "", s)  # 08 is 8 (sympy reads it as 0*8)
+    s = s.replace("\\infty", "oo").replace("\\pi", " pi ").replace("\\cdot", "*").replace("\\times", "*").replace("\\lambda", "lamda")
+    s = re.sub(rf"\\({GREEK})", r" \1 ", s).replace("{", "(").replace("}", ")").replace("^", "**")
+    if re.search(r"[^0-9a-zA-Z+\-*/().!, ]", s) or "\\" in s:
         return None
-    if re.search(r"[)a-zA-Z]\d", s):  # "(14/3)1", "x1": no one writes a product so; never parse it as one
+    if re.search(r"[)a-zA-Z]\d|!\d(?!\d*!)", s.replace(" ", "")) or re.search(r"\d\s+\d", s):  # "(14/3)1", "x1": never a product
         return None
-    if re.search(r"\d{4,}\s*!", s):  # 1000!+ : sympy computes it even unevaluated, for seconds (and 2000! > MAX_BITS)
+    if max(_depths(s), default=0) > MAX_DEPTH:  # (((((...))))): sympy's parser recurses per level
+        return None
+    if re.search(r"\d{4,}\s*!|binomial\(\(\d{5,}", s):  # 1000!, \binom{10^5}{k}: sympy computes them even unevaluated
         return None
     words = re.sub(rf"\b(?:{_FUNCS})\b|\d", " ", re.sub(rf"({_FUNCS[:-4]})", r" \1 ", s))
     if re.search(r"[a-zA-Z]{3,}", words):  # a word, not a formula: compare as text
@@ -176,11 +142,15 @@ def _with_time_limit(fn, seconds):
 
 @lru_cache(maxsize=100_000)
 def _number(s):
-    """Exact value of a plain integer, decimal or fraction string, else None (fast path)."""
+    """Exact value of a plain integer, decimal, fraction or positive mixed number (2\\frac{1}{2}: a proper numeric
+    fraction after a positive integer) string, else None (fast path)."""
     m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s) or re.fullmatch(r"(-?)(-?\d+)/(-?\d+)", s)
+    mixed = re.fullmatch(r"(\d+)\\frac\{(\d+)\}\{(\d+)\}", s)
     try:  # int() refuses strings of over 4300 digits: those stay text
         if m:
             return None if int(m.group(3)) == 0 else (-1 if m.group(1) else 1) * Fraction(int(m.group(2)), int(m.group(3)))
+        if mixed and int(mixed.group(1)) > 0 and 0 < int(mixed.group(2)) < int(mixed.group(3)):
+            return int(mixed.group(1)) + Fraction(int(mixed.group(2)), int(mixed.group(3)))
         if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)", s):
             return Fraction(s)
     except ValueError:
@@ -195,13 +165,20 @@ def _log2_bound(e):
     if e.is_Pow and not e.exp.free_symbols:
         exp_bits = _log2_bound(e.exp)
         return math.inf if exp_bits > 20 else _log2_bound(e.base) * max(1.0, abs(float(e.exp)))
+    if isinstance(e, sympy.binomial) and not e.args[0].free_symbols:  # binomial(n, k) < 2^n
+        n_bits = _log2_bound(e.args[0])
+        return math.inf if n_bits > 20 else abs(float(e.args[0])) + sum(_log2_bound(a) for a in e.args)
     if isinstance(e, sympy.factorial) and not e.args[0].free_symbols:
         n_bits = _log2_bound(e.args[0])
         return math.inf if n_bits > 20 else float(e.args[0]) * n_bits
     return 1.0 + sum(_log2_bound(a) for a in e.args)  # sums, products, functions: at most the sum of the parts
 
 
-CONSTANTS = {"i": sympy.I, "e": sympy.E}  # as MATH's answers use them: 2i, e^2
+CONSTANTS = {"i": sympy.I, "e": sympy.E}  # as MATH's answers use them: 2i, e^2; Greek letters are symbols (not gamma())
+CONSTANTS.update({g: sympy.Symbol(g) for g in GREEK.replace("lambda", "lamda").split("|")})
+CONSTANTS.update({c: sympy.Symbol(c) for c in "ABCDEHIJKLMNOPQRSTUVWXYZ"})  # E, I, N, S, O: letters, not sympy's names
+CONSTANTS.update({f: sympy.Function(f) for f in "fgFG"})  # f(0) is a value of f, not f*0
+CONSTANTS.update(arcsin=sympy.asin, arccos=sympy.acos, arctan=sympy.atan)
 
 
 @lru_cache(maxsize=100_000)
@@ -214,9 +191,11 @@ def _parsed(s):
     parse = lambda evaluate: parse_expr(text, local_dict=CONSTANTS, transformations=standard_transformations + (
         implicit_multiplication_application, convert_xor), evaluate=evaluate)
     try:  # first unevaluated: sympy would expand 10**(10**5) into a 332k-bit integer in one C call, past any alarm
-        if _with_time_limit(lambda: _log2_bound(parse(False)), 1.0) > MAX_BITS:
-            return None
-        return _with_time_limit(lambda: parse(True), 1.0)
+        with warnings.catch_warnings():  # (1,2)^2: sympy's deprecation notice would fill a training log
+            warnings.simplefilter("ignore")
+            if _with_time_limit(lambda: _log2_bound(parse(False)), 1.0) > MAX_BITS:
+                return None
+            return _with_time_limit(lambda: parse(True), 1.0)
     except _Timeout:
         raise
     except Exception:
@@ -230,24 +209,46 @@ def _sympy(s):
         return None
 
 
-def _close(a, b, rel=1e-6):
-    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
+def _tolerance(s):
+    """Half a unit of the last written digit of a lone decimal of 6+ significant digits (0.333333: 5e-7), or a
+    float64's rounding if larger (1.4142135623730951 = sqrt(2), as Python prints it), else None: such a decimal
+    may round a non-integer value (docs/grading.md)."""
+    m = re.fullmatch(r"-?(\d*)\.(\d+)", s)
+    if m and len((m.group(1) + m.group(2)).lstrip("0")) >= 6:
+        return max(Fraction(1, 2 * 10 ** len(m.group(2))), abs(Fraction(s)) / 2 ** 52)
+    return None
 
 
-def _decimals(s):
-    """The most digits after a decimal point written in s."""
-    return max((len(d) for d in re.findall(r"\.(\d+)", s)), default=0)
+def _rounds(d, exact):
+    """True when d, a lone decimal of 6+ significant digits, is exact (a non-integer number that is not itself a
+    written decimal) rounded within half a unit of d's last digit."""
+    tol = _tolerance(d)
+    if tol is None or _number(exact) is not None and "." in exact:
+        return False
+    x = _number(exact)
+    if x is not None:
+        return x.denominator != 1 and abs(Fraction(d) - x) <= tol
+    e = _sympy(exact)
+    if e is None or e.free_symbols or e.is_Integer:
+        return False
+    v = sympy.N(e, 30)
+    return bool(v.is_real) and abs(sympy.Rational(d) - v) <= tol
 
 
 def _values_equal(a, b):
-    """Numbers: exact, except that a decimal of 6+ digits may round a fraction. Expressions: exact rationals
-    compare exactly; a written decimal of 6+ digits against an exact non-integer value numerically to 1e-6
-    (0.785398 = pi/4), any other decimal exactly as the rational it writes (3.0000001 is not sqrt(9)),
-    exact irrationals symbolically."""
+    """Integers, fractions and decimals exactly (a decimal is the rational it writes: 3.0000001 is not sqrt(9)),
+    except that a lone decimal of 6+ significant digits may round a non-integer value within half a unit of its last
+    digit (0.333333 = 1/3, 3.14159 = pi, not 3.141595); other expressions symbolically, decimals in them exactly."""
     x, y = _number(a), _number(b)
+    if x is not None and y is not None and x == y:
+        return True
+    try:
+        if _with_time_limit(lambda: _rounds(a, b) or _rounds(b, a), 1.0):
+            return True
+    except (_Timeout, Exception):
+        return False
     if x is not None and y is not None:
-        rounds = lambda d, f: re.search(r"\.\d{6,}$", d) and ("/" in f or "frac" in f)
-        return x == y or bool(rounds(a, b) or rounds(b, a)) and _close(float(x), float(y))
+        return False
     ea, eb = _sympy(a), _sympy(b)
     if ea is None or eb is None:
         return False
@@ -255,15 +256,8 @@ def _values_equal(a, b):
     def check():
         if ea.free_symbols != eb.free_symbols:
             return False
-        if ea.free_symbols:
-            return sympy.simplify(ea - eb) == 0
         if ea.is_Rational and eb.is_Rational:  # integers and fractions: exactly (10^6 is not 1000001)
             return ea == eb
-        fa, fb = ea.has(sympy.Float), eb.has(sympy.Float)
-        exact = eb if fa and not fb else ea if fb and not fa else None
-        if exact is not None and _decimals(a + b) >= 6 and not exact.is_Integer:  # a decimal that may round: 1e-6
-            va, vb = complex(sympy.N(ea)), complex(sympy.N(eb))
-            return _close(va.real, vb.real) and _close(va.imag, vb.imag)
         rational = lambda e: sympy.nsimplify(e, rational=True)  # a written decimal is the rational it writes
         return sympy.simplify(rational(ea) - rational(eb)) == 0
     try:
@@ -274,68 +268,99 @@ def _values_equal(a, b):
 
 # ----------------------------------------------------------------------------- equivalence
 
-def _split_top(s):
-    """Split on commas outside brackets/braces."""
-    parts, depth, cur = [], 0, ""
-    for ch in s:
-        depth += ch in "([{" and 1 or ch in ")]}" and -1 or 0
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return parts + [cur]
-
-
-def _as_tuple(s):
-    """(open, close, items) of a bracketed, comma-separated answer, else None."""
-    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
-        items = _split_top(s[1:-1])
-        if len(items) >= 2:
-            return s[0], s[-1], items
-    return None
+def _same_word(p, g):
+    """Words whose case carries no meaning: Yes = yes = YES, North = north, No = no; not names of one or two
+    letters (A, AB) nor a short capital name against a product (ABC, abc)."""
+    words = [re.fullmatch(r"[A-Za-z]+", w) and (len(w) >= 3 or w.lower() == "no") for w in (p, g)]
+    short_caps = len(p) <= 4 and {p.isupper(), g.isupper()} == {True, False} and p.lower() not in ("yes", "no")
+    return all(words) and not short_caps and p.lower() == g.lower()
 
 
 def _equiv(p, g):
+    """One item (canonical text) against one item: tuples and intervals element by element with their brackets,
+    equations side by side, words without case, values by _values_equal."""
+    p, g = repeating(p), repeating(g)
     if p == g:
         return True
-    tp, tg = _as_tuple(p), _as_tuple(g)
+    if _same_word(p, g):
+        return True
+    tp, tg = as_tuple(p), as_tuple(g)
     if tp or tg:  # tuples and intervals: brackets and order matter
         return bool(tp and tg) and tp[:2] == tg[:2] and len(tp[2]) == len(tg[2]) and all(map(_equiv, tp[2], tg[2]))
-    lg, lp = _split_top(g), _split_top(p)
-    if len(lg) > 1 or len(lp) > 1:  # unordered list of answers: a multiset match
-        if len(lg) != len(lp):
-            return False
-        rest = list(lp)
-        for x in lg:
-            hit = next((i for i, y in enumerate(rest) if _equiv(y, x)), None)
-            if hit is None:
-                return False
-            rest.pop(hit)
-        return True
-    if "\\cup" in g or "\\cup" in p:  # unions of intervals, in order
-        a, b = p.split("\\cup"), g.split("\\cup")
-        return len(a) == len(b) and all(map(_equiv, a, b))
-    if "=" in g and "=" in p:  # equations: side by side
-        return all(_equiv(a, b) for a, b in zip(p.split("=", 1), g.split("=", 1)))
+    if "=" in g and "=" in p:  # equations: side by side, or the same equation rearranged
+        return all(_equiv(a, b) for a, b in zip(p.split("=", 1), g.split("=", 1))) or _same_equation(p, g)
     return _values_equal(p, g)
 
 
+def _same_equation(p, g):
+    """True when the equations p and g in the same unknowns are one a nonzero constant times the other
+    (x - y = 1 and y - x = -1, 2x + 2y = 2 and x + y = 1); never for one unknown's value (x = 1, y = 1)."""
+    sides = [s.split("=") for s in (p, g)]
+    if any(len(s) != 2 for s in sides):
+        return False
+    exprs = [(_sympy(a), _sympy(b)) for a, b in sides]
+    if any(e is None for pair in exprs for e in pair):
+        return False
+    try:
+        (pa, pb), (ga, gb) = exprs
+        dp, dg = pa - pb, ga - gb
+        if not dp.free_symbols or dp.free_symbols != dg.free_symbols or len(dp.free_symbols) < 2:
+            return False
+        ratio = _with_time_limit(lambda: sympy.simplify(dp / dg), 2.0)
+        return bool(ratio.is_number and ratio != 0 and ratio.is_finite)
+    except (_Timeout, Exception):
+        return False
+
+
+def _item_equiv(p, g):
+    """One (name, value) item against another: names, where both give one, must agree (y = 3 is not x = 3)."""
+    (pn, pv), (gn, gv) = p, g
+    if pn is not None and gn is not None and re.sub(r"\s+", "", pn) != re.sub(r"\s+", "", gn):
+        return False
+    if pn is not None and gn is None and "=" in gv:  # x - y = 1 against the equation x - y = 1, not against 1
+        pv = re.sub(r"\s+", "", pn) + "=" + pv
+    base = re.fullmatch(r"\d+(_\{?\d+\}?)", gv)  # 4343_6: a bare 4343 means the same base
+    return bool(pv) and _equiv(pv + base.group(1) if base and pv.isdigit() else pv, gv)
+
+
+def _equiv_answer(p, g):
+    """Answer against gold, both cleaned and without units: lists, sets and unions as multisets of items."""
+    gk, gl = items(g)
+    pk, pl = items(p, len(gl))
+    if (pk == "union") != (gk == "union"):
+        return False
+    pl, gl = named_items(pl, answer=True), named_items(gl)
+    names = [n for n, _ in pl]
+    if len(gl) == 1 and len(pl) > 1 and as_tuple(gl[0][1]) and all(n and re.fullmatch(r"[a-z]", n) for n in names) \
+            and names == sorted(set(names)):  # a = 2, b = -3 is the pair (a, b) = (2, -3); b = -3, a = 2 is ambiguous
+        pl = [(None, "(" + ",".join(v for _, v in pl) + ")")]
+    if len(pl) != len(gl):
+        return False
+    rest = list(pl)
+    for x in gl:  # a multiset match
+        hit = next((i for i, y in enumerate(rest) if _item_equiv(y, x)), None)
+        if hit is None:
+            return False
+        rest.pop(hit)
+    return True
+
+
 def is_equiv(pred, gold):
-    """True when pred is the same answer as gold (MATH-style); never true for a different value."""
+    """True when pred is the same answer as gold (MATH-style); never true for a different value (docs/grading.md)."""
     pred, gold = as_text(pred), as_text(gold)
     if pred is None or gold is None:
         return False
-    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
-        return pred.strip() == gold.strip()
-    (_, up), (_, ug) = unit(pred), unit(gold)
-    if up and ug and SAME_UNIT.get(up, up) != SAME_UNIT.get(ug, ug):  # 5 m is not 5 cm; either without a unit is
+    if pred.strip() == gold.strip() or len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return bool(pred.strip()) and pred.strip() == gold.strip()  # the same text (fast), or a degenerate one
+    p, g = clean(pred), clean(gold)
+    (lp, tp), (lg, tg) = option(p), option(g)
+    if lg and (lp or not tg):  # a letter against a letter: "(B) 12" is B, but not "(B) 12" against "(B) 13"
+        return lp == lg and (not tp or not tg or is_equiv(tp, tg))
+    p, g = tp if lp and tp else p, tg if lg else g  # the option's text against a value: "(B) 12" is 12
+    (p, up), (g, ug) = unit(p), unit(g)
+    if up and ug and up != ug:  # 5 m is not 5 cm; either without a unit is
         return False
-    p, g = normalize(pred), normalize(gold)
-    base = re.search(r"_\{?\d+\}?$", g)  # 4343_6: a bare 4343 means the same base
-    if base and re.fullmatch(r"\d+", p):
-        p += base.group(0)
-    return bool(p) and _equiv(p, g)
+    return bool(p) and _equiv_answer(p, g)
 
 
 def final_answer(response, last_number=False):
