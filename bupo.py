@@ -293,6 +293,7 @@ def main(argv=None):
     cfg = parse_config(BuPOConfig, BUPO_PRESETS, "BuPO vs GRPO on paired seeds (arXiv 2512.19673).", argv)
     if cfg.bench:
         return bench(cfg)
+    grpo.configure_sampling(cfg.compile, cfg.attention)  # the sampling before the runs too (profiles, probe set)
     experiment(cfg)
 
 
