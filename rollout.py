@@ -11,11 +11,13 @@ modules and weights doing the math:
 - continuous batching: finished rows are moved out (compaction) and, when there are more
   prompts than rows (max_batch), waiting prompts are prefilled into the freed rows and
   decode beside the others, each at its own step, drawing its own uniforms;
-- on CUDA the step is compiled (torch.compile) and captured once per (batch bucket, cache
-  span of 128 slots) as a CUDA graph, the live rows padded to the bucket (1, 2, 4, ..., as
-  nano-vllm); buffers and graphs are kept across calls (decode.release() frees them); the
-  host reads the GPU only every `sync_every` steps, to stop, compact and refill; attention
-  is SDPA on the query groups folded into the query length (fused kernels);
+- on CUDA the step is captured once per (batch bucket, cache span of 128 slots) as a CUDA
+  graph, the live rows padded to the bucket (1, 2, 4, ..., as nano-vllm), and replayed;
+  torch.compile of its forward is opt-in (`compile=True`, `--compile`); each falls back,
+  with one warning line, when it fails (graphs.py); buffers and graphs are kept across
+  calls (decode.release() frees them); the host reads the GPU only every `sync_every`
+  steps, to stop, compact and refill; attention is SDPA on the query groups folded into the
+  query length (fused kernels; `attention="eager"` writes it out, the CPU default);
 - on CPU the same step runs eagerly on exactly the live rows and the filled part of the
   cache, with every linear weight packed once into oneDNN's layout (what torch.compile
   uses): a decode step's small-M products run ~2x faster so.
@@ -24,6 +26,7 @@ Sampling (temperature, top-k/top-p, inverse-CDF draws) is sampling.py's.
 
     python rollout.py --bench                                   # ours vs HF generate, default model, CPU
     python rollout.py --bench --device cuda --random-weights qwen3-0.6b   # GPU: the shape of Qwen3-0.6B, bf16
+    .ci/gpu-check                                               # everything a lent GPU should tell, in one run
 """
 import argparse
 import copy
@@ -31,6 +34,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from cli import InputError, check, run_main
 from decompose import EMBEDDED, RANDOM, load_model
@@ -197,7 +201,8 @@ def bench_refill(model, rows, new_tokens, prompt_len=32):
     eos = list(range(0, model.config.vocab_size, 97))
     kw = dict(do_sample=True, top_k=0, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=0)
     outs, t_hf = timed(lambda: [model.generate(c, attention_mask=torch.ones_like(c), **kw) for c in prompts.split(rows)], model.device)
-    n_hf = tokens_to_eos(torch.cat([o[:, prompt_len:] for o in outs]), eos)
+    new = [F.pad(o[:, prompt_len:], (0, new_tokens + prompt_len - o.shape[1]), value=eos[0]) for o in outs]  # a chunk that ended early: (rows, N)
+    n_hf = tokens_to_eos(torch.cat(new), eos)
     r, t_us, _ = replayed(lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, eos_token_id=eos, seed=0, max_batch=rows),
                           model.device)
     return n_hf / t_hf, r.lengths.sum().item() / t_us

@@ -37,8 +37,8 @@ r = grpo.bench_step(asdict(cfg), {}, repeats=2)
 train_s = r["old"] + r["update"]
 print(f"GRPO step parts ({cfg.prompts_per_step} prompts x {cfg.group_size}, <= {cfg.max_new_tokens} tokens, {cfg.precision}): "
       f"rollout {r['rollout']:.2f} s, old log-probs {r['old']:.2f} s, update {r['update']:.2f} s; {r['tokens']} tokens")
-print(f"old log-probs + update: {r['flops'] / train_s / 1e12:.2f} TFLOP/s = {r['flops'] / train_s / r['peak']:.1%} of the "
-      f"measured {cfg.precision} matmul peak ({r['peak'] / 1e12:.1f} TFLOP/s, {'8192' if torch.cuda.is_available() else '2048'}^3)")
+print(f"old log-probs + update: {r['flops'] / train_s / 1e9:.1f} GFLOP/s = {r['flops'] / train_s / r['peak']:.1%} of the "
+      f"measured {cfg.precision} matmul peak ({r['peak'] / 1e9:.0f} GFLOP/s, {'8192' if torch.cuda.is_available() else '2048'}^3)")
 for k, v in r.items():
     if k not in ("rollout", "old", "update", "tokens", "flops", "peak"):
         print(f"{k}: {v}")  # whatever else grpo.bench_step measures (op counts, say)
