@@ -112,11 +112,23 @@ class Steps:
         if key in self.graphs:
             return self.graphs[key].replay()
         if key in self.seen or not (self.graphed or self.compiled):
-            return step(self.forward)
+            return self._step(step)
         t0 = clock(self.state.t.device)
         self._first(key, step)
         self.seen.add(key)
         self.setup_s += clock(self.state.t.device) - t0
+
+    def _step(self, step):
+        """step(forward) without a graph; a compiled forward that fails (a recompile past dynamo's limit, say: it fails
+        before it runs) falls back to the eager one."""
+        if not self.compiled:
+            return step(self.forward)
+        try:
+            return step(self.forward)
+        except Exception as e:
+            fall_back("compile", why(e))
+            self.compiled, self.forward = False, self.eager
+            return step(self.forward)
 
     def _first(self, key, step):
         """The first run of key: the warm-up, the compile where compiled, and the capture where graphed."""

@@ -248,7 +248,7 @@ def attention_kernels(names):
 def attention_ran(model, batch, new_tokens=4, prompt_len=32):
     """The attention kernel a generate call ran, from torch.profiler's event names (CUDA kernels and aten ops), on a
     few eager steps of the bench's shapes (a graph replay hides its kernels from the profiler)."""
-    prompts = torch.randint(100, 1000, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
         generate(model, prompts, max_new_tokens=new_tokens, seed=0, graphs=False, compile=False)

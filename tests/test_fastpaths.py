@@ -12,7 +12,8 @@ import engine
 import graphs
 from conftest import tiny_model
 from test_rollout import hf_greedy, prompts_for
-from rollout import generate
+import rollout
+from rollout import attention_kernels, generate
 
 
 @pytest.fixture(autouse=True)
@@ -153,3 +154,33 @@ def test_the_attention_switch_is_checked():
         generate(tiny_model("llama"), [[5]], max_new_tokens=2, attention="flash")
     with pytest.raises(ValueError, match="need static=True"):
         generate(tiny_model("llama"), [[5]], max_new_tokens=2, graphs=True, static=False)
+
+
+def test_the_attention_kernel_is_named_from_the_profilers_event_names():
+    """Names as torch.profiler reports them on an H100/H200 and on CPU, each mapped to the SDPA kernel that ran."""
+    assert attention_kernels(["aten::mm", "aten::scaled_dot_product_attention"]) == {}
+    assert set(attention_kernels(["aten::_scaled_dot_product_efficient_attention", "fmha_cutlassF_bf16_aligned_64x64_rf_sm80"])) == {"memory-efficient"}
+    assert attention_kernels(["void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>"]).keys() == {"flash"}
+    assert attention_kernels(["cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16"]).keys() == {"cuDNN"}
+    assert attention_kernels(["aten::_scaled_dot_product_attention_math"]).keys() == {"math"}
+    model = tiny_model("qwen3")
+    assert rollout.attention_ran(model, 2).startswith("written out")  # CPU's default: no SDPA call
+    rollout.configure(attention="sdpa")
+    try:
+        assert rollout.attention_ran(model, 2) == "flash: aten::_scaled_dot_product_flash_attention_for_cpu"
+    finally:
+        rollout.configure()
+
+
+def test_the_clis_set_the_process_defaults_that_generate_reads(capsys):
+    """configure (what --compile and --attention call) sets what generate uses where a call names nothing."""
+    model, prompts = tiny_model("llama"), prompts_for()
+    try:
+        rollout.configure(compile=True, attention="sdpa")
+        r = generate(model, prompts, max_new_tokens=4, temperature=0, static=True, pack=False)
+        assert r.mode == "compile" and rollout.DEFAULTS == dict(compile=True, attention="sdpa")
+    finally:
+        rollout.configure()
+    assert rollout.DEFAULTS == dict(compile=False, attention=None)
+    with pytest.raises(ValueError, match="--attention must be sdpa or eager"):
+        rollout.configure(attention="flash")
