@@ -213,7 +213,7 @@ def bench_refill(model, rows, new_tokens, prompt_len=32):
 
 def greedy_agreement(model, n_prompts=4, new_tokens=32):
     """Prompts on which our greedy tokens equal HF generate's, one prompt at a time, in float32."""
-    m = copy.deepcopy(model).float()
+    m = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
     g, same = torch.Generator().manual_seed(1), 0
     for _ in range(n_prompts):
         p = torch.randint(100, 1000, (1, 16), generator=g).to(m.device)
