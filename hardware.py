@@ -58,12 +58,18 @@ def profile_summary(prof, top=8):
     lines = [f"{'calls':>7} {'ms':>9} {'share':>6}  top {'kernels' if cuda else 'ops (CPU)'} by own time"]
     lines += [f"{e.count:>7} {getattr(e, key) / 1e3:>9.2f} {getattr(e, key) / total:>6.1%}  {e.key[:90]}" for e in rows[:top]]
     if cuda:
-        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-        busy, end = 0.0, spans[0][0]
-        for a, b in spans:  # the union of the kernels' intervals, microseconds
-            busy += max(0.0, b - max(a, end))
-            end = max(end, b)
-        wall = end - spans[0][0]
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy, wall = busy_time(spans)
         lines.append(f"{len(spans)} kernels over {wall / 1e3:.1f} ms: GPU busy {busy / 1e3:.1f} ms ({busy / wall:.0%}), "
                      f"idle between kernels {(wall - busy) / 1e3:.1f} ms")
     return lines
+
+
+def busy_time(spans):
+    """(time covered by the union of the (start, end) intervals, time from the first start to the last end)."""
+    spans = sorted(spans)
+    busy, end = 0.0, spans[0][0]
+    for a, b in spans:
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return busy, end - spans[0][0]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import decode
-import engine
 import graphs
+import hardware
 from conftest import tiny_model
 from test_rollout import hf_greedy, prompts_for
 import rollout
@@ -184,3 +184,9 @@ def test_the_clis_set_the_process_defaults_that_generate_reads(capsys):
     assert rollout.DEFAULTS == dict(compile=False, attention=None)
     with pytest.raises(ValueError, match="--attention must be sdpa or eager"):
         rollout.configure(attention="flash")
+
+
+def test_the_gpus_busy_time_is_the_union_of_its_kernels():
+    """profile_summary's idle time between kernels: overlapping and nested kernels counted once, gaps not at all."""
+    assert hardware.busy_time([(10, 20), (15, 25), (30, 40), (32, 35)]) == (25, 30)  # 10..25 and 30..40 of 10..40
+    assert hardware.busy_time([(0, 5)]) == (5, 5)
