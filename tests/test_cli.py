@@ -69,6 +69,7 @@ def bad_inputs(tmp):
         ("grpo.py", ["--attention", "flash"] + tiny, "--attention must be sdpa or eager"),
         ("bupo.py", ["--attention", "flash"], "--attention must be sdpa or eager"),
         ("evaluate.py", ["--attention", "flash", "--out", f"{tmp}/ev7"], "--attention must be sdpa or eager"),
+        ("entropy.py", ["--attention", "flash", "--out", f"{tmp}/ent2"], "--attention must be sdpa or eager"),
     ]
 
 
@@ -89,7 +90,7 @@ def test_each_script_turns_bad_input_into_one_line(tmp_path):
         assert_one_line_error(p.returncode, err, cases[script][1], script)
 
 
-@pytest.mark.parametrize("i", range(43))
+@pytest.mark.parametrize("i", range(44))
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys, i):
     """Every case through its script's main and cli.run_main, as `python SCRIPT ARGS` runs them."""
     script, args, want = bad_inputs(tmp_path)[i]
