@@ -328,6 +328,7 @@ def main(argv=None):
     cfg = parse_config(BuPOConfig, BUPO_PRESETS, "BuPO vs GRPO on paired seeds (arXiv 2512.19673). " + preset_help(BUPO_PRESETS), argv)
     if cfg.bench:
         return bench(cfg)
+    grpo.configure_sampling(cfg.compile, cfg.attention)  # the sampling before the runs too (profiles, probe set)
     experiment(cfg)
 
 

@@ -52,6 +52,8 @@ class GRPOConfig:
     top_p: float = 1.0                 # rollout nucleus
     rollout_dtype: str = ""            # sample with a copy of the weights in this dtype (e.g. bfloat16); "" = the model's
     rollout_batch: int = 0             # rows decoded at once (continuous batching), a multiple of group_size (0 = all): bounds the KV cache
+    compile: bool = False              # compile the rollout's decode step with torch.compile (opt-in; off on torch < 2.12, graphs.py)
+    attention: str = ""                # the rollout's attention: sdpa | eager ("" = sdpa on CUDA, eager on CPU)
     lr: float = 1e-6                   # AdamW learning rate (constant)
     weight_decay: float = 0.01         # AdamW weight decay (verl's default)
     grad_clip: float = 1.0             # max gradient norm
@@ -80,7 +82,7 @@ class GRPOConfig:
 
     # what a --resume may change: how far and how often, and how the same work is laid out (ranks, memory)
     SAFE_ON_RESUME: ClassVar[tuple] = ("steps", "save_every", "save_final", "eval_every", "bench", "fsdp",
-                                       "activation_checkpointing", "micro_batch", "rollout_batch")
+                                       "activation_checkpointing", "micro_batch", "rollout_batch", "compile", "attention")
 
 
 # The paper's four backbones (Sec. 3, Table 1, 3; the authors' run_code/*.sh): hub id, shipped config (configs/, for
@@ -130,6 +132,7 @@ def check_config(cfg, config, world=1, memory=None):
     check(cfg.temperature > 0, f"--temperature must be > 0 for training (the log-probs divide by it), got {cfg.temperature}")
     check(0 < cfg.top_p <= 1 and cfg.lr > 0 and cfg.grad_clip > 0, "--top-p must lie in (0, 1], --lr and --grad-clip be > 0")
     check(cfg.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision}")
+    check(cfg.attention in ("", "sdpa", "eager"), f"--attention must be sdpa or eager (default: sdpa on CUDA, eager on CPU), got '{cfg.attention}'")
     check(cfg.rollout_dtype in ("", "float32", "bfloat16", "float16"), f"--rollout-dtype must be float32, bfloat16 or float16, got {cfg.rollout_dtype}")
     check(not (cfg.fsdp and cfg.rollout_dtype), "--rollout-dtype copies the model, which --fsdp does not allow: drop one of them")
     check(not (cfg.resume and cfg.overwrite), "--resume continues the run in --out, --overwrite deletes it: give one")

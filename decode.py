@@ -5,10 +5,9 @@ addresses: the KV cache of B rows x S slots per layer, each row's last token, po
 step index and uniform draws, and its sampled tokens and log-probs. Nothing a step reads
 is a Python number that changes between calls (the call's prompt length and token budget
 are tensors), so with static shapes (CUDA) a Decoder is kept across calls and its CUDA
-graphs, one per (bucket, span), are captured once and replayed by every later GRPO step;
-on CUDA the step is also compiled (torch.compile, gpt-fast's way: RMSNorm and RoPE fused
-into a few kernels), the compile paid in the warm-up run before the first capture. A call
-that needs more rows or slots than the kept Decoder has builds a larger one.
+graphs, one per (bucket, span), are captured once and replayed by every later GRPO step
+(graphs.py: the capture, the opt-in torch.compile of the forward, and the fallbacks). A
+call that needs more rows or slots than the kept Decoder has builds a larger one.
 
 Continuous batching: at the host's checks, rows that ended hand their outputs over
 (_harvest), the live rows move to the front (_compact) and waiting prompts are prefilled
@@ -17,17 +16,16 @@ tokens do not depend on the batch it runs in.
 """
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from engine import cast_copy, forward, prefill
-from hardware import clock
+from graphs import Steps
 from sampling import sample
 
 SPAN = 128  # static shapes attend the cache in spans of this many slots: one CUDA graph per (bucket, span)
 KEEP = 2  # Decoders (and sampling copies) kept across calls, the most recent first: a GRPO step's rollout and its evaluation
-COMPILE = dict(dynamic=True, fullgraph=True)  # torch.compile's settings for the step: one compile serves every bucket and span
 
 
 @dataclass
@@ -63,58 +61,23 @@ def _record(s, rows, logits, opts):
     s.t[rows] = t + s.alive[rows]  # a row that stops keeps its last index
 
 
-def _step(model, packed, cache, s, b, span, opts):
-    """The decode step of rows [:b]: run each row's last token (cache slot P+t-1), sample its token t."""
+def _step(fwd, model, packed, cache, s, b, span, opts):
+    """The decode step of rows [:b]: run each row's last token (cache slot P+t-1) through fwd (engine.forward,
+    compiled or not), sample its token t (never compiled: sampling.py's scan over the vocabulary stays eager)."""
     slot = s.t[:b] + (s.P - 1)  # (b,)
     mask = None
     if opts["masked"]:  # padding, rows at different steps, or slots beyond the filled ones (static shapes attend a fixed span)
         mask = (s.key_ok[:b, :span] & (torch.arange(span, device=slot.device) <= slot[:, None]))[:, None, None]  # (b, 1, 1, span)
-    logits = forward(model, s.tok[:b, None], s.pos[:b, None], cache, slot[:, None], span, mask, packed)
+    logits = fwd(model, s.tok[:b, None], s.pos[:b, None], cache, slot[:, None], span, mask, packed, opts["sdpa"])
     _record(s, slice(0, b), logits, opts)
     s.pos[:b] += 1
 
 
-class Steps:
-    """Runs the step of a (bucket, span): on CUDA with static shapes a CUDA graph, captured on first use after a
-    warm-up run (lazy library init; the compile, where compiled) and replayed; else the step itself.
-    setup_s: seconds of the warm-ups, compiles and captures so far, apart from the steps proper."""
-
-    def __init__(self, state, graphs, compiled):
-        self.state, self.graphs, self.compiled = state, {} if graphs else None, compiled
-        self.seen, self.pool, self.setup_s = set(), None, 0.0
-
-    def run(self, key, fn):
-        if self.graphs is not None and key in self.graphs:
-            return self.graphs[key].replay()
-        if key in self.seen or not (self.compiled or self.graphs is not None):
-            return fn()
-        t0 = clock(self.state.t.device)
-        self._capture(key, fn) if self.graphs is not None else fn()
-        self.seen.add(key)
-        self.setup_s += clock(self.state.t.device) - t0
-
-    def _capture(self, key, fn):
-        saved = {f.name: getattr(self.state, f.name).clone() for f in fields(self.state)}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # the warm-up run, then undo what it wrote
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        for name, v in saved.items():
-            getattr(self.state, name).copy_(v)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            fn()
-        self.pool = self.pool or g.pool()  # the graphs share one memory pool: they never run at once
-        self.graphs[key] = g
-        g.replay()
-
-
 class Decoder:
     """The fixed buffers of up to B rows, S cache slots and n new tokens for one model and sampling setting, and
-    the step that runs on them (compiled or not, graphed or not)."""
+    the step that runs on them (graphs.Steps: compiled or not, graphed or not)."""
 
-    def __init__(self, model, B, S, n, opts, static, compiled):
+    def __init__(self, model, B, S, n, opts, static, graphs, compile):
         dev, a, long = model.device, model.model.layers[0].self_attn, dict(dtype=torch.long, device=model.device)
         self.model, self.B, self.S, self.n, self.static, self.weights = model, B, S, n, static, _addresses(model)
         shape = (B, model.config.num_key_value_heads, S, a.head_dim)
@@ -126,8 +89,7 @@ class Decoder:
                        logprobs=torch.zeros(B, n, device=dev), lengths=torch.zeros(B, **long),
                        finished=torch.zeros(B, dtype=torch.bool, device=dev), P=torch.zeros((), **long), N=torch.zeros((), **long))
         self.opts = {**opts, "index": torch.arange(B, device=dev), "masked": static}
-        self.step = torch.compile(_step, **COMPILE) if compiled else _step
-        self.steps = Steps(self.s, static and dev.type == "cuda", compiled)
+        self.steps = Steps(self.s, forward, graphs, compile)
 
 
 def _addresses(model):
@@ -145,12 +107,12 @@ def _kept(store, key, value):
     return value
 
 
-def decoder(model, B, S, n, opts, static, compiled):
+def decoder(model, B, S, n, opts, static, graphs, compile):
     """A Decoder for B rows of S slots and n new tokens: with static shapes the kept one of this model and setting
     when it is large enough, else a new one (kept in its place, at least as large); without, a new one per call."""
     if not static:
-        return Decoder(model, B, S, n, opts, static, compiled)
-    key = (id(model), opts["temperature"], opts["top_k"], opts["top_p"], tuple(opts["eos"].tolist()), compiled)
+        return Decoder(model, B, S, n, opts, static, graphs, compile)
+    key = (id(model), opts["temperature"], opts["top_k"], opts["top_p"], tuple(opts["eos"].tolist()), opts["sdpa"], graphs, compile)
     d = _DECODERS.pop(key, None)
     # the same model with its weights where they were (FSDP's gathered weights, say, may move: a graph would read the old place)
     same = d is not None and d.model is model and d.weights == _addresses(model)
@@ -158,7 +120,7 @@ def decoder(model, B, S, n, opts, static, compiled):
         if same:
             B, S, n = max(B, d.B), max(S, d.S), max(n, d.n)
         d = None  # the old one's memory goes before the new one's comes
-        d = Decoder(model, B, -(-S // SPAN) * SPAN, n, opts, static, compiled)
+        d = Decoder(model, B, -(-S // SPAN) * SPAN, n, opts, static, graphs, compile)
     return _kept(_DECODERS, key, d)
 
 
@@ -221,7 +183,8 @@ def _admit(d, rows, first, prompts, u, pad):
     """Prefill prompts first, first+1, ... into the free rows `rows` (a slice), each ending at slot P-1, and sample
     their token 0 with their uniforms u (len(prompts), n). Returns whether any of their slots is padding."""
     s, P = d.s, int(d.s.P)
-    logits, next_pos, padded = prefill(d.model, prompts, [(K[rows], V[rows]) for K, V in d.cache], s.key_ok[rows], P, pad, d.packed)
+    logits, next_pos, padded = prefill(d.model, prompts, [(K[rows], V[rows]) for K, V in d.cache], s.key_ok[rows], P, pad, d.packed,
+                                       d.opts["sdpa"])
     s.rows[rows] = torch.arange(first, first + len(prompts), device=s.rows.device)
     s.pos[rows], s.alive[rows], s.t[rows] = next_pos, True, 0
     s.u[rows, :u.shape[1]], s.tokens[rows], s.logprobs[rows], s.lengths[rows], s.finished[rows] = u, pad, 0.0, s.N, False
@@ -268,8 +231,7 @@ def decode(d, prompts, u, pad, sync_every, max_rows):
                 b = _bucket(n, B, d.static)
                 s.rows[n:b], s.alive[n:b], s.key_ok[n:b], s.t[n:b] = n_prompts, False, True, 0
         span = _span(P + t_max, d.S, d.static)
-        run = lambda: d.step(d.model, d.packed, d.cache, s, b, span, d.opts)
-        d.steps.run((b, span), run)
+        d.steps.run((b, span, d.opts["masked"]), lambda fwd: _step(fwd, d.model, d.packed, d.cache, s, b, span, d.opts))
         step, t_max = step + 1, t_max + 1
     _harvest(s, out, n_prompts)
     return out

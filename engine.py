@@ -12,7 +12,6 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
 
 from decompose import is_sandwich, softcap
 
@@ -48,7 +47,7 @@ def _linear(packed, mod, x):
         return mod(x)
     bias = None if mod.bias is None else mod.bias.detach()
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, bias, "none", [], "")  # (B*T, out)
-    return y.view(*x.shape[:-1], -1)
+    return y.reshape(*x.shape[:-1], -1)
 
 
 def _mlp(packed, mlp, x):
@@ -84,32 +83,26 @@ def _fold(q, mask, kv_heads):
     return q.reshape(B, kv_heads, g * T, hd), mask
 
 
-def attention_backend(model, batch, span):
-    """The kernel SDPA picks for _attention's fused call in a decode step of `batch` rows over `span` cache slots
-    (FLASH_ATTENTION, EFFICIENT_ATTENTION, CUDNN_ATTENTION or MATH): the dispatcher's choice, asked without running it."""
-    a, c = model.model.layers[0].self_attn, model.config
-    q = torch.zeros(batch, c.num_attention_heads, 1, a.head_dim, dtype=model.dtype, device=model.device)
-    K = q.new_zeros(batch, c.num_key_value_heads, span, a.head_dim)
-    qf, mask = _fold(q, torch.ones(batch, 1, 1, span, dtype=torch.bool, device=q.device), K.shape[1])
-    return SDPBackend(torch._fused_sdp_choice(qf, K, K, mask, 0.0, False, scale=a.scaling)).name
-
-
-def _attention(q, K, V, mask, scale, fused=None):
+def _attention(q, K, V, mask, scale, sdpa):
     """softmax(q K^T * scale, where mask) V, each K/V head shared by a group of query heads (q: (B, H, T, hd)).
 
-    The groups are folded into the query length (_fold), so K and V are read in place as they are. Fused
-    (the default on CUDA): SDPA, which on these plain multi-head inputs keeps to its fused kernels, where
-    enable_gqa with a mask falls back to the math kernel (K/V repeated to every head, in float32). Else
-    written out: the fused CPU kernel copies the strided cache views.
+    The groups are folded into the query length (_fold), so K and V are read in place as they are. sdpa
+    (the default on CUDA): one fused call, which on these plain multi-head inputs keeps to its fused kernels,
+    where enable_gqa with a mask falls back to the math kernel (K/V repeated to every head, in float32). Else
+    written out (the default on CPU, where the fused kernel copies the strided cache views). The output's
+    layout is the kernel's choice (flash and memory-efficient return (B, Hkv, g*T, hd) laid out as
+    (B, g*T, Hkv, hd); cuDNN, math and CPU contiguous): it is reshaped, which copies where it must, never viewed.
     """
     B, H, T, hd = q.shape
     qf, mf = _fold(q, mask, K.shape[1])  # (B, Hkv, g*T, hd), (b, 1, g*T, S)
-    if q.is_cuda if fused is None else fused:
-        return F.scaled_dot_product_attention(qf, K, V, attn_mask=mf, scale=scale).view(B, H, T, hd)
-    s = (qf @ K.transpose(-1, -2)) * scale  # (B, Hkv, g*T, S)
-    if mf is not None:
-        s = s.masked_fill(~mf, float("-inf"))
-    return (s.float().softmax(-1).to(q.dtype) @ V).view(B, H, T, hd)
+    if sdpa:
+        o = F.scaled_dot_product_attention(qf, K, V, attn_mask=mf, scale=scale)  # (B, Hkv, g*T, hd), any strides
+    else:
+        s = (qf @ K.transpose(-1, -2)) * scale  # (B, Hkv, g*T, S)
+        if mf is not None:
+            s = s.masked_fill(~mf, float("-inf"))
+        o = s.float().softmax(-1).to(q.dtype) @ V  # (B, Hkv, g*T, hd)
+    return o.reshape(B, H, T, hd)  # head h = kv * g + j: the fold undone
 
 
 def _window_mask(mask, slots, span, window):
@@ -121,7 +114,7 @@ def _window_mask(mask, slots, span, window):
     return in_window if mask is None else mask & in_window
 
 
-def _attend(layer, h, cos_sin, K, V, slots, mask, packed):
+def _attend(layer, h, cos_sin, K, V, slots, mask, packed, sdpa):
     """Self-attention of h (B, T, D) whose keys and values go to cache slots `slots` of K, V (B, Hkv, span, hd):
     (T,), the same for every row, or (B, 1), a slot per row; mask (b, 1, T, span) or None, its window included."""
     a = layer.self_attn
@@ -139,13 +132,14 @@ def _attend(layer, h, cos_sin, K, V, slots, mask, packed):
         at = slots.view(B, 1, 1, 1).expand(B, K.shape[1], 1, K.shape[3])
         K.scatter_(2, at, k)
         V.scatter_(2, at, v)
-    o = _attention(q, K, V, mask, a.scaling)  # (B, H, T, hd)
+    o = _attention(q, K, V, mask, a.scaling, sdpa)  # (B, H, T, hd)
     return _linear(packed, a.o_proj, o.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
-def forward(model, ids, pos, cache, slots, span, mask, packed):
+def forward(model, ids, pos, cache, slots, span, mask, packed, sdpa):
     """Decoder on ids (B, T) at positions pos (B, T), written to cache slots `slots` ((T,) or (B, 1)), attending the
-    first `span` slots where mask (B, 1, T, span) is True (None: all); returns the last position's logits (B, V)."""
+    first `span` slots where mask (B, 1, T, span) is True (None: all), through SDPA or written out (sdpa); returns
+    the last position's logits (B, V)."""
     B = ids.shape[0]
     x = model.model.embed_tokens(ids)  # (B, T, D), Gemma's scaling included
     rope = _rope(model, x, pos)
@@ -154,7 +148,7 @@ def forward(model, ids, pos, cache, slots, span, mask, packed):
     masks = {w: _window_mask(mask, slots, span, w) for w in set(windows)}  # built once per call, not per layer
     for l, layer in enumerate(model.model.layers):
         K, V = (c[:B, :, :span] for c in cache[l])  # views: the call's one cache, read in place
-        a = _attend(layer, layer.input_layernorm(x), rope[types[l] if types else "full_attention"], K, V, slots, masks[windows[l]], packed)
+        a = _attend(layer, layer.input_layernorm(x), rope[types[l] if types else "full_attention"], K, V, slots, masks[windows[l]], packed, sdpa)
         if is_sandwich(layer):
             x = x + layer.post_attention_layernorm(a)
             x = x + layer.post_feedforward_layernorm(_mlp(packed, layer.mlp, layer.pre_feedforward_layernorm(x)))
@@ -174,7 +168,7 @@ def common_prefix(prompts):
     return max(n, 0)
 
 
-def prefill(model, prompts, cache, key_ok, end, pad_token_id, packed):
+def prefill(model, prompts, cache, key_ok, end, pad_token_id, packed, sdpa):
     """Run each distinct prompt once, its keys and values written to its rows of `cache` (per layer K, V views
     (B, Hkv, S, hd)) so that every prompt ends at slot end - 1.
 
@@ -199,7 +193,7 @@ def prefill(model, prompts, cache, key_ok, end, pad_token_id, packed):
     if C:  # the shared prefix, once, then copied to every distinct prompt's row
         prefix = torch.tensor([uniq[0][:C]], device=dev)  # (1, C)
         causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril()[None, None]  # (1, 1, C, C)
-        forward(model, prefix, torch.arange(C, device=dev)[None], cache, torch.arange(C, device=dev), C, causal, packed)
+        forward(model, prefix, torch.arange(C, device=dev)[None], cache, torch.arange(C, device=dev), C, causal, packed, sdpa)
         for K, V in cache:
             K[1:len(uniq), :, :C], V[1:len(uniq), :, :C] = K[:1, :, :C], V[:1, :, :C]
     ids = torch.tensor([[pad_token_id] * (R - len(p) + C) + list(p[C:]) for p in uniq], device=dev)  # (U, R)
@@ -208,7 +202,7 @@ def prefill(model, prompts, cache, key_ok, end, pad_token_id, packed):
     causal = torch.ones(R, R, dtype=torch.bool, device=dev).tril()
     visible = torch.cat([torch.ones(len(uniq), R, C, dtype=torch.bool, device=dev),  # (U, R, C+R): the prefix, then the
                          (ok[:, None, :] & causal) | torch.eye(R, dtype=torch.bool, device=dev)], -1)  # real rest; pad rows see themselves
-    logits = forward(model, ids, pos, cache, torch.arange(C, C + R, device=dev), C + R, visible[:, None], packed)[inverse]  # (B, V)
+    logits = forward(model, ids, pos, cache, torch.arange(C, C + R, device=dev), C + R, visible[:, None], packed, sdpa)[inverse]  # (B, V)
     if len(uniq) < B:
         for K, V in cache:
             K[:, :, :C + R], V[:, :, :C + R] = K[inverse, :, :C + R], V[inverse, :, :C + R]  # (B, Hkv, C+R, hd) from the U prefilled rows

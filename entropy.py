@@ -31,7 +31,7 @@ from cli import InputError, check, claim_run_dir, read_json, read_jsonl, run_mai
 from decompose import EMBEDDED, capture, check_inputs, load_model, model_config, unembed
 from policy import LOGITS_BUDGET, chunk_rows, entropy, pad_rows
 from problems import TASKS, prompt_ids, task_problems
-from rollout import generate
+from rollout import configure, generate
 
 matplotlib.use("Agg")  # figures to files, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -337,7 +337,10 @@ def main(argv=None):
     p.add_argument("--compare-norm", action="store_true", help="compute both conventions and draw them side by side")
     p.add_argument("--out", default="runs/entropy", help="output dir; rerun with the same settings to resume the sampling")
     p.add_argument("--overwrite", action="store_true", help="empty --out first (it holds another analysis)")
+    p.add_argument("--compile", action="store_true", help="compile the rollout's decode step with torch.compile (opt-in; graphs.py)")
+    p.add_argument("--attention", default="", help="the rollout's attention: sdpa or eager (default: sdpa on CUDA, eager on CPU)")
     args = p.parse_args(argv)
+    configure(args.compile, args.attention)
     check(args.n >= 1 and args.max_new_tokens >= 1, "--n and --max-new-tokens must be >= 1")
     check(math.isfinite(args.temperature) and args.temperature >= 0, f"--temperature must be a finite number >= 0, got {args.temperature}")
     names = args.model.split(",") if args.model else [None]

@@ -26,7 +26,7 @@ from decompose import EMBEDDED, load_model, model_config, weights_id
 from rewards import REWARDS, final_answer, problem_reward
 from problems import TASKS, prompt_ids, task_problems, with_reward
 from report import markdown_table
-from rollout import generate
+from rollout import configure, generate
 
 # ----------------------------------------------------------------------------- benchmarks
 
@@ -168,7 +168,10 @@ def main(argv=None):
     p.add_argument("--out", default="runs/evaluate", help="output dir: responses.jsonl, summary.json, summary.md; "
                    "rerun with the same settings to resume")
     p.add_argument("--overwrite", action="store_true", help="empty --out first (it holds another evaluation)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step's forward with torch.compile (opt-in; graphs.py)")
+    p.add_argument("--attention", default="", help="sdpa or eager (default: sdpa on CUDA, eager on CPU)")
     args = p.parse_args(argv)
+    configure(args.compile, args.attention)
     k = parse_k(args.k)
     check(args.max_prompt_length >= 0, f"--max-prompt-length must be >= 0, got {args.max_prompt_length}")
     check(args.limit is None or args.limit >= 1, f"--limit must be >= 1 (leave it out for all problems), got {args.limit}")

@@ -45,6 +45,7 @@ from hardware import clock, matmul_peak
 from policy import decoder_tokens, micro_slices, output_policy
 from problems import task_problems, with_reward
 from report import CURVES, plot_panels, run_series
+from rollout import configure as configure_sampling
 from step import param_groups, policy_logprobs, ppo_update, rollout_step, scale_upper, train_step
 
 
@@ -142,6 +143,7 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
     d = distributed.init()
     policy_for_step = policy_for_step or (lambda step: output_policy)
     check_config(cfg, model.config if model is not None else model_config(cfg.model), d.world)
+    configure_sampling(cfg.compile, cfg.attention)  # every rollout and evaluation of the run
     partial = any(policy_for_step(s) is not output_policy for s in range(cfg.steps))  # a policy that may skip parameters
     problems = with_reward(task_problems(cfg.task, 0, cfg.seed, "train"), cfg.reward)
     for name in cfg.eval_data.split(",") if cfg.eval_every or cfg.eval_samples else []:
@@ -249,6 +251,7 @@ def bench_step(cfg, off, repeats=2):
     policy_lib.LOGITS_BUDGET = off.get("logits_budget", policy_lib.LOGITS_BUDGET)
     policy_lib.SHARE_PROMPTS = off.get("share_prompts", True)
     cfg = GRPOConfig(**{**cfg, **{k: off[k] for k in ("precision", "rollout_dtype") if k in off}})
+    configure_sampling(cfg.compile, cfg.attention)
     model, tok = load_model(cfg.model, dtype=torch.float32)
     t = clock(model.device)
     batch, _ = rollout_step(model, tok, task_problems(cfg.task, cfg.prompts_per_step, cfg.seed, "train"), cfg, 0)

@@ -1,4 +1,4 @@
-"""What the machine can do, measured: a timer that waits for the device, memory bandwidth, matmul peak.
+"""What the machine can do, measured: a timer that waits for the device, memory bandwidth, matmul peak, a profile.
 
 Every benchmark here (rollout.py, grpo.py and bupo.py's --bench) reports its speed beside
 the hardware's limit measured in the same run, and every timed part of a training step
@@ -39,9 +39,37 @@ def bandwidth(device, given_gbs=0.0):
     return 2 * x.numel() / best, "measured copy"
 
 
-def matmul_peak(dtype, device="cpu", n=2048):
+def matmul_peak(dtype, device="cpu", n=0):
     """FLOP/s of a plain n x n x n matmul in dtype on device, best of 5 after a warm-up, measured now: the machine's
-    practical peak."""
+    practical peak (n: 8192 on CUDA, enough to fill a H100/H200; 2048 on CPU)."""
+    n = n or (8192 if torch.device(device).type == "cuda" else 2048)
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     times = [timed(lambda: a @ b, device)[1] for _ in range(6)]
     return 2 * n ** 3 / min(times[1:])
+
+
+def profile_summary(prof, top=8):
+    """Lines summing up a torch.profiler run: the `top` CUDA kernels (CPU ops without CUDA) by their own time, and on
+    CUDA how long the GPU sat idle between kernels (the CPU issuing them: launch overhead, host syncs)."""
+    cuda = any(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = sorted((e for e in prof.key_averages() if getattr(e, key) > 0), key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in rows)
+    lines = [f"{'calls':>7} {'ms':>9} {'share':>6}  top {'kernels' if cuda else 'ops (CPU)'} by own time"]
+    lines += [f"{e.count:>7} {getattr(e, key) / 1e3:>9.2f} {getattr(e, key) / total:>6.1%}  {e.key[:90]}" for e in rows[:top]]
+    if cuda:
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy, wall = busy_time(spans)
+        lines.append(f"{len(spans)} kernels over {wall / 1e3:.1f} ms: GPU busy {busy / 1e3:.1f} ms ({busy / wall:.0%}), "
+                     f"idle between kernels {(wall - busy) / 1e3:.1f} ms")
+    return lines
+
+
+def busy_time(spans):
+    """(time covered by the union of the (start, end) intervals, time from the first start to the last end)."""
+    spans = sorted(spans)
+    busy, end = 0.0, spans[0][0]
+    for a, b in spans:
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return busy, end - spans[0][0]

@@ -11,11 +11,13 @@ modules and weights doing the math:
 - continuous batching: finished rows are moved out (compaction) and, when there are more
   prompts than rows (max_batch), waiting prompts are prefilled into the freed rows and
   decode beside the others, each at its own step, drawing its own uniforms;
-- on CUDA the step is compiled (torch.compile) and captured once per (batch bucket, cache
-  span of 128 slots) as a CUDA graph, the live rows padded to the bucket (1, 2, 4, ..., as
-  nano-vllm); buffers and graphs are kept across calls (decode.release() frees them); the
-  host reads the GPU only every `sync_every` steps, to stop, compact and refill; attention
-  is SDPA on the query groups folded into the query length (fused kernels);
+- on CUDA the step is captured once per (batch bucket, cache span of 128 slots) as a CUDA
+  graph, the live rows padded to the bucket (1, 2, 4, ..., as nano-vllm), and replayed;
+  torch.compile of its forward is opt-in (`compile=True`, `--compile`); each falls back,
+  with one warning line, when it fails (graphs.py); buffers and graphs are kept across
+  calls (decode.release() frees them); the host reads the GPU only every `sync_every`
+  steps, to stop, compact and refill; attention is SDPA on the query groups folded into the
+  query length (fused kernels; `attention="eager"` writes it out, the CPU default);
 - on CPU the same step runs eagerly on exactly the live rows and the filled part of the
   cache, with every linear weight packed once into oneDNN's layout (what torch.compile
   uses): a decode step's small-M products run ~2x faster so.
@@ -24,19 +26,21 @@ Sampling (temperature, top-k/top-p, inverse-CDF draws) is sampling.py's.
 
     python rollout.py --bench                                   # ours vs HF generate, default model, CPU
     python rollout.py --bench --device cuda --random-weights qwen3-0.6b   # GPU: the shape of Qwen3-0.6B, bf16
+    .ci/gpu-check                                               # everything a lent GPU should tell, in one run
 """
 import argparse
 import copy
 import math
-import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from cli import InputError, check, run_main
 from decompose import EMBEDDED, RANDOM, load_model
 from decode import decode, decoder, sampling_copy
-from engine import attention_backend, pack_linears
+from engine import pack_linears
+from graphs import FELL_BACK, why
 from hardware import bandwidth, timed
 from policy import output_policy, pad_rows
 from problems import load_problems, prompt_ids
@@ -49,6 +53,7 @@ class Rollout:
     lengths: torch.Tensor   # (B,) tokens generated, the EOS token included
     finished: torch.Tensor  # (B,) True where EOS was hit
     setup_s: float = 0.0    # seconds of this call spent compiling and capturing CUDA graphs (once per shape), not sampling
+    mode: str = "eager"     # the step's path at the call's end: graphs+compile, graphs, compile or eager (graphs.py)
 
 
 # ----------------------------------------------------------------------------- generate
@@ -67,10 +72,21 @@ def check_args(model, prompts, max_new_tokens, temperature, top_p, top_k):
     check(not getattr(model.config, "attn_logit_softcapping", None), "attention logit soft-capping (Gemma 2) is not supported by rollout.py")
 
 
+ATTENTION = ("sdpa", "eager")
+DEFAULTS = dict(compile=False, attention=None)  # the process's: set by the CLIs that sample (configure), read by generate
+
+
+def configure(compile=False, attention=""):
+    """The process's sampling defaults, from a CLI's --compile and --attention, for every generate call that does not
+    name them (those inside grpo.py's steps and evaluations included)."""
+    check(attention in ("",) + ATTENTION, f"--attention must be sdpa or eager (default: sdpa on CUDA, eager on CPU), got '{attention}'")
+    DEFAULTS.update(compile=bool(compile), attention=attention or None)
+
+
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=0,
-             seed=None, dtype=None, batch_index=None, batch_rows=None, max_batch=0, static=None, pack=True, sync_every=8,
-             compiled=None):
+             seed=None, dtype=None, batch_index=None, batch_rows=None, max_batch=0, static=None, graphs=None, compile=None,
+             attention=None, pack=True, sync_every=8):
     """Sample a response for each prompt (a list of token-id lists of any lengths).
 
     dtype: sample with a copy of the weights in dtype (e.g. torch.bfloat16) while the
@@ -85,12 +101,15 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     and by the same per-row draws the tokens do not depend on it.
     static: run the decode step with static shapes, the live rows padded to a bucket and
     the cache attended over spans of decode.SPAN slots, the host checking for stops every
-    sync_every steps; on CUDA (the default there) the step is then captured as CUDA graphs,
-    elsewhere it runs eagerly (how the tests check it on CPU); its buffers and graphs are
-    kept for the next call with the same model and sampling settings (decode.py).
-    compiled: run the step through torch.compile (the default on CUDA with static shapes,
-    unless the environment sets BUPO_NO_COMPILE=1; on CPU it did not pay). pack:
-    oneDNN-packed weights on CPU (False runs the modules as they are, the path CUDA takes).
+    sync_every steps (the default on CUDA, and with compile or graphs); its buffers (and graphs) are kept for the next
+    call with the same model and sampling settings (decode.py).
+    graphs: capture the static step as CUDA graphs and replay them (default: on CUDA with
+    static shapes). compile: run the decoder forward through torch.compile, sampling left
+    eager (opt-in; refused on a torch with pytorch/pytorch#180221). Each falls back with
+    one warning line when it fails (graphs.py). None: the process's default (configure).
+    attention: "sdpa" (one fused call; the default on CUDA) or "eager" (written out; the
+    default on CPU). pack: oneDNN-packed weights on CPU (False runs the modules as they
+    are, the path CUDA takes).
     Returns a Rollout with tensors on the model's device.
     """
     check_args(model, prompts, max_new_tokens, temperature, top_p, top_k)
@@ -98,21 +117,25 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     batch_rows = batch_rows or len(prompts)
     if len(index) != len(prompts) or int(index.min()) < 0 or int(index.max()) >= batch_rows or len(set(index.tolist())) < len(index):
         raise InputError(f"batch_index must be {len(prompts)} distinct rows in 0..{batch_rows - 1} (batch_rows), one per prompt")
-    static = model.device.type == "cuda" if static is None else static
-    compiled = static and model.device.type == "cuda" and not os.environ.get("BUPO_NO_COMPILE") if compiled is None else compiled
-    check(static or not compiled, "compiled=True needs static=True (fixed shapes)")
+    cuda = model.device.type == "cuda"
+    compile = DEFAULTS["compile"] if compile is None else compile
+    static = cuda or bool(compile) or bool(graphs) if static is None else static  # compile and graphs ask for fixed shapes
+    graphs = static and cuda if graphs is None else graphs
+    attention = attention or DEFAULTS["attention"] or ("sdpa" if cuda else "eager")
+    check(static or not (compile or graphs), "compile=True and graphs=True need static=True (fixed shapes)")
+    check(attention in ATTENTION, f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     if dtype is not None and dtype != model.dtype:
         model = sampling_copy(model, dtype)
     dev, N = model.device, max_new_tokens
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
     u = torch.rand(N, batch_rows, generator=gen, device=dev) if temperature else torch.zeros(N, batch_rows, device=dev)
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos=torch.tensor(eos, dtype=torch.long, device=dev))
+    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos=torch.tensor(eos, dtype=torch.long, device=dev), sdpa=attention == "sdpa")
     P, B = max(map(len, prompts)), min(max_batch or len(prompts), len(prompts))
-    d = decoder(model, B, P + N, N, opts, static, compiled)
-    d.packed, setup = pack_linears(model) if pack and not compiled else {}, d.steps.setup_s
+    d = decoder(model, B, P + N, N, opts, static, graphs, compile)
+    d.packed, setup = pack_linears(model) if pack and not compile else {}, d.steps.setup_s
     out = decode(d, prompts, u[:, index.to(dev)], pad_token_id, sync_every, max_batch)
-    return Rollout(*out, setup_s=d.steps.setup_s - setup)
+    return Rollout(*out, setup_s=d.steps.setup_s - setup, mode=d.steps.mode)
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -124,15 +147,24 @@ def step_bytes(model, batch, filled):
     return weights + batch * filled * 2 * c.num_hidden_layers * c.num_key_value_heads * a.head_dim * model.dtype.itemsize
 
 
-def bench_fixed(model, batch, new_tokens, prompt_len=32):
-    """Seconds of HF generate and of ours for fixed-length sampling (EOS ignored), same prompts and settings, and
-    the seconds our first call spent compiling and capturing graphs (then timed again, replaying them)."""
+def bench_fixed(model, batch, new_tokens, prompt_len=32, static_tokens=0):
+    """Seconds a step of HF generate takes with its dynamic cache and (static_tokens > 0) with a static cache (compiled
+    by transformers on CUDA; its first call, which compiles, not timed), and the Rollout, seconds and setup seconds
+    (compile and capture, timed apart) of ours, for fixed-length sampling (EOS ignored), same prompts and settings."""
     prompts = torch.randint(100, 1000, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     ids = prompts.to(model.device)
-    hf_kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-    _, t_hf = timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **hf_kw), model.device)
-    _, t_us, setup = replayed(lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, seed=0), model.device)
-    return t_hf, t_us, setup
+    hf = lambda n, **kw: model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                        max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **kw)
+    _, t_hf = timed(lambda: hf(new_tokens), model.device)
+    t_static = float("nan")
+    try:  # a peer's failure is reported, not ours: the row goes on without it
+        if static_tokens:
+            hf(static_tokens, cache_implementation="static")
+            t_static = timed(lambda: hf(static_tokens, cache_implementation="static"), model.device)[1] / static_tokens
+    except Exception as e:
+        print(f"HF generate with a static cache failed at batch {batch}: {why(e)}", flush=True)
+    r, t_us, setup = replayed(lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, seed=0), model.device)
+    return t_hf / new_tokens, t_static, r, t_us / new_tokens, setup
 
 
 def replayed(fn, device):
@@ -172,7 +204,8 @@ def bench_refill(model, rows, new_tokens, prompt_len=32):
     eos = list(range(0, model.config.vocab_size, 97))
     kw = dict(do_sample=True, top_k=0, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=0)
     outs, t_hf = timed(lambda: [model.generate(c, attention_mask=torch.ones_like(c), **kw) for c in prompts.split(rows)], model.device)
-    n_hf = tokens_to_eos(torch.cat([o[:, prompt_len:] for o in outs]), eos)
+    new = [F.pad(o[:, prompt_len:], (0, new_tokens + prompt_len - o.shape[1]), value=eos[0]) for o in outs]  # a chunk that ended early: (rows, N)
+    n_hf = tokens_to_eos(torch.cat(new), eos)
     r, t_us, _ = replayed(lambda: generate(model, prompts.tolist(), max_new_tokens=new_tokens, eos_token_id=eos, seed=0, max_batch=rows),
                           model.device)
     return n_hf / t_hf, r.lengths.sum().item() / t_us
@@ -180,7 +213,7 @@ def bench_refill(model, rows, new_tokens, prompt_len=32):
 
 def greedy_agreement(model, n_prompts=4, new_tokens=32):
     """Prompts on which our greedy tokens equal HF generate's, one prompt at a time, in float32."""
-    m = copy.deepcopy(model).float()
+    m = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
     g, same = torch.Generator().manual_seed(1), 0
     for _ in range(n_prompts):
         p = torch.randint(100, 1000, (1, 16), generator=g).to(m.device)
@@ -200,6 +233,34 @@ def bf16_drift(model, tok, n=8):
     return d.mean().item(), d.max().item(), len(d)
 
 
+SDPA_KERNELS = [("cudnn", "cuDNN"), ("flash", "flash"), ("fmha", "memory-efficient"), ("efficient_attention", "memory-efficient"),
+                ("attention_math", "math")]  # substrings of profiler event names (aten ops, CUDA kernels) -> SDPA's kernel
+
+
+def attention_kernels(names):
+    """The SDPA kernels named among profiler event names: {kind: the longest such name} (kind: flash, cuDNN, ...)."""
+    found = {}
+    for name in names:
+        low = name.lower()
+        kind = next((k for pat, k in SDPA_KERNELS if pat in low and ("cudnn" != pat or "sdpa" in low or "attention" in low)), None)
+        if kind and len(name) > len(found.get(kind, "")):
+            found[kind] = name
+    return found
+
+
+def attention_ran(model, batch, new_tokens=4, prompt_len=32):
+    """The attention kernel a generate call ran, from torch.profiler's event names (CUDA kernels and aten ops), on a
+    few eager steps of the bench's shapes (a graph replay hides its kernels from the profiler)."""
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        generate(model, prompts, max_new_tokens=new_tokens, seed=0, graphs=False, compile=False)
+    found = attention_kernels({e.name for e in prof.events()})
+    if not found:
+        return "written out (matmul + softmax)"
+    return "; ".join(f"{k}: {n[:60]}" for k, n in found.items())
+
+
 def bench(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -210,25 +271,28 @@ def bench(args):
     bw, source = bandwidth(device, args.bandwidth)
     print(f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"{model.config.model_type} {model.config.num_hidden_layers} layers, {model.dtype}, torch {torch.__version__}; "
-          f"memory bandwidth {bw / 1e9:.0f} GB/s ({source})")
+          f"memory bandwidth {bw / 1e9:.0f} GB/s ({source}); attention {args.attention or 'default'}, compile {args.compile}")
+    print(f"greedy, float32, 32 tokens: ours equals HF generate on {greedy_agreement(model)} of 4 prompts", flush=True)
     bench_fixed(model, 2, 8)  # warm-up: lazy initialization of both
-    print(f"{'fixed length, ' + str(N) + ' new':<24}{'HF tok/s':>10}{'ours tok/s':>12}{'ratio':>8}{'HF ms/step':>12}{'ours ms/step':>14}{'of bw bound':>13}{'setup s':>9}  attention")
+    print(f"fixed length, {N} new tokens; HF static: its cache compiled by transformers, {args.hf_static_tokens} tokens timed after "
+          "a first call; setup s: our compiles and captures, apart from the timed replays")
+    print(f"{'batch':<7}{'mode':<16}{'HF ms':>8}{'HF st ms':>10}{'ours ms':>9}{'tok/s':>10}{'x HF':>7}{'x HF st':>8}{'of bw':>7}{'setup s':>9}  attention")
     for batch in batches:
-        t_hf, t_us, setup = bench_fixed(model, batch, N)
+        t_hf, t_st, r, t_us, setup = bench_fixed(model, batch, N, static_tokens=args.hf_static_tokens)
         bound = step_bytes(model, batch, 32 + N // 2) / bw  # seconds a step needs at full bandwidth, the cache half full on average
-        print(f"{f'batch {batch}':<24}{batch * N / t_hf:>10.1f}{batch * N / t_us:>12.1f}{t_hf / t_us:>7.2f}x"
-              f"{1e3 * t_hf / N:>12.2f}{1e3 * t_us / N:>14.2f}{bound / (t_us / N):>12.1%}{setup:>9.1f}  "
-              f"{attention_backend(model, batch, 32 + N) if device.type == 'cuda' else 'written out'}", flush=True)
+        print(f"{batch:<7}{r.mode:<16}{1e3 * t_hf:>8.2f}{1e3 * t_st:>10.2f}{1e3 * t_us:>9.2f}{batch / t_us:>10.1f}{t_hf / t_us:>6.2f}x"
+              f"{t_st / t_us:>7.2f}x{bound / t_us:>7.1%}{setup:>9.1f}  {attention_ran(model, batch)}", flush=True)
+    for path, reason in FELL_BACK.items():
+        print(f"fell back: {path} off ({reason})")
     rows = batches[-1] // 4 or 1
     hf, us = bench_refill(model, rows, N)
-    print(f"{f'{4 * rows} prompts, {rows} rows':<24}{hf:>10.1f}{us:>12.1f}{us / hf:>7.2f}x  (rows end at random steps; ours refills them)", flush=True)
+    print(f"{f'{4 * rows} prompts, {rows} rows':<24}{hf:>10.1f}{us:>12.1f}{us / hf:>7.2f}x  (tok/s HF, ours; rows end at random steps; ours refills them)", flush=True)
     if tok is not None and not args.random_weights:
         hf, us = bench_grpo(model, tok)
         print(f"{'GRPO workload 16x8 <=256':<24}{hf:>10.1f}{us:>12.1f}{us / hf:>7.2f}x", flush=True)
         if device.type == "cpu":
             mean, mx, n = bf16_drift(model, tok)
             print(f"bf16 rollout log-probs vs the float32 policy on {n} tokens: mean |diff| {mean:.4f}, max {mx:.4f}")
-    print(f"greedy, float32, 32 tokens: ours equals HF generate on {greedy_agreement(model)} of 4 prompts")
 
 
 def main(argv=None):
@@ -241,12 +305,17 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes of the fixed-length case (default: CPU 1 8 64, CUDA 1 64 256)")
     p.add_argument("--new-tokens", type=int, default=0, help="new tokens in the fixed-length case (default: CPU 128, CUDA 256)")
     p.add_argument("--bandwidth", type=float, default=0.0, help="memory bandwidth in GB/s for the bound (default: the card's by name, else measured)")
+    p.add_argument("--hf-static-tokens", type=int, default=32, help="new tokens of the timed HF generate with a static cache (0: skip it)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step's forward with torch.compile (opt-in; graphs.py)")
+    p.add_argument("--attention", default="", help="sdpa or eager (default: sdpa on CUDA, eager on CPU)")
     p.add_argument("--prompt", default="What is 12 + 7?", help="without --bench: a user turn to answer, greedily")
     args = p.parse_args(argv)
+    configure(args.compile, args.attention)
     check(args.device in ("", "cpu") or args.device.startswith("cuda") and torch.cuda.is_available(),
           f"--device must be cpu, or cuda where torch sees a CUDA device (it sees {torch.cuda.device_count()}); got '{args.device}'")
     check(args.dtype in ("", "bfloat16", "float32"), f"--dtype must be bfloat16 or float32, got '{args.dtype}'")
-    check(all(b >= 1 for b in args.batches or [1]) and args.new_tokens >= 0, "--batches must be >= 1 and --new-tokens >= 0")
+    check(all(b >= 1 for b in args.batches or [1]) and args.new_tokens >= 0 and args.hf_static_tokens >= 0,
+          "--batches must be >= 1, --new-tokens and --hf-static-tokens >= 0")
     check(math.isfinite(args.bandwidth) and args.bandwidth >= 0, f"--bandwidth must be a finite GB/s >= 0 (0 = measure), got {args.bandwidth}")
     if args.bench:
         return bench(args)

@@ -65,6 +65,11 @@ def bad_inputs(tmp):
         ("bupo.py", ["--sweep", "inter_steps=1,1"], "lists a value twice"),
         ("bupo.py", ["--methods", "grpo,dpo"], "--methods must be a comma list"),
         ("bupo.py", ["--eval-every", "0"], "--eval-every must be >= 1"),
+        ("rollout.py", ["--bench", "--attention", "flash"], "--attention must be sdpa or eager"),
+        ("grpo.py", ["--attention", "flash"] + tiny, "--attention must be sdpa or eager"),
+        ("bupo.py", ["--attention", "flash"], "--attention must be sdpa or eager"),
+        ("evaluate.py", ["--attention", "flash", "--out", f"{tmp}/ev7"], "--attention must be sdpa or eager"),
+        ("entropy.py", ["--attention", "flash", "--out", f"{tmp}/ent2"], "--attention must be sdpa or eager"),
     ]
 
 
@@ -85,7 +90,7 @@ def test_each_script_turns_bad_input_into_one_line(tmp_path):
         assert_one_line_error(p.returncode, err, cases[script][1], script)
 
 
-@pytest.mark.parametrize("i", range(39))
+@pytest.mark.parametrize("i", range(44))
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys, i):
     """Every case through its script's main and cli.run_main, as `python SCRIPT ARGS` runs them."""
     script, args, want = bad_inputs(tmp_path)[i]

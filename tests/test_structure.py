@@ -3,7 +3,7 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ["cli", "hardware", "report", "problems", "decompose", "policy", "sampling", "engine", "decode", "rollout", "answers", "grade", "rewards", "evaluate", "entropy", "lens", "probe",
+ORDER = ["cli", "hardware", "report", "problems", "decompose", "policy", "sampling", "engine", "graphs", "decode", "rollout", "answers", "grade", "rewards", "evaluate", "entropy", "lens", "probe",
          "distributed", "checkpoints", "loss", "advantages", "critic", "config", "step", "grpo", "results", "bupo"]
 
 
@@ -46,3 +46,9 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says():
     for line in setup_lines[:-1]:
         assert line in ci, f".ci/run lacks the README's set-up line {line!r}"
     assert any(line.startswith(tests.strip() + " ") or line == tests.strip() for line in ci), ".ci/run does not run the README's test command"
+
+
+def test_ci_runs_every_command_of_the_gpu_check_on_cpu():
+    """.ci/run runs .ci/gpu-check --cpu, so the GPU check's flags are run on every CI run (issue 29)."""
+    ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines() if line and not line.startswith("#")]
+    assert any(line.split()[-2:] == [".ci/gpu-check", "--cpu"] for line in ci)
