@@ -102,7 +102,7 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=(), probes=None):
         m["phase"] = "internal" if step < cfg.inter_steps and method in INTERNAL else "full"
         if step == cfg.inter_steps > 0 and method in INTERNAL and distributed.init().main:
             tqdm.write(f"step {step}: {desc}: phase 1 ends, plain GRPO from now on")
-        _, ids, att, resp, _ = next(micro_slices(batch, torch.arange(batch.input_ids.shape[0]), cfg.micro_batch))
+        _, ids, att, resp, _ = next(micro_slices(batch, range(batch.input_ids.shape[0]), cfg.micro_batch, cfg.micro_tokens))
         with distributed.full_weights(runner) as model:
             ent = readout_entropies(model, ids, att, resp, cfg.temperature, layers, cfg.precision)  # this rank's first micro-batch
         n = distributed.all_sum([1.0])[0]

@@ -193,14 +193,14 @@ def pass_flops(model, batch, cfg, rows):
     lm = model.lm_head.weight.numel()
     dec = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
     return sum(2 * dec * decoder_tokens(ids, att, resp) + 2 * lm * int(resp[:, 1:].sum())
-               for _, ids, att, resp, _ in micro_slices(batch, rows, cfg.micro_batch))
+               for _, ids, att, resp, _ in micro_slices(batch, rows, cfg.micro_batch, cfg.micro_tokens))
 
 
 def bench_step(cfg, off, repeats=2):
     """One step's parts, in seconds, with the changes in `off` switched off; meant for a fresh process (see bench)."""
     torch.set_flush_denormal(off.get("flush", True))  # before any parallel op: every thread of the pool inherits it
     policy_lib.LOGITS_BUDGET = off.get("logits_budget", policy_lib.LOGITS_BUDGET)
-    policy_lib.SHARE_PROMPTS = off.get("share_prompts", True)
+    policy_lib.SHARE_PROMPTS = ("cpu",) if off.get("share_prompts", True) else ()
     cfg = GRPOConfig(**{**cfg, **{k: off[k] for k in ("precision", "rollout_dtype") if k in off}})
     model, tok = load_model(cfg.model, dtype=torch.float32)
     t = clock(model.device)
@@ -211,13 +211,13 @@ def bench_step(cfg, off, repeats=2):
         runner = distributed.Policy(copy.deepcopy(model).train())
         opt = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=off.get("fused_adam", True))
         t = clock(model.device)
-        old, ent = policy_logprobs(output_policy, runner, batch, cfg, rows=torch.arange(first, N))
+        old, ent = policy_logprobs(output_policy, runner, batch, cfg, rows=range(first, N))
         t1 = clock(model.device)
         ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=first > 0)
         r["old"].append(t1 - t)
         r["update"].append(clock(model.device) - t1)
     r["old"], r["update"] = min(r["old"][1:]), min(r["update"][1:])
-    r["flops"] = pass_flops(model, batch, cfg, torch.arange(first, N)) + 3 * pass_flops(model, batch, cfg, torch.arange(N))
+    r["flops"] = pass_flops(model, batch, cfg, range(first, N)) + 3 * pass_flops(model, batch, cfg, range(N))
     r["peak"] = matmul_peak(torch.bfloat16 if cfg.precision == "bfloat16" else torch.float32, model.device)
     return r
 
