@@ -35,6 +35,7 @@ from decompose import check_inputs, unembed
 LOGITS_BUDGET = 1 << 30  # bytes of float32 logits materialized at once (a chunk of rows x V)
 SHARE_PROMPTS = ("cpu",)  # devices where residuals() runs a group's prompt once (FLOPs bound); a GPU runs one forward per micro-batch
 PRECISIONS = ("float32", "bfloat16")
+LOGP_FLOOR = -1e30  # a -inf logit's log-prob in TokenLogprobs: exp gives 0, and times a gradient it stays finite
 
 
 def entropy(logits):
@@ -146,7 +147,7 @@ class TokenLogprobs(torch.autograd.Function):
     def forward(ctx, logits, targets, temperature, entropy_grad):
         logp = _scaled(logits, temperature)  # (c, V) float32, a copy
         lse = logp.logsumexp(-1)  # (c,)
-        logp.sub_(lse[:, None]).clamp_(min=torch.finfo(logp.dtype).min)  # log p; a -inf logit contributes 0 below
+        logp.sub_(lse[:, None]).clamp_(min=LOGP_FLOOR)  # log p (c, V); a -inf logit contributes 0 below
         ent = -torch.linalg.vecdot(logp.exp(), logp)  # (c,) -sum_v p_v log p_v
         ctx.save_for_backward(logits, targets, lse, ent)
         ctx.temperature, ctx.entropy_grad = temperature, entropy_grad
@@ -157,7 +158,7 @@ class TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         logits, targets, lse, ent = ctx.saved_tensors
-        logp = _scaled(logits, ctx.temperature).sub_(lse[:, None]).clamp_(min=torch.finfo(torch.float32).min)  # (c, V)
+        logp = _scaled(logits, ctx.temperature).sub_(lse[:, None]).clamp_(min=LOGP_FLOOR)  # (c, V)
         p = logp.exp()  # (c, V)
         w = logp.add_(ent[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None]) if ctx.entropy_grad else g_lp[:, None]  # (c, V) or (c, 1)
         grad = p.mul_(w).neg_().scatter_add_(1, targets[:, None], g_lp[:, None])  # g_lp (onehot - p) - g_ent p (log p + H)

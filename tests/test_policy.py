@@ -191,3 +191,54 @@ def test_decoder_tokens_counts_what_the_decoder_runs(share, monkeypatch):
         output_policy(model, ids, att, 1.0, resp)
     assert sum(seen) == policy.decoder_tokens(ids, att, resp)
     assert (sum(seen) == ids.numel()) != share
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_logprobs_and_entropies_equal_autograd(dtype, temperature):
+    """TokenLogprobs (one float32 pass, hand-written backward) against log_softmax in float32 through autograd: values and
+    gradients of a loss on both outputs, for float32 and bf16 logits, with -inf logits (they contribute 0, no NaN)."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 97, generator=g) * 30).to(dtype)
+    logits[0, 5:9] = float("-inf")
+    logits.requires_grad_(True)
+    targets = torch.randint(9, 97, (6,), generator=g)
+    a, b = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    lp, ent = policy.TokenLogprobs.apply(logits, targets, temperature, True)
+    (a * lp + b * ent).sum().backward()
+    got = logits.grad.clone()
+    logits.grad = None
+    logp = (logits.float() / temperature).log_softmax(-1)
+    want_lp = logp.gather(-1, targets[:, None])[:, 0]
+    want_ent = -(logp.exp() * logp.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
+    (a * want_lp + b * want_ent).sum().backward()
+    torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1:], logits.grad[1:], atol=1e-5, rtol=1e-5)  # row 0: autograd's entropy gradient is NaN
+    assert got.dtype == dtype and torch.isfinite(got).all() and (got[0, 5:9] == 0).all()
+    _, ent = policy.TokenLogprobs.apply(logits, targets, temperature, False)
+    assert not ent.requires_grad  # no entropy graph unless asked
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("k", [None, 1])
+def test_the_trainers_path_gives_the_checked_path(arch, k, monkeypatch):
+    """With n_scored (the trainer's right-padded rows) a policy runs one forward with no attention mask (no host read):
+    the same log-probs, entropies and gradients as with the mask, on rows longer than Gemma's sliding window of 6."""
+    monkeypatch.setattr(policy, "SHARE_PROMPTS", ())
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(3, 97, (int(n),), generator=g).tolist() for n in (14, 9, 5, 11)]
+    ids, att, resp = pad_rows([r[:3] for r in rows], [r[3:] for r in rows], 0)
+    pol = output_policy if k is None else layer_policy(k)
+    out = []
+    for n in (None, int(resp[:, 1:].sum())):
+        lp, ent = pol(model, ids, att, 0.9, resp, n_scored=n)
+        lp.sum().backward()
+        out.append((lp, ent, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        model.zero_grad(set_to_none=True)
+    (lp1, ent1, g1), (lp2, ent2, g2) = out
+    torch.testing.assert_close(lp1, lp2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent1, ent2, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
