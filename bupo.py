@@ -63,12 +63,12 @@ def entropy_profile(model, tok, cfg):
 
 @torch.no_grad()
 def readout_entropies(model, ids, att, resp, temperature, layers, precision):
-    """Token-mean entropies of the output policy (under `precision`, as the update runs it) and of pi_k for each k in
-    layers (float32, as layer_logprobs runs it: in bf16 the raw residual's wide logits would move them)."""
+    """Token-mean entropies of the output policy and of pi_k for each k in layers, under `precision`, as the update
+    runs them (pi_k: layers 0..k in float32, the lm_head under the autocast; see policy.layer_logprobs)."""
     n = max(int(resp[:, 1:].sum()), 1)
     with compute_precision(precision, ids.device):
         out = {"output": output_policy(model, ids, att, temperature, resp)[1].sum().item() / n}
-    return out | {k: layer_logprobs(model, ids, att, k, temperature, resp)[1].sum().item() / n for k in layers}
+        return out | {k: layer_logprobs(model, ids, att, k, temperature, resp)[1].sum().item() / n for k in layers}
 
 
 # The experiment's methods: verl's estimator, and what happens in the first s_inter steps (the paper's Table 1, 5, 11).

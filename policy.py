@@ -327,15 +327,18 @@ def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0, mask=No
 
     final_norm=True applies the model's final norm to h_k first (the logit-lens convention;
     the paper's Table 5 ablation); the paper's BuPO uses the raw residual.
-    Always in float32, also inside a bf16 autocast: the raw residual's norm makes pi_k's
-    logits hundreds of nats wide, and bf16 rounding then moves log-probs by ~0.2 nats
-    between two nearly equal weight sets (the default model, layer 4), which would put
-    ~40% of the PPO ratios outside the clip range by noise alone (README, "Precision").
+    Precision: layers 0..k always run in float32, also inside a bf16 autocast; the lm_head
+    runs under the caller's autocast (a bf16 GEMM in the bf16 update) and the log-softmax in
+    float32 (TokenLogprobs). The raw residual's norm makes pi_k's logits hundreds of nats
+    wide; measured on the default model (layer 4, 1024 tokens, one Adam-sized weight step), the
+    bf16 noise on the PPO log-ratio puts 34% of the tokens outside the clip range with the layers
+    in bf16 too, 20% with only the layers in bf16, 4.7% with only the lm_head (this choice), 0%
+    in float32 (README, "Precision"; `--precision float32` keeps all of pi_k float32).
     """
     mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
     with torch.autocast(input_ids.device.type, enabled=False):
-        h = residuals(model, input_ids, attention_mask, mask, k, trusted=n_scored is not None)
-        return logprobs_from_hidden(model, h, input_ids, mask, temperature, final_norm, entropy_grad, n_scored)
+        h = residuals(model, input_ids, attention_mask, mask, k, trusted=n_scored is not None)  # (B, T, D) float32
+    return logprobs_from_hidden(model, h, input_ids, mask, temperature, final_norm, entropy_grad, n_scored)
 
 
 def layer_policy(k, final_norm=False):
