@@ -136,7 +136,9 @@ def micro_batch_steps(runner, policy, batch, idx, old_logp, ref_logp, ent, cfg, 
     mini-batch's statistics as 0-d tensors on the device: loss terms (already / n_tokens) and token-weighted fractions.
     fresh: the on-policy first mini-batch, whose old log-probs are its own (and whose entropies go into ent)."""
     sums = {}
-    add = lambda k, v: sums.__setitem__(k, sums[k] + v.detach().double() if k in sums else v.detach().double())
+
+    def add(key, v):  # a 0-d tensor, kept on the device
+        sums[key] = sums[key] + v.detach().double() if key in sums else v.detach().double()
     micro = list(micro_slices(batch, idx, cfg.micro_batch, cfg.micro_tokens))
     for i, (j, ids, att, resp, adv) in enumerate(micro):
         n = scored_count(batch, j)
