@@ -69,12 +69,12 @@ def entropy_profile(model, tok, cfg):
 
 @torch.no_grad()
 def readout_entropies(model, ids, att, resp, temperature, layers, precision):
-    """Token-mean entropies of the output policy (under `precision`, as the update runs it) and of pi_k for each k in
-    layers (float32, as layer_logprobs runs it: in bf16 the raw residual's wide logits would move them)."""
+    """Token-mean entropies of the output policy and of pi_k for each k in layers, under `precision`, as the update
+    runs them (pi_k: layers 0..k in float32, the lm_head under the autocast; see policy.layer_logprobs)."""
     n = max(int(resp[:, 1:].sum()), 1)
     with compute_precision(precision, ids.device):
         out = {"output": output_policy(model, ids, att, temperature, resp)[1].sum().item() / n}
-    return out | {k: layer_logprobs(model, ids, att, k, temperature, resp)[1].sum().item() / n for k in layers}
+        return out | {k: layer_logprobs(model, ids, att, k, temperature, resp)[1].sum().item() / n for k in layers}
 
 
 # The experiment's methods: verl's estimator, and what happens in the first s_inter steps (the paper's Table 1, 5, 11).
@@ -108,7 +108,7 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=(), probes=None):
         m["phase"] = "internal" if step < cfg.inter_steps and method in INTERNAL else "full"
         if step == cfg.inter_steps > 0 and method in INTERNAL and distributed.init().main:
             tqdm.write(f"step {step}: {desc}: phase 1 ends, plain GRPO from now on")
-        _, ids, att, resp, _ = next(micro_slices(batch, torch.arange(batch.input_ids.shape[0]), cfg.micro_batch))
+        _, ids, att, resp, _ = next(micro_slices(batch, range(batch.input_ids.shape[0]), cfg.micro_batch, cfg.micro_tokens))
         with distributed.full_weights(runner) as model:
             ent = readout_entropies(model, ids, att, resp, cfg.temperature, layers, cfg.precision)  # this rank's first micro-batch
         n = distributed.all_sum([1.0])[0]

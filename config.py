@@ -44,7 +44,8 @@ class GRPOConfig:
     prompts_per_step: int = 128        # prompts per step (the paper's batch)
     group_size: int = 8                # responses per prompt
     mini_batch_prompts: int = 32       # prompts per PPO update (128 / 32 = 4 updates a step)
-    micro_batch: int = 8               # sequences per forward/backward (gradient accumulation)
+    micro_batch: int = 256             # at most this many sequences per forward/backward (gradient accumulation)
+    micro_tokens: int = 32768          # and at most this many tokens (sequences x the longest): the memory budget that sizes micro-batches
     precision: str = "float32"         # float32 | bfloat16: autocast of the policy's forward and backward (float32 master weights)
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward: memory for long responses, ~1/3 more compute
     max_new_tokens: int = 8192         # response limit of the rollouts
@@ -82,7 +83,8 @@ class GRPOConfig:
 
     # what a --resume may change: how far and how often, and how the same work is laid out (ranks, memory)
     SAFE_ON_RESUME: ClassVar[tuple] = ("steps", "save_every", "save_final", "eval_every", "bench", "fsdp",
-                                       "activation_checkpointing", "micro_batch", "rollout_batch", "compile", "attention")
+                                       "activation_checkpointing", "micro_batch", "micro_tokens", "rollout_batch", "compile",
+                                       "attention")
 
 
 # The paper's four backbones (Sec. 3, Table 1, 3; the authors' run_code/*.sh): hub id, shipped config (configs/, for
@@ -117,7 +119,7 @@ def check_config(cfg, config, world=1, memory=None):
         check(not isinstance(v, float) or math.isfinite(v), f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
     check(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}")
     check_seed(cfg.seed)
-    for name in ("prompts_per_step", "group_size", "mini_batch_prompts", "micro_batch", "max_new_tokens", "eval_max_new_tokens"):
+    for name in ("prompts_per_step", "group_size", "mini_batch_prompts", "micro_batch", "micro_tokens", "max_new_tokens", "eval_max_new_tokens"):
         check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     check(cfg.group_size >= 2, "--group-size must be >= 2: GRPO's baseline is the group mean")
     check(cfg.prompts_per_step % cfg.mini_batch_prompts == 0,

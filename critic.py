@@ -51,7 +51,7 @@ def critic_values(critic, batch, cfg):
     """Values (N, T) of every row of the step before any update (GAE's V and the value clip's V_old)."""
     out = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
     rows = torch.arange(batch.input_ids.shape[0])
-    for j, ids, att, resp, _ in update_slices(batch, rows, cfg.mini_batch_prompts * cfg.group_size, cfg.micro_batch):
+    for j, ids, att, resp, _ in update_slices(batch, rows, cfg.mini_batch_prompts * cfg.group_size, cfg.micro_batch, cfg.micro_tokens):
         v = critic(ids, att, resp, cfg.precision)  # the update's micro-batches: V_old is the update's first V, also in bf16
         out[j, :v.shape[1]] = v
     return out
@@ -66,7 +66,7 @@ def critic_update(critic, optimizer, batch, returns, old_values, cfg):
         n_tokens = max(batch.response_mask[idx].sum().item(), 1.0)
         agg_kw = dict(n_tokens=n_tokens, n_seqs=rows, max_len=cfg.max_new_tokens)
         sums = defaultdict(float)
-        for j, ids, att, resp, _ in micro_slices(batch, idx, cfg.micro_batch):
+        for j, ids, att, resp, _ in micro_slices(batch, idx, cfg.micro_batch, cfg.micro_tokens):
             v = critic(ids, att, resp, cfg.precision)  # (n, T)
             T = v.shape[1]
             per_token, clipfrac = value_loss(v, returns[j, :T], old_values[j, :T], resp, cfg.cliprange_value)

@@ -80,7 +80,13 @@ def rank_share(order, mini_batch_prompts, rank, world):
 # ----------------------------------------------------------------------------- collectives (identity for one process)
 
 def all_sum(values):
-    """Sum a list of floats over ranks."""
+    """Sum a list of floats over ranks; a tensor is summed in place on its device (no host sync)."""
+    if torch.is_tensor(values):
+        if not dist.is_initialized():
+            return values
+        t = values.to(_comm_device())  # itself where the backend reduces on its device (NCCL on CUDA, gloo on CPU)
+        dist.all_reduce(t)
+        return t.to(values.device)
     if not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())

@@ -33,8 +33,9 @@ from cli import InputError
 from decompose import check_inputs, unembed
 
 LOGITS_BUDGET = 1 << 30  # bytes of float32 logits materialized at once (a chunk of rows x V)
-SHARE_PROMPTS = True  # residuals() runs a group's prompt once; grpo.py --bench switches it off
+SHARE_PROMPTS = ("cpu",)  # devices where residuals() runs a group's prompt once (FLOPs bound); a GPU runs one forward per micro-batch
 PRECISIONS = ("float32", "bfloat16")
+LOGP_FLOOR = -1e30  # a -inf logit's log-prob in TokenLogprobs: exp gives 0, and times a gradient it stays finite
 
 
 def entropy(logits):
@@ -84,89 +85,173 @@ class Batch:
     attention_mask: torch.Tensor  # (N, T)
     response_mask: torch.Tensor   # (N, T) True at response tokens (policy.py's convention)
     advantages: torch.Tensor      # (N,) one per response, or (N, T) per token (PPO's GAE, Reinforce++)
+    lengths: tuple = None         # ([row length], [response length]) on the host; read from the masks once if None
+
+    def host_lengths(self):
+        """(row lengths, response lengths), lists of N ints: what micro-batching needs, without waiting for the device."""
+        if self.lengths is None:
+            self.lengths = tuple(torch.stack([self.attention_mask.sum(1), self.response_mask.sum(1)]).tolist())  # one host sync
+        return self.lengths
 
 
-def micro_slices(batch, idx, size):
-    """Micro-batches of rows idx, each trimmed to its longest row: (rows, ids, att, resp, adv), adv (n,) or (n, T)."""
-    for i in range(0, len(idx), size):
-        j = idx[i:i + size]
-        T = int(batch.attention_mask[j].sum(1).max())
+def micro_slices(batch, idx, size, tokens=None):
+    """Micro-batches of rows idx (in order), each of at most `size` rows and `tokens` tokens (rows x its longest row:
+    the padded (n, T) a forward runs; a longer row goes alone), trimmed to its longest row: (rows, ids, att, resp, adv),
+    adv (n,) or (n, T). Lengths come from the host (batch.host_lengths); consecutive rows are sliced, not gathered,
+    so no micro-batch waits for the device."""
+    lengths = batch.host_lengths()[0]
+    idx = idx.tolist() if torch.is_tensor(idx) else list(idx)
+    start, budget = 0, tokens or float("inf")
+    while start < len(idx):
+        end, T = start + 1, lengths[idx[start]]
+        while end < len(idx) and end - start < size and (end - start + 1) * max(T, lengths[idx[end]]) <= budget:
+            T, end = max(T, lengths[idx[end]]), end + 1
+        j = row_index(idx[start:end])
         adv = batch.advantages[j] if batch.advantages.dim() == 1 else batch.advantages[j, :T]
         yield j, batch.input_ids[j, :T], batch.attention_mask[j, :T], batch.response_mask[j, :T], adv
+        start = end
 
 
-def update_slices(batch, rows, mini, micro):
+def row_index(rows):
+    """A slice for consecutive rows (a view: no index copied to the device), else the list."""
+    return slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
+
+
+def scored_count(batch, j):
+    """Response tokens of rows j (a slice or list), from the host lengths: policies score as many positions."""
+    resp = batch.host_lengths()[1]
+    return sum(resp[j] if isinstance(j, slice) else [resp[i] for i in j])
+
+
+def update_slices(batch, rows, mini, micro, tokens=None):
     """micro_slices of `rows`, cut at the mini-batch boundaries (multiples of `mini` rows) first: the micro-batches
     that the update runs, so that a no-grad pass over them (old log-probs, old values) computes, under bf16 too,
     exactly what the update's first forward computes (ratio 1 before any update)."""
+    rows = rows.tolist() if torch.is_tensor(rows) else list(rows)
     for m in range(0, batch.input_ids.shape[0], mini):
-        idx = rows[(rows >= m) & (rows < m + mini)]
-        yield from micro_slices(batch, idx, micro) if len(idx) else ()
+        idx = [r for r in rows if m <= r < m + mini]
+        yield from micro_slices(batch, idx, micro, tokens) if idx else ()
 
 
 # ----------------------------------------------------------------------------- log-probs
 
+class TokenLogprobs(torch.autograd.Function):
+    """Target log-probs and entropies (c,) of softmax(logits / T) in one float32 pass over the logits (c, V).
+
+    Fused by hand: the forward keeps only the logits (in their dtype: bf16 under autocast)
+    and the rows' log-sum-exps, and the backward rebuilds the softmax from them, so autograd
+    holds no (c, V) float32 intermediates. With z = logits / T, p = softmax(z):
+    d log p_t / dz = onehot(t) - p,  dH / dz = -p (log p + H).
+    """
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, entropy_grad):
+        logp = _scaled(logits, temperature)  # (c, V) float32, a copy
+        lse = logp.logsumexp(-1)  # (c,)
+        logp.sub_(lse[:, None]).clamp_(min=LOGP_FLOOR)  # log p (c, V); a -inf logit contributes 0 below
+        ent = -torch.linalg.vecdot(logp.exp(), logp)  # (c,) -sum_v p_v log p_v
+        ctx.save_for_backward(logits, targets, lse, ent)
+        ctx.temperature, ctx.entropy_grad = temperature, entropy_grad
+        if not entropy_grad:
+            ctx.mark_non_differentiable(ent)
+        return logp.gather(1, targets[:, None])[:, 0], ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        logits, targets, lse, ent = ctx.saved_tensors
+        logp = _scaled(logits, ctx.temperature).sub_(lse[:, None]).clamp_(min=LOGP_FLOOR)  # (c, V)
+        p = logp.exp()  # (c, V)
+        w = logp.add_(ent[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None]) if ctx.entropy_grad else g_lp[:, None]  # (c, V) or (c, 1)
+        grad = p.mul_(w).neg_().scatter_add_(1, targets[:, None], g_lp[:, None])  # g_lp (onehot - p) - g_ent p (log p + H)
+        return (grad.div_(ctx.temperature) if ctx.temperature != 1 else grad).to(logits.dtype), None, None, None
+
+
+def _scaled(logits, temperature):
+    """logits / temperature as a new float32 tensor (c, V)."""
+    z = logits.to(torch.float32, copy=True)
+    return z.div_(temperature) if temperature != 1 else z
+
+
 def _chunk(model, h, targets, temperature, final_norm, entropy_grad):
-    logits = unembed(model, h, final_norm).float()  # (c, V), float32 also under autocast
-    logp = (logits if temperature == 1 else logits / temperature).log_softmax(-1)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        ent = entropy_of_logp(logp)  # (c,)
-    return logp.gather(-1, targets[:, None])[:, 0], ent
+    logits = unembed(model, h, final_norm)  # (c, V), bf16 under autocast; TokenLogprobs works in float32
+    return TokenLogprobs.apply(logits, targets, temperature, entropy_grad and torch.is_grad_enabled())
 
 
-def logprobs_from_hidden(model, h, input_ids, mask, temperature=1.0, final_norm=False, entropy_grad=False):
+def scored_positions(mask, n=None):
+    """Flat indices into (B, T-1) of the positions whose next token is scored (mask[:, 1:] True), in order.
+
+    n, their count, when the caller knows it (step.py, from the batch's lengths on the host): then nothing here waits
+    for the device (a stable sort instead of nonzero); without it, one host sync counts them."""
+    pos = mask[:, 1:].bool().flatten()  # (B*(T-1),)
+    n = int(pos.sum()) if n is None else n
+    return (~pos).to(torch.uint8).argsort(stable=True)[:n]  # (n,): the True positions first, in their order
+
+
+def logprobs_from_hidden(model, h, input_ids, mask, temperature=1.0, final_norm=False, entropy_grad=False, n_scored=None):
     """Log-probs and entropies (B, T) of pi(h) = softmax(unembed(h) / temperature), token-aligned as a policy's.
 
     h: residuals (B, T, D); position t-1 produces token t. Only tokens where mask is True
-    are scored; the (n, V) logits are built in chunks of chunk_rows(V), under activation
-    checkpointing when there is more than one chunk (so one chunk's logits exist at a time
-    in the backward pass too); a single chunk keeps its logits for the backward instead of
-    running the lm_head twice.
+    are scored (n_scored of them, if known: see scored_positions); the (n, V) logits are
+    built in chunks of chunk_rows(V), under activation checkpointing when there is more
+    than one chunk (so one chunk's logits exist at a time in the backward pass too); a
+    single chunk keeps its logits for the backward instead of running the lm_head twice.
     """
-    B, T, _ = h.shape
-    pos = mask[:, 1:].bool()  # (B, T-1): positions t whose next token is scored
-    flat, targets = h[:, :-1][pos], input_ids[:, 1:][pos]  # (n, D), (n,)
+    B, T, D = h.shape
+    idx = scored_positions(mask, n_scored)  # (n,) into (B, T-1)
+    b, t = idx // max(T - 1, 1), idx % max(T - 1, 1)  # (n,), (n,): position t of row b produces token t+1
+    flat, targets = h.reshape(B * T, D)[b * T + t], input_ids[b, t + 1]  # (n, D), (n,)
     c = chunk_rows(model.config.vocab_size)
     parts = []
     for i in range(0, flat.shape[0], c):
         args = (model, flat[i:i + c], targets[i:i + c], temperature, final_norm, entropy_grad)
         many = flat.shape[0] > c and torch.is_grad_enabled()
         parts.append(checkpoint(_chunk, *args, use_reentrant=False) if many else _chunk(*args))
-    logp, ent = (torch.cat(x) for x in zip(*parts)) if parts else (flat.new_zeros(0, dtype=torch.float),) * 2
-    b, t = pos.nonzero(as_tuple=True)
-    full = lambda v: torch.zeros(B, T, dtype=v.dtype, device=h.device).index_put((b, t + 1), v)  # (B, T): token t+1's
+    logp, ent = (torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts)) if parts else (flat.new_zeros(0, dtype=torch.float),) * 2
+    full = lambda v: torch.zeros(B * T, dtype=v.dtype, device=h.device).index_put((b * T + t + 1,), v).view(B, T)  # token t+1's
     return full(logp), full(ent)
 
 
-def output_policy(model, input_ids, attention_mask, temperature=1.0, mask=None, entropy_grad=False):
+def output_policy(model, input_ids, attention_mask, temperature=1.0, mask=None, entropy_grad=False, n_scored=None):
     """The model's output policy (what GRPO optimizes); mask None scores every token after the first.
+    n_scored: the count of scored tokens where the caller knows it (the trainer, from its batch's host lengths);
+    then nothing waits for the device, and the ids (its own rollout's) are not range-checked again.
 
     verl divides the logits by the rollout temperature here too, so that old and new
     log-probs are those of the distribution the tokens were sampled from.
     """
     mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
-    h = residuals(model, input_ids, attention_mask, mask)  # (B, T, D), final-normed
-    return logprobs_from_hidden(model, h, input_ids, mask, temperature, final_norm=False, entropy_grad=entropy_grad)
+    h = residuals(model, input_ids, attention_mask, mask, trusted=n_scored is not None)  # (B, T, D), final-normed
+    return logprobs_from_hidden(model, h, input_ids, mask, temperature, False, entropy_grad, n_scored)
 
 
-def residuals(model, input_ids, attention_mask, mask, k=None):
+def residuals(model, input_ids, attention_mask, mask, k=None, trusted=False):
     """The residual stream (B, T, D) where it produces the response tokens: after the last layer, final-normed
     (k None), or the raw residual after layer k, whose layers above never run (early exit).
 
-    A GRPO group repeats its prompt G times: each distinct prompt runs once, and its
-    keys and values (with their gradients) serve all its rows, as rollout.py's prefill
-    does. On the CPU preset (50-token prompts, ~30-token answers) that halves the tokens
-    of an update. Positions before the last prompt token are not computed (zeros): no
-    response token reads them. Rows that share no prompt, or activation checkpointing
-    (which drops the cache) and rows without a response take one plain forward of the whole batch instead.
+    On a GPU this is one forward of the whole micro-batch: its cost is the kernels it
+    launches, not its FLOPs. On the CPU, which is bound by FLOPs, a GRPO group's prompt
+    (repeated G times) runs once, and its keys and values (with their gradients) serve all
+    its rows, as rollout.py's prefill does: on the CPU preset (50-token prompts, ~30-token
+    answers) that halves the tokens of an update, for two forwards per group. Positions
+    before the last prompt token are then not computed (zeros): no response token reads
+    them. Rows that share no prompt, or activation checkpointing (which drops the cache)
+    and rows without a response take the one plain forward too.
+
+    trusted: the trainer's own rows (policy_logprobs, ppo_update), right-padded by pad_rows. Their
+    ids are not range-checked again, and the plain forward gets no attention mask but an empty
+    cache: with right padding the causal mask alone gives every real token its result (pads come
+    after it), and Hugging Face, given a mask (or none and no cache), reads it (or the positions)
+    back to the host to choose SDPA's kernel: a sync per forward.
     """
     if k is not None:
         check_layer(model.config, k)
-    check_inputs(model, input_ids, attention_mask)
+    if not trusted:
+        check_inputs(model, input_ids, attention_mask)
     B, T = input_ids.shape
     checkpointing = model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") else model.is_gradient_checkpointing
     groups = None if checkpointing else prompt_groups(input_ids, mask)
     if groups is None:
+        if trusted:
+            return _forward(model, input_ids, None, k, cache=DynamicCache(config=model.config))  # no mask to read back
         return _forward(model, input_ids, attention_mask, k)
     h = None
     for prompt, rows in groups.items():
@@ -185,13 +270,15 @@ def residuals(model, input_ids, attention_mask, mask, k=None):
 
 def prompt_groups(input_ids, mask):
     """{prompt tuple: rows} for residuals() to run each prompt once, or None where one plain forward is run:
-    no two rows share a prompt, a row has no response or no prompt, or SHARE_PROMPTS is off (grpo.py --bench)."""
+    no two rows share a prompt, a row has no response or no prompt, or the device is not in SHARE_PROMPTS."""
     B, T = input_ids.shape
+    if input_ids.device.type not in SHARE_PROMPTS:
+        return None
     starts = torch.where(mask.any(1), mask.int().argmax(1), T).tolist()  # (B,) first response token of each row
     groups = {}
     for i, p in enumerate(starts):
         groups.setdefault(tuple(input_ids[i, :p].tolist()), []).append(i)
-    return None if not SHARE_PROMPTS or len(groups) == B or min(starts) < 1 or max(starts) == T else groups
+    return None if len(groups) == B or min(starts) < 1 or max(starts) == T else groups
 
 
 def decoder_tokens(input_ids, attention_mask, mask):
@@ -235,26 +322,29 @@ def check_layer(model_config, k):
                          f"(k={L - 1} is the last layer, whose policy GRPO already trains)")
 
 
-def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0, mask=None, entropy_grad=False, final_norm=False):
+def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0, mask=None, entropy_grad=False, final_norm=False, n_scored=None):
     """Log-probs and entropies (B, T) under pi_k = softmax(lm_head(h_k) / T); mask None scores every token after the first.
 
     final_norm=True applies the model's final norm to h_k first (the logit-lens convention;
     the paper's Table 5 ablation); the paper's BuPO uses the raw residual.
-    Always in float32, also inside a bf16 autocast: the raw residual's norm makes pi_k's
-    logits hundreds of nats wide, and bf16 rounding then moves log-probs by ~0.2 nats
-    between two nearly equal weight sets (the default model, layer 4), which would put
-    ~40% of the PPO ratios outside the clip range by noise alone (README, "Precision").
+    Precision: layers 0..k always run in float32, also inside a bf16 autocast; the lm_head
+    runs under the caller's autocast (a bf16 GEMM in the bf16 update) and the log-softmax in
+    float32 (TokenLogprobs). The raw residual's norm makes pi_k's logits hundreds of nats
+    wide; measured on the default model (layer 4, 1024 tokens, one Adam-sized weight step), the
+    bf16 noise on the PPO log-ratio puts 34% of the tokens outside the clip range with the layers
+    in bf16 too, 20% with only the layers in bf16, 4.7% with only the lm_head (this choice), 0%
+    in float32 (README, "Precision"; `--precision float32` keeps all of pi_k float32).
     """
     mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
     with torch.autocast(input_ids.device.type, enabled=False):
-        h = residuals(model, input_ids, attention_mask, mask, k)
-        return logprobs_from_hidden(model, h, input_ids, mask, temperature, final_norm=final_norm, entropy_grad=entropy_grad)
+        h = residuals(model, input_ids, attention_mask, mask, k, trusted=n_scored is not None)  # (B, T, D) float32
+    return logprobs_from_hidden(model, h, input_ids, mask, temperature, final_norm, entropy_grad, n_scored)
 
 
 def layer_policy(k, final_norm=False):
     """The policy fn of pi_k (BuPO's first phase); final_norm: the logit-lens variant (Table 5)."""
-    def policy(model, input_ids, attention_mask, temperature=1.0, mask=None, entropy_grad=False):
-        return layer_logprobs(model, input_ids, attention_mask, k, temperature, mask, entropy_grad, final_norm)
+    def policy(model, input_ids, attention_mask, temperature=1.0, mask=None, entropy_grad=False, n_scored=None):
+        return layer_logprobs(model, input_ids, attention_mask, k, temperature, mask, entropy_grad, final_norm, n_scored)
     policy.layer, policy.final_norm = k, final_norm
     return policy
 

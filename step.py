@@ -12,7 +12,6 @@ its old log-probs are the update's own, detached; only the later mini-batches ne
 extra no-grad pass before the first update. grpo.py runs steps in its loop.
 """
 import math
-from collections import defaultdict
 
 import torch
 
@@ -22,7 +21,7 @@ from critic import critic_update, critic_values
 from rewards import problem_reward
 from hardware import clock
 from loss import aggregate, kl_penalty, policy_loss
-from policy import Batch, compute_precision, micro_slices, output_policy, pad_rows, update_slices, upper_parameters
+from policy import Batch, compute_precision, micro_slices, output_policy, pad_rows, scored_count, update_slices, upper_parameters
 from problems import epoch_problems, prompt_ids
 from rollout import generate
 
@@ -47,7 +46,8 @@ def rollout_step(model, tok, problems, cfg, step, prompt_index=None):
     rewards = torch.tensor([problem_reward(t, problems[i // G]) for i, t in enumerate(texts)])
     results = {"reward": rewards, "length": r.lengths.float().cpu(), "truncated": (~r.finished).float().cpu()}
     ids, att, resp = pad_rows(prompts, responses, tok.pad_token_id, model.device)
-    return Batch(ids, att, resp, outcome_advantages(cfg, rewards.to(model.device), resp)), results
+    lengths = ([len(p) + len(r) for p, r in zip(prompts, responses)], [len(r) for r in responses])  # host: no sync later
+    return Batch(ids, att, resp, outcome_advantages(cfg, rewards.to(model.device), resp), lengths), results
 
 
 def outcome_advantages(cfg, rewards, mask):
@@ -82,10 +82,10 @@ def policy_logprobs(policy, runner, batch, cfg, rows=None, world=1):
     """
     logp = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
     ent = torch.zeros_like(logp)
-    rows = torch.arange(batch.input_ids.shape[0]) if rows is None else rows
-    for j, ids, att, resp, _ in update_slices(batch, rows, cfg.mini_batch_prompts // world * cfg.group_size, cfg.micro_batch):
+    rows = range(batch.input_ids.shape[0]) if rows is None else rows  # a range or list: no index read back
+    for j, ids, att, resp, _ in update_slices(batch, rows, cfg.mini_batch_prompts // world * cfg.group_size, cfg.micro_batch, cfg.micro_tokens):
         with compute_precision(cfg.precision, ids.device):
-            lp, en = runner(policy, ids, att, cfg.temperature, resp)
+            lp, en = runner(policy, ids, att, cfg.temperature, resp, n_scored=scored_count(batch, j))
         logp[j, :lp.shape[1]], ent[j, :lp.shape[1]] = lp, en
     return logp, ent
 
@@ -100,42 +100,26 @@ def ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, w
     ranks, each holds its 1/world of every mini-batch; the loss divides by the
     mini-batch's token count over all ranks (verl's global token-mean) and is scaled by
     world, so the gradient mean of DDP/FSDP is the gradient of one process over the whole
-    mini-batch. Statistics are token-weighted and summed over ranks.
+    mini-batch. Statistics are token-weighted and summed over ranks; they stay on the
+    device until one read per mini-batch (with the gradient norm, which decides the step).
     """
-    rows = cfg.mini_batch_prompts // world * cfg.group_size  # this rank's rows of a mini-batch
+    rows, N = cfg.mini_batch_prompts // world * cfg.group_size, batch.input_ids.shape[0]  # this rank's rows of a mini-batch
+    starts = range(0, N, rows)
+    resp_len = batch.host_lengths()[1]
+    counts = distributed.all_sum([float(sum(resp_len[m:m + rows])) for m in starts])  # each mini-batch's tokens, all ranks
     stats, skipped = [], 0
-    for m in range(0, batch.input_ids.shape[0], rows):
-        idx = torch.arange(m, m + rows)
-        n_tokens = max(distributed.all_sum([batch.response_mask[idx].sum().item()])[0], 1.0)
-        agg_kw = dict(n_tokens=n_tokens, n_seqs=rows * world, max_len=cfg.max_new_tokens)  # Dr. GRPO's is the budget
-        sums = defaultdict(float)  # loss terms (already / n_tokens) and token-weighted fractions
-        micro = list(micro_slices(batch, idx, cfg.micro_batch))
-        for i, (j, ids, att, resp, adv) in enumerate(micro):
-            with distributed.accumulate(runner, last=i == len(micro) - 1):
-                with compute_precision(cfg.precision, ids.device):
-                    logp, en = runner(policy, ids, att, cfg.temperature, resp, entropy_grad=cfg.entropy_coef > 0)
-                fresh = m == 0 and on_policy_first
-                old = logp.detach() if fresh else old_logp[j, :logp.shape[1]]
-                if fresh:
-                    ent[j, :logp.shape[1]] = en.detach()
-                loss, st = policy_loss(logp, old, adv, resp, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.loss_agg, **agg_kw)
-                sums["pg_loss"] += loss.item()
-                if cfg.kl_coef:
-                    kl = aggregate(kl_penalty(logp, ref_logp[j, :logp.shape[1]], cfg.kl_estimator), resp, cfg.loss_agg, **agg_kw)
-                    loss = loss + cfg.kl_coef * kl
-                    sums["kl"] += kl.item()
-                if cfg.entropy_coef:
-                    loss = loss - cfg.entropy_coef * aggregate(en, resp, cfg.loss_agg, **agg_kw)
-                (loss * world).backward()
-            sums["loss"] += loss.item()
-            for k, v in st.items():
-                sums[k] += v.item() * resp.sum().item() / n_tokens
-        sums = dict(zip(sums, distributed.all_sum(list(sums.values()))))
+    for m, n_tokens in zip(starts, counts):
+        agg_kw = dict(n_tokens=max(n_tokens, 1.0), n_seqs=rows * world, max_len=cfg.max_new_tokens)  # Dr. GRPO's is the budget
+        sums = micro_batch_steps(runner, policy, batch, range(m, min(m + rows, N)), old_logp, ref_logp, ent, cfg, world,
+                                 fresh=m == 0 and on_policy_first, agg_kw=agg_kw)
         for group in getattr(optimizer, "param_groups", []):
             for p in group["params"] if group.get("frozen") else []:
                 p.grad = None  # frozen this step: untouched by the step, the clip and AdamW's decay
         grad_norm = torch.nn.utils.clip_grad_norm_(runner.parameters(), cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        values = distributed.all_sum(torch.stack(list(sums.values())))  # on the device, summed over ranks
+        *values, grad_norm = torch.cat([values, grad_norm.to(values)[None]]).tolist()  # the mini-batch's one host sync
+        sums = dict(zip(sums, values))
         if not (math.isfinite(sums.pop("loss")) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)  # skip: never step on a NaN/inf
             skipped += 1
@@ -145,6 +129,38 @@ def ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, w
         stats.append({**sums, "grad_norm": grad_norm})
     out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if stats else {}
     return {**out, "updates": len(stats), "skipped_updates": skipped}
+
+
+def micro_batch_steps(runner, policy, batch, idx, old_logp, ref_logp, ent, cfg, world, fresh, agg_kw):
+    """Forward and backward of the micro-batches of one mini-batch (rows idx), gradients accumulated. Returns the
+    mini-batch's statistics as 0-d tensors on the device: loss terms (already / n_tokens) and token-weighted fractions.
+    fresh: the on-policy first mini-batch, whose old log-probs are its own (and whose entropies go into ent)."""
+    sums = {}
+
+    def add(key, v):  # a 0-d tensor, kept on the device
+        sums[key] = sums[key] + v.detach().double() if key in sums else v.detach().double()
+    micro = list(micro_slices(batch, idx, cfg.micro_batch, cfg.micro_tokens))
+    for i, (j, ids, att, resp, adv) in enumerate(micro):
+        n = scored_count(batch, j)
+        with distributed.accumulate(runner, last=i == len(micro) - 1):
+            with compute_precision(cfg.precision, ids.device):
+                logp, en = runner(policy, ids, att, cfg.temperature, resp, entropy_grad=cfg.entropy_coef > 0, n_scored=n)
+            old = logp.detach() if fresh else old_logp[j, :logp.shape[1]]
+            if fresh:
+                ent[j, :logp.shape[1]] = en.detach()
+            loss, st = policy_loss(logp, old, adv, resp, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.loss_agg, **agg_kw)
+            add("pg_loss", loss)
+            if cfg.kl_coef:
+                kl = aggregate(kl_penalty(logp, ref_logp[j, :logp.shape[1]], cfg.kl_estimator), resp, cfg.loss_agg, **agg_kw)
+                loss = loss + cfg.kl_coef * kl
+                add("kl", kl)
+            if cfg.entropy_coef:
+                loss = loss - cfg.entropy_coef * aggregate(en, resp, cfg.loss_agg, **agg_kw)
+            (loss * world).backward()
+        add("loss", loss)
+        for k, v in st.items():
+            add(k, v * (n / agg_kw["n_tokens"]))  # v: a fraction of the micro-batch's n tokens
+    return sums
 
 
 def param_groups(runner, upper_k=None):
@@ -186,7 +202,7 @@ def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d, crit
     t1 = clock(d.device)
     # 3. old log-probs of the later mini-batches (the first is on-policy), reference log-probs
     first = cfg.mini_batch_prompts // d.world * cfg.group_size
-    old_logp, ent = policy_logprobs(policy, runner, batch, cfg, rows=torch.arange(first, batch.input_ids.shape[0]), world=d.world)
+    old_logp, ent = policy_logprobs(policy, runner, batch, cfg, rows=range(first, batch.input_ids.shape[0]), world=d.world)
     ref_logp = policy_logprobs(policy, ref, batch, cfg, world=d.world)[0] if ref is not None else None
     # Fig. 7: the output policy's entropy over the whole batch, before the update (as the authors log it); under
     # BuPO's pi_k an extra no-grad pass, under the output policy the entropies above

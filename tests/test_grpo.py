@@ -7,16 +7,18 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoints
 import decode
 import evaluate
 import grpo
+import policy
 import step
 from cli import Diverged, InputError, Stopped
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
 from distributed import Policy
-from loss import aggregate, kl_penalty
+from loss import aggregate, kl_penalty, policy_loss
 from policy import Batch, output_policy, pad_rows
 from rollout import generate
 
@@ -375,3 +377,73 @@ def test_cudas_sampling_flow_kept_across_steps_trains_what_the_per_call_flow_tra
     assert strip(kept) == strip(fresh) and "eval/avg" in kept[1] and kept[0]["reward_std"] > 0
     assert built == [(4, 128, 4), (16, 128, 6), (4, 128, 4), (16, 128, 6), (4, 128, 4)]
     assert len(stale) == (3 * 29 if dtype else 0) and not any(stale)
+
+
+def hf_update_grads(model, batch, cfg, mini):
+    """The trusted reference of one update's gradients: each row through Hugging Face's plain forward alone (no padding,
+    no prompt sharing, no chunking), log_softmax(logits / T), verl's loss over the whole mini-batch of rows `mini`, clipped."""
+    ids, resp = batch.input_ids[mini], batch.response_mask[mini]
+    logp = torch.zeros(ids.shape)
+    for i, n in enumerate(batch.attention_mask[mini].sum(1).tolist()):
+        lp = (model(ids[i:i + 1, :n]).logits[0, :-1] / cfg.temperature).log_softmax(-1)  # (n-1, V)
+        logp = logp.index_put((torch.tensor(i), torch.arange(1, n)), lp.gather(-1, ids[i, 1:n, None])[:, 0])
+    loss, _ = policy_loss(logp, logp.detach(), batch.advantages[mini], resp, cfg.clip_low, cfg.clip_high, cfg.clip_c,
+                               cfg.loss_agg, n_seqs=len(mini), max_len=cfg.max_new_tokens)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # as the update
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, loss.item()
+
+
+@pytest.mark.parametrize("share,tokens", [((), 30), ((), 1 << 15), (("cpu",), 30), (("cpu",), 1 << 15)],
+                         ids=["gpu-path-budget", "gpu-path-one-forward", "shared-prompts-budget", "shared-prompts-one"])
+def test_budget_micro_batches_give_the_per_row_hf_gradient(share, tokens, monkeypatch):
+    """The update's micro-batches sized by a token budget (30 tokens: 1-3 rows each; or the whole mini-batch in one
+    forward), with prompts shared per group (the CPU path) or one plain forward (the GPU path), give the gradient and
+    loss of each row run alone through Hugging Face's forward, to float rounding."""
+    monkeypatch.setattr(policy, "SHARE_PROMPTS", share)
+    model = tiny_model("qwen3")
+    batch = fixed_batch(model)
+    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=2, micro_batch=256, micro_tokens=tokens, max_new_tokens=6,
+                          precision="float32", temperature=0.8)
+    sizes = [len(range(8)[j]) * ids.shape[1] for j, ids, *_ in policy.micro_slices(batch, range(8), 256, tokens)]
+    assert (max(sizes) <= tokens and len(sizes) > 2) if tokens == 30 else len(sizes) == 1
+    (got,), stats, _ = update_grads(model, batch, cfg)
+    want, loss = hf_update_grads(tiny_model("qwen3"), batch, cfg, list(range(8)))
+    assert stats["pg_loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-4)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts what reads a tensor's values back to the host: .item(), int(), float(), bool() (aten's
+    _local_scalar_dense, which waits for the device on a GPU) and .tolist()."""
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.n, tolist = 0, torch.Tensor.tolist
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda t: setattr(self, "n", self.n + 1) or tolist(t))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_one_host_sync_per_mini_batch(precision, monkeypatch):
+    """On the GPU path (no prompt sharing), an update of 2 mini-batches of several micro-batches reads values back to
+    the host twice: once per mini-batch (its statistics and gradient norm, which decide the step); the old-log-prob
+    pass not at all. The batch's lengths are on the host, as rollout_step builds it."""
+    monkeypatch.setattr(policy, "SHARE_PROMPTS", ())
+    model = tiny_model("qwen3")
+    b = fixed_batch(model)
+    lengths = (b.attention_mask.sum(1).tolist(), b.response_mask.sum(1).tolist())
+    batch = Batch(b.input_ids, b.attention_mask, b.response_mask, b.advantages, lengths)
+    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_tokens=30, max_new_tokens=6, precision=precision, kl_coef=0.1)
+    runner, opt = Policy(model), torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    with HostReads(monkeypatch) as reads:
+        old, ent = grpo.policy_logprobs(output_policy, runner, batch, cfg, rows=range(4, 8))
+    assert reads.n == 0
+    with HostReads(monkeypatch) as reads:
+        stats = grpo.ppo_update(runner, opt, output_policy, batch, old, old, ent, cfg)
+    assert reads.n == 2 and stats["updates"] == 2 and len(list(policy.micro_slices(batch, range(4), 256, 30))) > 1

@@ -111,8 +111,9 @@ def real_batch(model, tok):
 
 @torch.no_grad()
 def test_bf16_autocast_drift_on_the_default_model(default_model):
-    """The output policy under bf16 autocast stays within 0.05 nats of float32 on average (README: 0.027 measured);
-    pi_k ignores the autocast: float32, exactly."""
+    """The output policy under bf16 autocast stays within 0.05 nats of float32 on average (README: 0.028 measured).
+    pi_k under the autocast: its layers in float32, its lm_head a bf16 GEMM, its log-softmax in float32; against that
+    route from Hugging Face's float32 hidden_states[5] to float rounding, and away from all-float32 pi_k (README: 0.15)."""
     model, tok = default_model
     ids, att, resp = real_batch(model, tok)
     lp32 = output_policy(model, ids, att, 1.0, resp)[0]
@@ -121,7 +122,13 @@ def test_bf16_autocast_drift_on_the_default_model(default_model):
         k16 = layer_policy(4)(model, ids, att, 1.0, resp)[0]
     d = (lp16 - lp32)[resp].abs()
     assert 0 < d.mean() < 0.05 and d.max() < 0.5
-    assert torch.equal(k16, layer_policy(4)(model, ids, att, 1.0, resp)[0])
+    h = model(ids, attention_mask=att, output_hidden_states=True).hidden_states[5]  # (B, T, D) float32, after layer 4
+    logits = torch.nn.functional.linear(h.bfloat16(), model.lm_head.weight.bfloat16()).float()  # (B, T, V) the bf16 GEMM
+    want = direct(logits, ids, 1.0)[0]
+    scored = resp.clone()
+    scored[:, 0] = False
+    assert (k16 - want)[scored].abs().mean() < 1e-4
+    assert (k16 - layer_policy(4)(model, ids, att, 1.0, resp)[0])[scored].abs().mean() > 0.05
 
 
 FLUSH_PROBE = """
@@ -179,7 +186,7 @@ def test_shared_prompts_give_the_full_forward(arch, k):
 def test_decoder_tokens_counts_what_the_decoder_runs(share, monkeypatch):
     """grpo.py --bench counts FLOPs with decoder_tokens: it equals the positions the first decoder layer receives,
     with a group's prompt run once (3 prompts x 3 rows) and with sharing off (every padded position of every row)."""
-    monkeypatch.setattr(policy, "SHARE_PROMPTS", share)
+    monkeypatch.setattr(policy, "SHARE_PROMPTS", ("cpu",) if share else ())
     model = tiny_model("llama")
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (9, 4, 7)]
@@ -191,3 +198,54 @@ def test_decoder_tokens_counts_what_the_decoder_runs(share, monkeypatch):
         output_policy(model, ids, att, 1.0, resp)
     assert sum(seen) == policy.decoder_tokens(ids, att, resp)
     assert (sum(seen) == ids.numel()) != share
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_logprobs_and_entropies_equal_autograd(dtype, temperature):
+    """TokenLogprobs (one float32 pass, hand-written backward) against log_softmax in float32 through autograd: values and
+    gradients of a loss on both outputs, for float32 and bf16 logits, with -inf logits (they contribute 0, no NaN)."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 97, generator=g) * 30).to(dtype)
+    logits[0, 5:9] = float("-inf")
+    logits.requires_grad_(True)
+    targets = torch.randint(9, 97, (6,), generator=g)
+    a, b = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    lp, ent = policy.TokenLogprobs.apply(logits, targets, temperature, True)
+    (a * lp + b * ent).sum().backward()
+    got = logits.grad.clone()
+    logits.grad = None
+    logp = (logits.float() / temperature).log_softmax(-1)
+    want_lp = logp.gather(-1, targets[:, None])[:, 0]
+    want_ent = -(logp.exp() * logp.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
+    (a * want_lp + b * want_ent).sum().backward()
+    torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1:], logits.grad[1:], atol=1e-5, rtol=1e-5)  # row 0: autograd's entropy gradient is NaN
+    assert got.dtype == dtype and torch.isfinite(got).all() and (got[0, 5:9] == 0).all()
+    _, ent = policy.TokenLogprobs.apply(logits, targets, temperature, False)
+    assert not ent.requires_grad  # no entropy graph unless asked
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("k", [None, 1])
+def test_the_trainers_path_gives_the_checked_path(arch, k, monkeypatch):
+    """With n_scored (the trainer's right-padded rows) a policy runs one forward with no attention mask (no host read):
+    the same log-probs, entropies and gradients as with the mask, on rows longer than Gemma's sliding window of 6."""
+    monkeypatch.setattr(policy, "SHARE_PROMPTS", ())
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(3, 97, (int(n),), generator=g).tolist() for n in (14, 9, 5, 11)]
+    ids, att, resp = pad_rows([r[:3] for r in rows], [r[3:] for r in rows], 0)
+    pol = output_policy if k is None else layer_policy(k)
+    out = []
+    for n in (None, int(resp[:, 1:].sum())):
+        lp, ent = pol(model, ids, att, 0.9, resp, n_scored=n)
+        lp.sum().backward()
+        out.append((lp, ent, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        model.zero_grad(set_to_none=True)
+    (lp1, ent1, g1), (lp2, ent2, g2) = out
+    torch.testing.assert_close(lp1, lp2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent1, ent2, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
