@@ -34,7 +34,7 @@ from checkpoints import RunDamaged, checkpoint_path, read_metrics, remove_checkp
 from cli import (Diverged, InputError, Stopped, check, check_seed, claim_run_dir, parse_config, read_json, run_main, settings_diff,
                  write_json)
 from config import BUPO_PRESETS, BuPOConfig, check_config, check_ppo_memory, preset_help
-from decompose import load_model, model_config
+from models import load_model, model_config
 from entropy import eic_stages, internal_entropy
 from hardware import clock
 from loss import policy_loss

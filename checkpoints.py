@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import distributed
 from cli import InputError, read_json, read_jsonl, settings_diff, write_json
-from decompose import load_model
+from models import load_model
 
 
 class RunDamaged(InputError):

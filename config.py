@@ -18,7 +18,7 @@ from transformers import AutoConfig
 
 from cli import check, check_seed
 from advantages import ESTIMATORS
-from decompose import CONFIG_DIR
+from models import CONFIG_DIR
 from evaluate import parse_k
 from loss import AGGREGATIONS, KL_ESTIMATORS
 from policy import PRECISIONS

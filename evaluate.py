@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from cli import InputError, check, check_seed, claim_run_dir, read_jsonl, run_main, write_jsonl
-from decompose import EMBEDDED, load_model, model_config, weights_id
+from models import EMBEDDED, load_model, model_config, weights_id
 from rewards import REWARDS, final_answer, problem_reward
 from problems import TASKS, prompt_ids, task_problems, with_reward
 from report import markdown_table

@@ -42,7 +42,7 @@ from cli import Diverged, Stopped, check, claim_run_dir, parse_config, run_main,
 from config import PRESETS, GRPOConfig, check_config, preset_help
 from critic import make_critic
 from decode import release
-from decompose import load_model, model_config
+from models import load_model, model_config
 from evaluate import evaluate, parse_k, pass_curve, summarize
 from hardware import clock, matmul_peak
 from policy import Batch, decoder_tokens, micro_slices, output_policy
@@ -109,7 +109,7 @@ def setup(cfg, d, model=None, tok=None, find_unused=False, upper_k=None, mutable
     if cfg.resume:
         model, tok, state = load_checkpoint(cfg.out, d.device)
     critic = make_critic(model, cfg) if cfg.adv_estimator == "gae" else None  # the policy's architecture (its state: below)
-    check(tok is not None, f"{cfg.model} has no tokenizer to write prompts with; see decompose.random_model")
+    check(tok is not None, f"{cfg.model} has no tokenizer to write prompts with; see models.random_model")
     if cfg.activation_checkpointing:  # Hugging Face's, per decoder layer (the old name before transformers 5.2x)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})

@@ -38,16 +38,6 @@ PRECISIONS = ("float32", "bfloat16")
 LOGP_FLOOR = -1e30  # a -inf logit's log-prob in TokenLogprobs: exp gives 0, and times a gradient it stays finite
 
 
-def entropy(logits):
-    """Entropy in nats over the last dim, in float32; -inf logits contribute 0 (no NaN)."""
-    return entropy_of_logp(logits.float().log_softmax(-1))
-
-
-def entropy_of_logp(logp):
-    """-sum_v p_v log p_v from log-probs (..., V); -inf entries contribute 0."""
-    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
-
-
 def chunk_rows(vocab_size, budget=None):
     """Rows of (rows, V) float32 logits that fit the budget (default LOGITS_BUDGET)."""
     return max(1, (budget or LOGITS_BUDGET) // (4 * vocab_size))

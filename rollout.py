@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import InputError, check, run_main
-from decompose import EMBEDDED, RANDOM, load_model
+from models import EMBEDDED, RANDOM, load_model
 from decode import decode, decoder, sampling_copy
 from engine import pack_linears
 from graphs import FELL_BACK, why

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 import bupo
 import checkpoints
-import decompose
+import models
 import distributed
 import grpo
 import step
@@ -162,14 +162,14 @@ def convert_default_model(rank, cache):
     """Each rank converts the GGUF into a cache of its own, as on nodes that share no disk."""
     distributed.init()  # under a process group, HF's save_pretrained writes on rank 0 only
     os.environ["BUPO_CACHE"] = f"{cache}{rank}"
-    model, _ = decompose.load_model(dtype=torch.float32)
+    model, _ = models.load_model(dtype=torch.float32)
     assert model.config.num_hidden_layers == 30
 
 
 def test_every_rank_can_convert_the_default_model(tmp_path):
     spawn(convert_default_model, 2, str(tmp_path / "cache"))
     for rank in (0, 1):
-        assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir(tmp_path / f"cache{rank}" / decompose.EMBEDDED["smollm2"].cache_name))
+        assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir(tmp_path / f"cache{rank}" / models.EMBEDDED["smollm2"].cache_name))
 
 
 def test_rank_share_splits_every_mini_batch_by_whole_prompts():

@@ -135,7 +135,7 @@ FLUSH_PROBE = """
 import sys, torch
 torch.set_flush_denormal(sys.argv[1] == "1")
 sys.path.insert(0, ".")
-from decompose import load_model
+from models import load_model
 from policy import layer_logprobs
 model, tok = load_model()
 ids = torch.tensor(tok(["The sum of 12 and 7 is 19, because 12 + 7 = 19."] * 2)["input_ids"])
