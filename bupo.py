@@ -17,7 +17,7 @@ ablations. Interrupted, --resume skips the finished runs and continues the other
 
     python bupo.py                       # CPU: 3 seeds of BuPO (k=4, s_inter=3) and GRPO, 10 steps each (~16 min)
     python bupo.py --resume --sweep layer=4,14,24   # then the layer ablation on the same seeds
-    python bupo.py --bench               # one phase-1 update vs one full update, all positions scored
+    python bench.py bupo                 # one phase-1 update vs one full update, all positions scored (bench_train.py)
     python bupo.py --preset paper --methods bupo   # the paper's setting: Qwen3-4B, k=5, s_inter=30, on one H200
     torchrun --nproc_per_node=8 bupo.py --preset paper-qwen3-8b   # the other backbones: --preset paper-octothinker-3b, -8b
 """
@@ -37,11 +37,11 @@ from config import BUPO_PRESETS, BuPOConfig, check_config, check_ppo_memory, pre
 from models import load_model, model_config
 from entropy import eic_stages, internal_entropy
 from hardware import clock
-from loss import policy_loss
 from policy import check_layer, compute_precision, layer_logprobs, layer_policy, micro_slices, output_policy
 from probe import probe, probe_set
 from problems import task_problems
 from results import report
+from step import rollout_step
 
 
 # ----------------------------------------------------------------------------- BuPO
@@ -63,7 +63,7 @@ def resolve_layer(cfg, model, tok):
 def entropy_profile(model, tok, cfg):
     """internal_entropy (paper convention) over cfg.profile_samples fresh responses to training prompts."""
     problems = task_problems(cfg.task, cfg.profile_samples, cfg.seed + 1, "train")
-    batch, _ = grpo.rollout_step(model, tok, problems, replace(cfg, group_size=1, rollout_dtype=""), step=-1)
+    batch, _ = rollout_step(model, tok, problems, replace(cfg, group_size=1, rollout_dtype=""), step=-1)
     return internal_entropy(model, batch.input_ids, batch.response_mask, attention_mask=batch.attention_mask)
 
 
@@ -283,51 +283,9 @@ def _initial(cfg, model, tok, d):
     return start
 
 
-# ----------------------------------------------------------------------------- benchmark
-
-def bench(cfg, repeats=2):
-    """Seconds of one phase-1 update (pi_k) against a full one and a plain HF forward+backward, all positions scored."""
-    model, tok = load_model(cfg.model, dtype=torch.float32)
-    k, L = int(cfg.layer) if cfg.layer != "auto" else 4, model.config.num_hidden_layers
-    check_layer(model.config, k)
-    problems = task_problems("math500", 8, 0, "test")
-    batch, _ = grpo.rollout_step(model, tok, problems, replace(cfg, group_size=1, max_new_tokens=256), 0)
-    batch.response_mask = batch.attention_mask.bool()  # every position scored
-    ids, att = batch.input_ids, batch.attention_mask
-
-    def update(policy):
-        lp, _ = policy(model, ids, att, 1.0, batch.response_mask)
-        policy_loss(lp, lp.detach(), batch.advantages, batch.response_mask)[0].backward()
-
-    def plain():
-        logits = model(ids, attention_mask=att).logits[:, :-1].float()
-        logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).sum().backward()
-    times = {}
-    for name, fn in (("phase 1 (pi_k)", lambda: update(layer_policy(k))), ("full (output policy)", lambda: update(output_policy)),
-                     ("plain HF forward+backward", plain)):
-        ts = []
-        for _ in range(repeats + 1):  # the first is a warm-up
-            t = clock(model.device)
-            with compute_precision(cfg.precision, model.device):
-                fn()
-            model.zero_grad(set_to_none=True)
-            ts.append(clock(model.device) - t)
-        times[name] = min(ts[1:])
-    D, V = model.config.hidden_size, model.config.vocab_size
-    per_layer = sum(m.weight.numel() for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
-    bound = ((k + 1) * per_layer + D * V) / (L * per_layer + D * V)
-    print(f"batch: {ids.shape[0]} sequences x {ids.shape[1]} tokens, every position scored; k={k}, L={L}, {cfg.precision}")
-    for name, t in times.items():
-        print(f"{name:>28}: {t:.2f} s forward+backward")
-    print(f"phase 1 / plain = {times['phase 1 (pi_k)'] / times['plain HF forward+backward']:.3f}, phase 1 / full = "
-          f"{times['phase 1 (pi_k)'] / times['full (output policy)']:.3f}  (FLOP bound ((k+1) layers + lm_head) / (L layers + lm_head) = {bound:.3f})")
-    return times
-
-
 def main(argv=None):
     cfg = parse_config(BuPOConfig, BUPO_PRESETS, "BuPO vs GRPO on paired seeds (arXiv 2512.19673). " + preset_help(BUPO_PRESETS), argv)
-    if cfg.bench:
-        return bench(cfg)
+    check(not cfg.bench, "bupo.py --bench moved: python bench.py bupo (the same flags)")
     grpo.configure_sampling(cfg.compile, cfg.attention)  # the sampling before the runs too (profiles, probe set)
     experiment(cfg)
 

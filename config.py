@@ -79,7 +79,7 @@ class GRPOConfig:
     resume: bool = False               # continue the run in --out from its checkpoint (saved by any number of ranks)
     overwrite: bool = False            # empty --out first (it holds another run)
     fsdp: bool = False                 # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
-    bench: bool = False                # time one step's parts (rollout, old log-probs, update), then exit
+    bench: bool = False                # moved: python bench.py grpo|bupo (kept so that --bench says so)
 
     # what a --resume may change: how far and how often, and how the same work is laid out (ranks, memory)
     SAFE_ON_RESUME: ClassVar[tuple] = ("steps", "save_every", "save_final", "eval_every", "bench", "fsdp",

@@ -49,8 +49,8 @@ class GradRecorder:
 
 def update_grads(model, batch, cfg, **kw):
     runner, rec = Policy(model), GradRecorder(model)
-    old, ent = grpo.policy_logprobs(output_policy, runner, batch, cfg)
-    stats = grpo.ppo_update(runner, rec, output_policy, batch, old, kw.pop("ref", None), ent, cfg, **kw)
+    old, ent = step.policy_logprobs(output_policy, runner, batch, cfg)
+    stats = step.ppo_update(runner, rec, output_policy, batch, old, kw.pop("ref", None), ent, cfg, **kw)
     return rec.grads, stats, old
 
 
@@ -77,8 +77,8 @@ def test_on_policy_first_mini_batch_equals_a_separate_old_pass():
         m = tiny_model("qwen3")
         runner, opt = Policy(m), torch.optim.AdamW(m.parameters(), lr=1e-2)
         rows = torch.arange(4 if on_policy else 0, 8)  # the later mini-batch only, or every row
-        old, ent = grpo.policy_logprobs(output_policy, runner, batch, cfg, rows=rows)
-        stats = grpo.ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=on_policy)
+        old, ent = step.policy_logprobs(output_policy, runner, batch, cfg, rows=rows)
+        stats = step.ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=on_policy)
         runs.append((stats, ent, [p.detach().clone() for p in m.parameters()]))
     (s1, e1, p1), (s2, e2, p2) = runs
     assert s1 == pytest.approx(s2, rel=1e-4, abs=1e-7) and s1["approx_kl"] > 1e-2  # the 2nd mini-batch is off-policy
@@ -92,7 +92,7 @@ def test_kl_term_by_hand():
     model, ref = tiny_model("llama"), tiny_model("llama", seed=1)
     batch = fixed_batch(model)
     cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=2, micro_batch=3, max_new_tokens=6, precision="float32", kl_coef=0.1)
-    ref_logp, _ = grpo.policy_logprobs(output_policy, Policy(ref), batch, cfg)
+    ref_logp, _ = step.policy_logprobs(output_policy, Policy(ref), batch, cfg)
     _, stats, old = update_grads(model, batch, cfg, ref=ref_logp)
     lp = old[batch.response_mask]  # the policy before the update: the first (only) mini-batch is on-policy
     r = torch.exp(ref_logp[batch.response_mask] - lp)
@@ -118,8 +118,8 @@ def test_updates_on_a_fixed_batch_lower_the_loss():
     batch = fixed_batch(model)
     runner = Policy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    old, ent = grpo.policy_logprobs(output_policy, runner, batch, cfg)
-    losses = [grpo.ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=False)["pg_loss"] for _ in range(4)]
+    old, ent = step.policy_logprobs(output_policy, runner, batch, cfg)
+    losses = [step.ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=False)["pg_loss"] for _ in range(4)]
     assert losses[-1] < losses[0]
 
 
@@ -128,8 +128,8 @@ def test_rollout_in_chunks_samples_what_one_call_samples():
     from problems import task_problems
     model, problems = tiny_model("llama"), task_problems("arithmetic", 3, 0, "train")
     cfg = grpo.GRPOConfig(group_size=4, max_new_tokens=6, seed=2)
-    whole, res = grpo.rollout_step(model, FakeTok(), problems, cfg, step=1)
-    parts, res2 = grpo.rollout_step(model, FakeTok(), problems, replace(cfg, rollout_batch=4), step=1)
+    whole, res = step.rollout_step(model, FakeTok(), problems, cfg, step=1)
+    parts, res2 = step.rollout_step(model, FakeTok(), problems, replace(cfg, rollout_batch=4), step=1)
     for f in ("input_ids", "attention_mask", "response_mask", "advantages"):
         assert torch.equal(getattr(whole, f), getattr(parts, f)), f
     assert all(torch.equal(res[k], res2[k]) for k in res)
@@ -280,9 +280,9 @@ def test_old_logprobs_run_the_updates_micro_batches(micro):
     batch = fixed_batch(model)
     cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=micro, max_new_tokens=6, precision="bfloat16", lr=0.0)
     old_pass, update = CallRecorder(Policy(model)), CallRecorder(Policy(model))
-    old, ent = grpo.policy_logprobs(output_policy, old_pass, batch, cfg)
+    old, ent = step.policy_logprobs(output_policy, old_pass, batch, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    stats = grpo.ppo_update(update, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=False)
+    stats = step.ppo_update(update, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=False)
     assert old_pass.calls == update.calls and len(update.calls) == 2 * -(-4 // micro)
     assert stats["updates"] == 2 and stats["approx_kl"] == 0.0
     assert stats["clip_frac_upper"] == stats["clip_frac_lower"] == 0.0
@@ -442,8 +442,8 @@ def test_one_host_sync_per_mini_batch(precision, monkeypatch):
     cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_tokens=30, max_new_tokens=6, precision=precision, kl_coef=0.1)
     runner, opt = Policy(model), torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     with HostReads(monkeypatch) as reads:
-        old, ent = grpo.policy_logprobs(output_policy, runner, batch, cfg, rows=range(4, 8))
+        old, ent = step.policy_logprobs(output_policy, runner, batch, cfg, rows=range(4, 8))
     assert reads.n == 0
     with HostReads(monkeypatch) as reads:
-        stats = grpo.ppo_update(runner, opt, output_policy, batch, old, old, ent, cfg)
+        stats = step.ppo_update(runner, opt, output_policy, batch, old, old, ent, cfg)
     assert reads.n == 2 and stats["updates"] == 2 and len(list(policy.micro_slices(batch, range(4), 256, 30))) > 1

@@ -184,7 +184,7 @@ def test_shared_prompts_give_the_full_forward(arch, k):
 
 @pytest.mark.parametrize("share", [True, False])
 def test_decoder_tokens_counts_what_the_decoder_runs(share, monkeypatch):
-    """grpo.py --bench counts FLOPs with decoder_tokens: it equals the positions the first decoder layer receives,
+    """bench.py grpo counts FLOPs with decoder_tokens: it equals the positions the first decoder layer receives,
     with a group's prompt run once (3 prompts x 3 rows) and with sharing off (every padded position of every row)."""
     monkeypatch.setattr(policy, "SHARE_PROMPTS", ("cpu",) if share else ())
     model = tiny_model("llama")

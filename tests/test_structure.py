@@ -4,7 +4,8 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORDER = ["cli", "hardware", "report", "problems", "models", "decompose", "policy", "sampling", "engine", "graphs", "decode", "rollout", "answers", "grade", "rewards", "evaluate", "entropy", "lens", "probe",
-         "distributed", "checkpoints", "loss", "advantages", "critic", "config", "step", "grpo", "results", "bupo"]
+         "distributed", "checkpoints", "loss", "advantages", "critic", "config", "step", "grpo", "results", "bupo",
+         "bench_rollout", "bench_train", "bench"]
 
 
 def project_imports(tree):
