@@ -34,7 +34,7 @@ class GRPOConfig:
     eval_limit: int = 0                # first N problems of each held-out set (0 = all)
     eval_every: int = 10               # evaluate every N steps (and before the first, after the last; 0 = never)
     eval_max_new_tokens: int = 8192    # response limit of the evaluation
-    eval_before: bool = True           # evaluate before the first step (bupo.py evaluates the shared start once instead)
+    eval_before: bool = True           # evaluate before the first step (experiment.py evaluates the shared start once instead)
     eval_samples: int = 16             # Avg@K and Pass@K: K samples per held-out question at temperature 1.0, at the start and after the last step (0 = off)
     eval_samples_limit: int = 0        # first N questions of each held-out set for the sampled metric (0 = --eval-limit's)
     eval_k: str = ""                   # a K per held-out set for the sampled metric, e.g. aime24=32,amc23=16 (the paper's); others: --eval-samples

@@ -11,7 +11,7 @@ state keyed by parameter name, so a run resumes on any number of ranks. Without
 torchrun nothing here starts: one process, no process group, the scripts as they were.
 
     torchrun --nproc_per_node=2 grpo.py            # 2 CPU processes (gloo) or 2 GPUs (NCCL)
-    torchrun --nproc_per_node=8 bupo.py --fsdp ... # a node of 8 GPUs, sharded
+    torchrun --nproc_per_node=8 experiment.py --fsdp ... # a node of 8 GPUs, sharded
 
 README.md, "Scaling out", has the multi-node commands and the memory arithmetic.
 """

@@ -184,7 +184,7 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
                     saved = step + 1
                     if d.main:
                         clear_divergence(cfg.out)
-                if stopping:  # also in the last step: a stop request stops the caller (bupo.py's next run) too
+                if stopping:  # also in the last step: a stop request stops the caller (experiment.py's next run) too
                     raise stopped(cfg, step, saved)
     model = distributed.plain_model(runner)
     return history, model.eval() if model is not None else None, tok

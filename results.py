@@ -1,6 +1,6 @@
-"""The experiment's report: from the runs' metrics to results.md, results.json and the figures of bupo.py.
+"""The experiment's report: from the runs' metrics to results.md, results.json and the figures of experiment.py.
 
-Each method and seed contributes its last logged step (bupo.py keeps nothing else of a
+Each method and seed contributes its last logged step (experiment.py keeps nothing else of a
 run). The tables follow the paper: held-out accuracy after training per method (Table 1;
 here greedy on the held-out set, and the paper's Avg@K from K samples at temperature 1),
 each seed, the mean, its 95% interval, and every method's paired difference from GRPO

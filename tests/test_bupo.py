@@ -1,4 +1,4 @@
-"""bupo.py: which weights each phase moves, the switch, layer=auto, resume, and the multi-seed experiment on tiny models."""
+"""bupo.py: which weights each phase moves, the switch, layer=auto, resume (the experiment: tests/test_experiment.py)."""
 import json
 import os
 import signal
@@ -11,7 +11,7 @@ import bupo
 import checkpoints
 import grpo
 import step
-from cli import InputError, Stopped
+from cli import Stopped
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
 from distributed import Policy
 from policy import Batch, layer_policy, pad_rows, upper_parameters
@@ -101,71 +101,6 @@ def test_tiny_end_to_end_with_interruption_and_resume(tmp_path, monkeypatch):
     assert all(m["pg_loss"] != 0 for m in full)  # real updates: layer 2's first Adam step comes after the resume
 
 
-def tiny_experiment(tmp_path, monkeypatch, **kw):
-    monkeypatch.setattr(step, "problem_reward", text_reward)
-    monkeypatch.setattr(bupo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
-    monkeypatch.setattr(bupo, "model_config", lambda *a: tiny_model("llama").config)
-    return tiny_cfg(tmp_path, bupo.BuPOConfig, **{**dict(steps=2, eval_every=1, inter_steps=1, layer="1", profile_samples=2,
-                                                           seeds="2", out=str(tmp_path / "exp")), **kw})
-
-
-def test_experiment_pairs_seeds_and_reports_intervals(tmp_path, monkeypatch):
-    """Both methods on 2 paired seeds: per-seed results, the paired difference and its interval, the figures."""
-    cfg = tiny_experiment(tmp_path, monkeypatch)
-    bupo.experiment(cfg)
-    out = tmp_path / "exp"
-    for f in ("comparison.png", "profiles.png", "results.md", "results.json", "initial.json",
-              "seed0/bupo/metrics.jsonl", "seed1/grpo/metrics.jsonl"):
-        assert (out / f).exists(), f
-    res = json.load(open(out / "results.json"))
-    assert set(res["per_seed"]) == {"BuPO", "GRPO"} and set(res["per_seed"]["GRPO"]) == {"0", "1"}
-    d = [res["per_seed"]["BuPO"][s] - res["per_seed"]["GRPO"][s] for s in ("0", "1")]
-    assert res["paired"]["BuPO"]["mean"] == pytest.approx(sum(d) / 2)
-    grpo0 = [json.loads(x) for x in open(out / "seed0" / "grpo" / "metrics.jsonl")]
-    bupo0 = [json.loads(x) for x in open(out / "seed0" / "bupo" / "metrics.jsonl")]
-    assert grpo0[0]["reward_mean"] == bupo0[0]["reward_mean"]  # paired: same start, same data and draws at step 0
-    assert [m["phase"] for m in bupo0] == ["internal", "full"] and [m["phase"] for m in grpo0] == ["full", "full"]
-    table = (out / "results.md").read_text()
-    assert "| BuPO − GRPO (paired) |" in table and "seed 0 | seed 1" in table
-    assert "reward: math (rewards.py)" in table and json.loads((out / "results.json").read_text())["reward"] == "math"
-    assert not any((out / f"seed{s}" / r / "checkpoint").exists() for s in (0, 1) for r in ("bupo", "grpo"))  # no 1.6 GB leftovers
-
-
-def test_experiment_resume_skips_finished_seeds(tmp_path, monkeypatch):
-    cfg = tiny_experiment(tmp_path, monkeypatch, seeds="2")
-    real = bupo.train_bupo
-    calls = []
-
-    def stop_in_seed_1(run_cfg, *a, **k):
-        calls.append(run_cfg.out)
-        if run_cfg.seed == 1:
-            raise KeyboardInterrupt  # killed during seed 1
-        return real(run_cfg, *a, **k)
-    monkeypatch.setattr(bupo, "train_bupo", stop_in_seed_1)
-    with pytest.raises(KeyboardInterrupt):
-        bupo.experiment(cfg)
-    assert len(calls) == 3  # seed 0: GRPO, BuPO; then seed 1's first run
-    with pytest.raises(InputError, match="holds a run already"):
-        bupo.experiment(cfg)  # not without --resume
-    calls.clear()
-    monkeypatch.setattr(bupo, "train_bupo", lambda run_cfg, *a, **k: (calls.append(run_cfg.out), real(run_cfg, *a, **k))[1])
-    bupo.experiment(replace(cfg, resume=True))
-    assert sorted(calls) == sorted(str(tmp_path / "exp" / "seed1" / r) for r in ("grpo", "bupo"))  # seed 0 is not trained again
-    assert set(json.load(open(tmp_path / "exp" / "results.json"))["per_seed"]["BuPO"]) == {"0", "1"}
-
-
-def test_sweep_and_methods(tmp_path, monkeypatch):
-    cfg = tiny_experiment(tmp_path, monkeypatch, seeds="0,", sweep="inter_steps=0,1", methods="bupo")
-    bupo.experiment(cfg)
-    res = json.load(open(tmp_path / "exp" / "results.json"))
-    assert set(res["per_seed"]) == {"BuPO inter_steps=0", "BuPO inter_steps=1"} and res["paired"] == {}
-    assert (tmp_path / "exp" / "sweep.png").exists()
-    for bad, match in [(dict(sweep="depth=1"), "--sweep must be"), (dict(sweep="layer=1,9"), "out of range"),
-                       (dict(methods="dpo"), "--methods"), (dict(methods="grpo,grpo"), "--methods"), (dict(seeds="0"), "--seeds"), (dict(layer="x"), "--layer")]:
-        with pytest.raises(InputError, match=match):
-            bupo.experiment(replace(cfg, out=str(tmp_path / "bad"), **bad))
-
-
 def test_logged_entropies_are_those_of_the_policies_trained():
     """The per-step entropy readout against HF's forward, as phase 1 and GRPO train them in a bf16 run: pi_k's from
     hidden_states[k+1] in float32 through the lm_head under bf16 autocast, the output policy's from HF's logits under
@@ -183,63 +118,6 @@ def test_logged_entropies_are_those_of_the_policies_trained():
             assert got[1] == pytest.approx(mean_entropy(model.lm_head(h1)).item(), rel=2e-3)  # bf16 logits: as below
             logits = model(ids, attention_mask=att).logits
     assert got["output"] == pytest.approx(mean_entropy(logits).item(), rel=2e-3)  # bf16: HF and ours round differently (6e-4)
-
-
-def test_every_method_of_the_paper_in_one_experiment(tmp_path, monkeypatch):
-    """Table 1's methods and the ablations (Tables 5, 11) on 2 paired seeds, with the sampled metric: Avg@K per seed
-    and its interval, each method's paired difference from GRPO, the Pass@K curve (pass@1 = Avg@K exactly)."""
-    cfg = tiny_experiment(tmp_path, monkeypatch, methods=",".join(bupo.METHODS), eval_samples=4, eval_samples_limit=2)
-    bupo.experiment(cfg)
-    out = tmp_path / "exp"
-    res = json.load(open(out / "results.json"))
-    names = {name for name, _ in bupo.METHODS.values()}
-    assert set(res["per_seed"]) == names and set(res["paired"]) == names - {"GRPO"}
-    assert set(res["pass_at_k"]) == names | {"initial"} and list(res["pass_at_k"]["PPO"]) == ["1", "2", "4"]
-    for method, (name, est) in bupo.METHODS.items():
-        hist = [json.loads(x) for x in open(out / "seed1" / method / "metrics.jsonl")]
-        assert res["sampled"]["per_seed"][name]["1"] == hist[-1]["sampled/avg/avg@4"] == hist[-1]["sampled/avg/pass@1"]
-        assert ("critic_loss" in hist[0]) == (est == "gae")
-        assert [m["phase"] for m in hist] == (["internal", "full"] if method in bupo.INTERNAL else ["full", "full"])
-    assert json.load(open(out / "seed0" / "ppo" / "config.json"))["adv_estimator"] == "gae"
-    curve = list(res["pass_at_k"]["initial"].values())
-    assert curve == sorted(curve)  # Pass@K never falls with K
-    text = (out / "results.md").read_text()
-    assert "Avg@4" in text and "| PPO − GRPO (paired) |" in text and "K=4" in text
-    assert (out / "passk.png").exists()
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_stopped_experiment_keeps_its_work_and_resumes(tmp_path, monkeypatch, sig):
-    """Ctrl-C or SIGTERM in the first run's step 0: exit 130, nothing reported, the run's checkpoint kept; --resume
-    continues it from step 1 and finishes the experiment with the uninterrupted run's metrics."""
-    import cli
-    cfg = tiny_experiment(tmp_path, monkeypatch, seeds="0,")
-    argv = [f"--{k.replace('_', '-')}={v}" for k, v in [("steps", 2), ("eval_every", 1), ("inter_steps", 1), ("layer", "1"),
-            ("profile_samples", 2), ("seeds", "0,"), ("task", "arithmetic"), ("eval_data", "arithmetic"), ("eval_limit", 4),
-            ("eval_max_new_tokens", 4), ("prompts_per_step", 4), ("group_size", 4), ("mini_batch_prompts", 2), ("micro_batch", 5),
-            ("max_new_tokens", 6), ("precision", "float32"), ("lr", 0.01), ("eval_samples", 0), ("out", cfg.out)]]
-    real, calls = bupo.readout_entropies, []
-
-    def kill_once(*a):
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), sig)
-        return real(*a)
-    monkeypatch.setattr(bupo, "readout_entropies", kill_once)
-    with pytest.raises(SystemExit) as stop:
-        cli.run_main(bupo.main, argv)
-    assert stop.value.code == 130
-    out = tmp_path / "exp"
-    assert not (out / "results.md").exists() and (out / "seed0" / "grpo" / "checkpoint" / "trainer.pt").exists()
-    assert len((out / "seed0" / "grpo" / "metrics.jsonl").read_text().splitlines()) == 1
-    with pytest.raises(SystemExit) as refused:
-        cli.run_main(bupo.main, argv + ["--resume", "--steps=3"])  # a finished run would not have step 3
-    assert refused.value.code == 2
-    monkeypatch.setattr(checkpoints, "load_model", fake_load)
-    cli.run_main(bupo.main, argv + ["--resume"])
-    grpo0 = [json.loads(x) for x in open(out / "seed0" / "grpo" / "metrics.jsonl")]
-    assert [m["step"] for m in grpo0] == [0, 1] and (out / "results.md").exists()
-    assert not (out / "seed0" / "grpo" / "checkpoint").exists()
 
 
 def test_fig7_output_entropy_is_the_whole_batch_before_the_update(tmp_path, monkeypatch):
@@ -262,3 +140,23 @@ def test_fig7_output_entropy_is_the_whole_batch_before_the_update(tmp_path, monk
     assert m["entropy_output"] != pytest.approx(m["entropy"], rel=1e-3)  # that one is pi_1's
     _, m2 = step.train_step(Policy(model), FakeTok(), opt, None, problems, cfg, 1, output_policy, distributed.init())
     assert m2["entropy_output"] == m2["entropy"]
+
+
+def test_bupo_py_trains_one_bupo_run(tmp_path, monkeypatch, capsys):
+    """`python bupo.py` is one BuPO run (as grpo.py is one GRPO run): phase 1 on pi_k, then GRPO, in one run dir."""
+    import cli
+    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(bupo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
+    monkeypatch.setattr(bupo, "model_config", lambda *a: tiny_model("llama").config)
+    out = tmp_path / "one"
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in [("steps", 2), ("eval_every", 1), ("inter_steps", 1), ("layer", "1"),
+            ("profile_every", 0), ("task", "arithmetic"), ("eval_data", "arithmetic"), ("eval_limit", 4), ("eval_max_new_tokens", 4),
+            ("prompts_per_step", 4), ("group_size", 4), ("mini_batch_prompts", 2), ("micro_batch", 5), ("max_new_tokens", 6),
+            ("precision", "float32"), ("lr", 0.01), ("eval_samples", 0), ("out", out)]]
+    cli.run_main(bupo.main, argv)
+    hist = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [m["phase"] for m in hist] == ["internal", "full"] and all("entropy_layer1" in m for m in hist)
+    assert json.load(open(out / "config.json"))["layer"] == "1" and "BuPO, k=1, s_inter=1" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(bupo.main, argv[:3] + ["--layer=9"] + argv[4:])
+    assert e.value.code == 2  # k out of range: one line, before the run dir is claimed
