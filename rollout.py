@@ -36,7 +36,7 @@ import torch
 from cli import InputError, check, run_main
 from models import EMBEDDED, load_model
 from decode import decode, decoder, sampling_copy
-from engine import pack_linears
+from kvcache import pack_linears
 from problems import prompt_ids
 
 
