@@ -73,7 +73,7 @@ def update_ops(name="random:qwen3-0.6b", prompt_len=35, vocab=1024):
     ids = torch.randint(3, vocab, (N, T))  # (N, T) every response as long as allowed
     resp = (torch.arange(T) >= prompt_len).expand(N, T)  # (N, T)
     batch = Batch(ids, torch.ones_like(ids), resp, group_advantages(torch.rand(N), cfg.group_size), ([T] * N, [T - prompt_len] * N))
-    runner = distributed.Policy(model)
+    runner = distributed.Wrapped(model)
     old = torch.zeros(N, T)
     with OpCounter() as ops:
         ppo_update(runner, torch.optim.AdamW(runner.parameters(), fused=True), output_policy, batch, old, None, old.clone(), cfg)
@@ -104,7 +104,7 @@ def bench_step(cfg, off, repeats=2):
     r = {"rollout": clock(model.device) - t, "old": [], "update": [], "tokens": int(batch.attention_mask.sum())}
     N, first = batch.input_ids.shape[0], cfg.mini_batch_prompts * cfg.group_size if off.get("on_policy_first", True) else 0
     for _ in range(repeats + 1):  # the first is a warm-up
-        runner = distributed.Policy(copy.deepcopy(model).train())
+        runner = distributed.Wrapped(copy.deepcopy(model).train())
         opt = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=off.get("fused_adam", True))
         t = clock(model.device)
         old, ent = policy_logprobs(output_policy, runner, batch, cfg, rows=range(first, N))

@@ -169,7 +169,7 @@ def _initial(cfg, model, tok, d):
     path = os.path.join(cfg.out, "initial.json")
     start = read_json(path) if os.path.exists(path) else None
     if start is None:
-        runner = distributed.Policy(model)
+        runner = distributed.Wrapped(model)
         start = {"layer": resolve_layer(cfg, model, tok), "eval": grpo.evaluations(runner, tok, cfg, d, sampled=True),
                  "profile": entropy_profile(model, tok, cfg) if cfg.profile_every else None}
     elif not cfg.probe_every or "probe_set" in start:

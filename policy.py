@@ -341,7 +341,7 @@ def layer_policy(k, final_norm=False):
 
 def upper_parameters(named_parameters, k):
     """Names of the parameters above layer k: decoder layers k+1.. and the final norm, which pi_k never reaches
-    (Table 11's layer-aware controls train them frozen or slower). Works on wrapped names (DDP, Policy)."""
+    (Table 11's layer-aware controls train them frozen or slower). Works on wrapped names (DDP, Wrapped)."""
     out = []
     for name, _ in named_parameters:
         parts = name.split(".")

@@ -78,7 +78,7 @@ def policy_logprobs(policy, runner, batch, cfg, rows=None, world=1):
     """Log-probs and entropies (N, T) of the batch under `policy` (0 outside `rows`, default all), in the micro-batches
     of the update (policy.update_slices: this rank's mini-batches of cfg.mini_batch_prompts // world groups).
 
-    runner: distributed.Policy(model), or its DDP/FSDP wrapper; runner(policy, ...) = policy(model, ...).
+    runner: distributed.Wrapped(model), or its DDP/FSDP wrapper; runner(policy, ...) = policy(model, ...).
     """
     logp = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
     ent = torch.zeros_like(logp)

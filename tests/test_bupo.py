@@ -13,7 +13,7 @@ import grpo
 import step
 from cli import Stopped
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
-from distributed import Policy
+from distributed import Wrapped
 from policy import Batch, layer_policy, pad_rows, upper_parameters
 from rollout import generate
 
@@ -25,7 +25,7 @@ def test_phase_one_update_moves_only_layers_up_to_k_and_the_unembedding():
     r = generate(model, prompts, max_new_tokens=6, seed=0)
     batch = Batch(*pad_rows(prompts, [r.tokens[i, :r.lengths[i]].tolist() for i in range(4)], 0), torch.tensor([1.0, -1.0, 0.5, -0.5]))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    policy, runner = layer_policy(1), Policy(model)
+    policy, runner = layer_policy(1), Wrapped(model)
     old, ent = step.policy_logprobs(policy, runner, batch, cfg)
     step.ppo_update(runner, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), policy, batch, old, None, ent, cfg)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -133,12 +133,12 @@ def test_fig7_output_entropy_is_the_whole_batch_before_the_update(tmp_path, monk
     before = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     problems = task_problems("arithmetic", 0, 0, "train")
-    batch, m = step.train_step(Policy(model), FakeTok(), opt, None, problems, cfg, 0, layer_policy(1), distributed.init())
-    _, ent = step.policy_logprobs(output_policy, Policy(before), batch, cfg)
+    batch, m = step.train_step(Wrapped(model), FakeTok(), opt, None, problems, cfg, 0, layer_policy(1), distributed.init())
+    _, ent = step.policy_logprobs(output_policy, Wrapped(before), batch, cfg)
     resp = batch.response_mask
     assert m["entropy_output"] == pytest.approx(((ent * resp).sum() / resp.sum()).item(), rel=1e-5)
     assert m["entropy_output"] != pytest.approx(m["entropy"], rel=1e-3)  # that one is pi_1's
-    _, m2 = step.train_step(Policy(model), FakeTok(), opt, None, problems, cfg, 1, output_policy, distributed.init())
+    _, m2 = step.train_step(Wrapped(model), FakeTok(), opt, None, problems, cfg, 1, output_policy, distributed.init())
     assert m2["entropy_output"] == m2["entropy"]
 
 

@@ -17,7 +17,7 @@ import policy
 import step
 from cli import Diverged, InputError, Stopped
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
-from distributed import Policy
+from distributed import Wrapped
 from loss import aggregate, kl_penalty, policy_loss
 from policy import Batch, output_policy, pad_rows
 from rollout import generate
@@ -48,7 +48,7 @@ class GradRecorder:
 
 
 def update_grads(model, batch, cfg, **kw):
-    runner, rec = Policy(model), GradRecorder(model)
+    runner, rec = Wrapped(model), GradRecorder(model)
     old, ent = step.policy_logprobs(output_policy, runner, batch, cfg)
     stats = step.ppo_update(runner, rec, output_policy, batch, old, kw.pop("ref", None), ent, cfg, **kw)
     return rec.grads, stats, old
@@ -75,7 +75,7 @@ def test_on_policy_first_mini_batch_equals_a_separate_old_pass():
     runs = []
     for on_policy in (True, False):
         m = tiny_model("qwen3")
-        runner, opt = Policy(m), torch.optim.AdamW(m.parameters(), lr=1e-2)
+        runner, opt = Wrapped(m), torch.optim.AdamW(m.parameters(), lr=1e-2)
         rows = torch.arange(4 if on_policy else 0, 8)  # the later mini-batch only, or every row
         old, ent = step.policy_logprobs(output_policy, runner, batch, cfg, rows=rows)
         stats = step.ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=on_policy)
@@ -92,7 +92,7 @@ def test_kl_term_by_hand():
     model, ref = tiny_model("llama"), tiny_model("llama", seed=1)
     batch = fixed_batch(model)
     cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=2, micro_batch=3, max_new_tokens=6, precision="float32", kl_coef=0.1)
-    ref_logp, _ = step.policy_logprobs(output_policy, Policy(ref), batch, cfg)
+    ref_logp, _ = step.policy_logprobs(output_policy, Wrapped(ref), batch, cfg)
     _, stats, old = update_grads(model, batch, cfg, ref=ref_logp)
     lp = old[batch.response_mask]  # the policy before the update: the first (only) mini-batch is on-policy
     r = torch.exp(ref_logp[batch.response_mask] - lp)
@@ -116,7 +116,7 @@ def test_updates_on_a_fixed_batch_lower_the_loss():
     model.train()
     cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=3, lr=3e-3, max_new_tokens=8, precision="float32")
     batch = fixed_batch(model)
-    runner = Policy(model)
+    runner = Wrapped(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     old, ent = step.policy_logprobs(output_policy, runner, batch, cfg)
     losses = [step.ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=False)["pg_loss"] for _ in range(4)]
@@ -232,7 +232,7 @@ def test_held_out_set_without_a_limit_is_the_whole_split(tmp_path):
     from distributed import Dist
     from problems import task_problems
     cfg = tiny_cfg(tmp_path, eval_limit=0, eval_max_new_tokens=2)
-    m = grpo.run_eval(Policy(tiny_model("llama")), FakeTok(), cfg, Dist())
+    m = grpo.run_eval(Wrapped(tiny_model("llama")), FakeTok(), cfg, Dist())
     assert set(m) == {"eval/arithmetic", "eval/avg"} and 0 <= m["eval/avg"] <= 100
     assert len(task_problems("arithmetic", 0, 0, "test")) > 256
 
@@ -279,7 +279,7 @@ def test_old_logprobs_run_the_updates_micro_batches(micro):
     model = tiny_model("qwen3")
     batch = fixed_batch(model)
     cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=micro, max_new_tokens=6, precision="bfloat16", lr=0.0)
-    old_pass, update = CallRecorder(Policy(model)), CallRecorder(Policy(model))
+    old_pass, update = CallRecorder(Wrapped(model)), CallRecorder(Wrapped(model))
     old, ent = step.policy_logprobs(output_policy, old_pass, batch, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     stats = step.ppo_update(update, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=False)
@@ -440,7 +440,7 @@ def test_one_host_sync_per_mini_batch(precision, monkeypatch):
     lengths = (b.attention_mask.sum(1).tolist(), b.response_mask.sum(1).tolist())
     batch = Batch(b.input_ids, b.attention_mask, b.response_mask, b.advantages, lengths)
     cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_tokens=30, max_new_tokens=6, precision=precision, kl_coef=0.1)
-    runner, opt = Policy(model), torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    runner, opt = Wrapped(model), torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     with HostReads(monkeypatch) as reads:
         old, ent = step.policy_logprobs(output_policy, runner, batch, cfg, rows=range(4, 8))
     assert reads.n == 0
