@@ -41,7 +41,7 @@ from evaluate import evaluate, parse_k, pass_curve, summarize
 from hardware import clock
 from policy import output_policy
 from problems import task_problems, with_reward
-from report import CURVES, plot_panels, run_series
+from stats import CURVES, plot_panels, run_series
 from rollout import configure as configure_sampling
 from step import param_groups, scale_upper, train_step
 
