@@ -28,7 +28,7 @@ from models import load_model, model_config
 from policy import Batch, check_layer, compute_precision, decoder_tokens, layer_policy, micro_slices, output_policy
 from problems import task_problems
 from rollout import configure as configure_sampling
-from step import policy_logprobs, ppo_update, rollout_step
+from update import policy_logprobs, ppo_update, rollout_step
 
 
 # ----------------------------------------------------------------------------- GRPO's step

@@ -30,7 +30,7 @@ from hardware import clock
 from policy import check_layer, compute_precision, layer_logprobs, layer_policy, micro_slices, output_policy
 from probe import probe
 from problems import task_problems
-from step import rollout_step
+from update import rollout_step
 
 
 # ----------------------------------------------------------------------------- BuPO

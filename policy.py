@@ -169,7 +169,7 @@ def _chunk(model, h, targets, temperature, final_norm, entropy_grad):
 def scored_positions(mask, n=None):
     """Flat indices into (B, T-1) of the positions whose next token is scored (mask[:, 1:] True), in order.
 
-    n, their count, when the caller knows it (step.py, from the batch's lengths on the host): then nothing here waits
+    n, their count, when the caller knows it (update.py, from the batch's lengths on the host): then nothing here waits
     for the device (a stable sort instead of nonzero); without it, one host sync counts them."""
     pos = mask[:, 1:].bool().flatten()  # (B*(T-1),)
     n = int(pos.sum()) if n is None else n

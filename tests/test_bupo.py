@@ -10,7 +10,7 @@ import torch
 import bupo
 import checkpoints
 import grpo
-import step
+import update
 from cli import Stopped
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
 from distributed import Wrapped
@@ -26,8 +26,8 @@ def test_phase_one_update_moves_only_layers_up_to_k_and_the_unembedding():
     batch = Batch(*pad_rows(prompts, [r.tokens[i, :r.lengths[i]].tolist() for i in range(4)], 0), torch.tensor([1.0, -1.0, 0.5, -0.5]))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     policy, runner = layer_policy(1), Wrapped(model)
-    old, ent = step.policy_logprobs(policy, runner, batch, cfg)
-    step.ppo_update(runner, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), policy, batch, old, None, ent, cfg)
+    old, ent = update.policy_logprobs(policy, runner, batch, cfg)
+    update.ppo_update(runner, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), policy, batch, old, None, ent, cfg)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.startswith("model.layers.0.") for n in changed) and any(n.startswith("model.layers.1.") for n in changed)
     assert "lm_head.weight" in changed and "model.embed_tokens.weight" in changed
@@ -37,7 +37,7 @@ def test_phase_one_update_moves_only_layers_up_to_k_and_the_unembedding():
 @pytest.mark.parametrize("steps,moved", [(2, False), (3, True)])
 def test_the_upper_layers_move_only_after_the_switch(tmp_path, monkeypatch, steps, moved):
     """inter_steps=2: after 2 steps layer 2 (above k=1) is untouched; one full step later it has moved."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     cfg = tiny_cfg(tmp_path, bupo.BuPOConfig, steps=steps, inter_steps=2, layer="1", profile_samples=2)
     hist, trained, _ = bupo.train_bupo(cfg, 1, tiny_model("llama"), FakeTok())
     init = tiny_model("llama")
@@ -51,7 +51,7 @@ def test_the_upper_layers_move_only_after_the_switch(tmp_path, monkeypatch, step
 def test_layer_aware_controls(tmp_path, monkeypatch, method):
     """Table 11's controls over a phase 1 of 2 steps (no weight decay): (a) the layers above k and the final norm stay
     exactly as they were while the rest learns; (b) they move 0.1x as far (Adam moves an element ~lr an update)."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     cfg = tiny_cfg(tmp_path, bupo.BuPOConfig, steps=2, inter_steps=2, layer="1", methods=method, weight_decay=0.0, profile_every=0)
     hist, trained, _ = bupo.train_bupo(cfg, 1, tiny_model("llama"), FakeTok())
     init = tiny_model("llama")
@@ -85,7 +85,7 @@ def test_auto_layer_is_the_end_of_exploration(tmp_path, monkeypatch):
 
 
 def test_tiny_end_to_end_with_interruption_and_resume(tmp_path, monkeypatch):
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     base = dict(steps=3, inter_steps=2, layer="1", profile_samples=2, save_every=0)
     full, _, _ = bupo.train_bupo(tiny_cfg(tmp_path / "a", bupo.BuPOConfig, **base), 1, tiny_model("llama"), FakeTok())
     cfg_b = tiny_cfg(tmp_path / "b", bupo.BuPOConfig, **base)
@@ -127,25 +127,25 @@ def test_fig7_output_entropy_is_the_whole_batch_before_the_update(tmp_path, monk
     import distributed
     from policy import output_policy
     from problems import task_problems
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     cfg = tiny_cfg(tmp_path, bupo.BuPOConfig, lr=0.05)
     model = tiny_model("llama").train()
     before = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     problems = task_problems("arithmetic", 0, 0, "train")
-    batch, m = step.train_step(Wrapped(model), FakeTok(), opt, None, problems, cfg, 0, layer_policy(1), distributed.init())
-    _, ent = step.policy_logprobs(output_policy, Wrapped(before), batch, cfg)
+    batch, m = grpo.train_step(Wrapped(model), FakeTok(), opt, None, problems, cfg, 0, layer_policy(1), distributed.init())
+    _, ent = update.policy_logprobs(output_policy, Wrapped(before), batch, cfg)
     resp = batch.response_mask
     assert m["entropy_output"] == pytest.approx(((ent * resp).sum() / resp.sum()).item(), rel=1e-5)
     assert m["entropy_output"] != pytest.approx(m["entropy"], rel=1e-3)  # that one is pi_1's
-    _, m2 = step.train_step(Wrapped(model), FakeTok(), opt, None, problems, cfg, 1, output_policy, distributed.init())
+    _, m2 = grpo.train_step(Wrapped(model), FakeTok(), opt, None, problems, cfg, 1, output_policy, distributed.init())
     assert m2["entropy_output"] == m2["entropy"]
 
 
 def test_bupo_py_trains_one_bupo_run(tmp_path, monkeypatch, capsys):
     """`python bupo.py` is one BuPO run (as grpo.py is one GRPO run): phase 1 on pi_k, then GRPO, in one run dir."""
     import cli
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(bupo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(bupo, "model_config", lambda *a: tiny_model("llama").config)
     out = tmp_path / "one"

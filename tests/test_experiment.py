@@ -9,14 +9,14 @@ import pytest
 import bupo
 import checkpoints
 import experiment
-import step
+import update
 from bupo import INTERNAL, METHODS
 from cli import InputError
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
 
 
 def tiny_experiment(tmp_path, monkeypatch, **kw):
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
     return tiny_cfg(tmp_path, bupo.BuPOConfig, **{**dict(steps=2, eval_every=1, inter_steps=1, layer="1", profile_samples=2,

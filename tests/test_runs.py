@@ -20,7 +20,7 @@ import checkpoints
 import cli
 import evaluate
 import grpo
-import step
+import update
 from conftest import FakeTok, fake_load, text_reward, tiny_model
 from policy import output_policy
 from test_evaluate import tiny_checkpoint
@@ -32,7 +32,7 @@ GRPO_ARGS = ["--eval-every=0", "--eval-samples=0", "--prompts-per-step=4", "--gr
 @pytest.fixture
 def tiny_grpo(monkeypatch):
     """grpo.py on the tiny llama and its FakeTok, rewarded by the text alone."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(grpo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(grpo, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
@@ -62,7 +62,7 @@ def steps_logged(out):
 def test_1_a_stop_in_the_last_step_of_a_run_stops_the_experiment_before_its_next_run(tmp_path, monkeypatch, capsys):
     """SIGTERM while GRPO (the first of two runs) runs its last step: exit 130 before BuPO starts, no report; the
     advised --resume skips the finished GRPO run (its checkpoint deleted), trains BuPO and reports."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
@@ -293,7 +293,7 @@ def test_9_an_unreadable_trainer_state_is_damaged_in_one_line_and_its_advice_wor
 def test_9_a_damaged_run_of_an_experiment_names_the_experiments_way_on(tmp_path, monkeypatch, capsys):
     """In experiment.py a stopped run's trainer.pt overwritten with random bytes: one line naming the run; moving it aside and
     resuming the experiment, as advised, trains that run again and reports."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
@@ -318,7 +318,7 @@ def test_9_a_damaged_run_of_an_experiment_names_the_experiments_way_on(tmp_path,
 def test_4_a_hand_edited_experiment_config_is_refused_by_name(tmp_path, monkeypatch, capsys):
     """experiment.py: the experiment's config.json with another lr used to train the next runs with it beside the finished
     ones (one report, two settings); now the run that disagrees is named, and putting the value back resumes."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
@@ -341,7 +341,7 @@ def test_4_a_hand_edited_experiment_config_is_refused_by_name(tmp_path, monkeypa
 def test_3_a_non_finite_stop_in_an_experiment_advises_a_fresh_experiment_that_works(tmp_path, monkeypatch, capsys):
     """experiment.py: the runs of an experiment share one lr (they are paired), so a diverged run's advice is the whole
     experiment afresh with a lower lr; followed as printed, it finishes."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(grpo, "train_step", nan_from(1, above_lr=5e-3))

@@ -4,7 +4,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORDER = ["cli", "hardware", "stats", "problems", "models", "decompose", "policy", "sampling", "kvcache", "graphs", "decode", "rollout", "answers", "grade", "rewards", "evaluate", "entropy", "lens", "probe",
-         "distributed", "checkpoints", "loss", "advantages", "critic", "config", "step", "grpo", "results", "bupo", "experiment",
+         "distributed", "checkpoints", "loss", "advantages", "critic", "config", "update", "grpo", "results", "bupo", "experiment",
          "bench_rollout", "bench_train", "bench"]
 
 
