@@ -25,12 +25,12 @@ from tqdm import tqdm
 
 import distributed
 from cli import InputError, read_json, read_jsonl, settings_diff, write_json
-from decompose import load_model
+from models import load_model
 
 
 class RunDamaged(InputError):
     """A run dir whose files cannot be read or disagree. `what` names them; the message adds how to start grpo.py's
-    run afresh (bupo.py catches it and names its own way: the run moved aside is trained again)."""
+    run afresh (experiment.py catches it and names its own way: the run moved aside is trained again)."""
 
     def __init__(self, what, out):
         super().__init__(f"{what}; start the run afresh: move {out} aside (mv it to a new name: nothing is lost) and rerun "

@@ -32,7 +32,7 @@ class InputError(ValueError):
 
 
 class RunEnded(Exception):
-    """A run ended by a stop, not by finishing: `what` says where, `advice` how to go on (bupo.py gives its own)."""
+    """A run ended by a stop, not by finishing: `what` says where, `advice` how to go on (experiment.py gives its own)."""
 
     def __init__(self, what, advice):
         super().__init__(f"{what}; {advice}")

@@ -18,7 +18,7 @@ from transformers import AutoConfig
 
 from cli import check, check_seed
 from advantages import ESTIMATORS
-from decompose import CONFIG_DIR
+from models import CONFIG_DIR
 from evaluate import parse_k
 from loss import AGGREGATIONS, KL_ESTIMATORS
 from policy import PRECISIONS
@@ -34,7 +34,7 @@ class GRPOConfig:
     eval_limit: int = 0                # first N problems of each held-out set (0 = all)
     eval_every: int = 10               # evaluate every N steps (and before the first, after the last; 0 = never)
     eval_max_new_tokens: int = 8192    # response limit of the evaluation
-    eval_before: bool = True           # evaluate before the first step (bupo.py evaluates the shared start once instead)
+    eval_before: bool = True           # evaluate before the first step (experiment.py evaluates the shared start once instead)
     eval_samples: int = 16             # Avg@K and Pass@K: K samples per held-out question at temperature 1.0, at the start and after the last step (0 = off)
     eval_samples_limit: int = 0        # first N questions of each held-out set for the sampled metric (0 = --eval-limit's)
     eval_k: str = ""                   # a K per held-out set for the sampled metric, e.g. aime24=32,amc23=16 (the paper's); others: --eval-samples
@@ -79,7 +79,7 @@ class GRPOConfig:
     resume: bool = False               # continue the run in --out from its checkpoint (saved by any number of ranks)
     overwrite: bool = False            # empty --out first (it holds another run)
     fsdp: bool = False                 # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
-    bench: bool = False                # time one step's parts (rollout, old log-probs, update), then exit
+    bench: bool = False                # moved: python bench.py grpo|bupo (kept so that --bench says so)
 
     # what a --resume may change: how far and how often, and how the same work is laid out (ranks, memory)
     SAFE_ON_RESUME: ClassVar[tuple] = ("steps", "save_every", "save_final", "eval_every", "bench", "fsdp",

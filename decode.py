@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import cast_copy, forward, prefill
+from kvcache import cast_copy, forward, prefill
 from graphs import Steps
 from sampling import sample
 
@@ -62,7 +62,7 @@ def _record(s, rows, logits, opts):
 
 
 def _step(fwd, model, packed, cache, s, b, span, opts):
-    """The decode step of rows [:b]: run each row's last token (cache slot P+t-1) through fwd (engine.forward,
+    """The decode step of rows [:b]: run each row's last token (cache slot P+t-1) through fwd (kvcache.forward,
     compiled or not), sample its token t (never compiled: sampling.py's scan over the vocabulary stays eager)."""
     slot = s.t[:b] + (s.P - 1)  # (b,)
     mask = None

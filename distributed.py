@@ -11,7 +11,7 @@ state keyed by parameter name, so a run resumes on any number of ranks. Without
 torchrun nothing here starts: one process, no process group, the scripts as they were.
 
     torchrun --nproc_per_node=2 grpo.py            # 2 CPU processes (gloo) or 2 GPUs (NCCL)
-    torchrun --nproc_per_node=8 bupo.py --fsdp ... # a node of 8 GPUs, sharded
+    torchrun --nproc_per_node=8 experiment.py --fsdp ... # a node of 8 GPUs, sharded
 
 README.md, "Scaling out", has the multi-node commands and the memory arithmetic.
 """
@@ -123,7 +123,7 @@ def _comm_device():
 
 # ----------------------------------------------------------------------------- the wrapped model
 
-class Policy(torch.nn.Module):
+class Wrapped(torch.nn.Module):
     """The module that DDP and FSDP wrap: its forward runs a policy fn (policy.output_policy, policy.layer_policy).
 
     Every forward pass of training goes through here, so DDP sees which parameters it
@@ -138,12 +138,12 @@ class Policy(torch.nn.Module):
 
 
 def wrap(model, d, fsdp=False, train=True, find_unused=False):
-    """Policy(model), wrapped for d's world: DDP, or FSDP2 per decoder layer plus the root; as is for one process.
+    """Wrapped(model), wrapped for d's world: DDP, or FSDP2 per decoder layer plus the root; as is for one process.
 
     find_unused: some forward passes leave parameters unused (BuPO's first phase never
     runs the layers above k), which DDP must then look for after each one.
     """
-    policy = Policy(model)
+    policy = Wrapped(model)
     if fsdp:
         if not dist.is_initialized():
             raise InputError("--fsdp shards across the processes that torchrun starts: launch with "
@@ -158,7 +158,7 @@ def wrap(model, d, fsdp=False, train=True, find_unused=False):
 
 
 def inner(runner):
-    """The Policy module inside a wrapper (DDP keeps it as .module)."""
+    """The Wrapped module inside a wrapper (DDP keeps it as .module)."""
     return runner.module if isinstance(runner, DistributedDataParallel) else runner
 
 
@@ -185,7 +185,7 @@ def full_weights(runner):
 def model_state(runner):
     """The HF model's full state dict on rank 0 ({} on the others)."""
     sd = get_model_state_dict(inner(runner), options=FULL)
-    return {k.removeprefix("model."): v for k, v in sd.items()}  # Policy.model.x -> x
+    return {k.removeprefix("model."): v for k, v in sd.items()}  # Wrapped.model.x -> x
 
 
 def optimizer_state(runner, optimizer):

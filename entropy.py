@@ -28,8 +28,9 @@ import torch
 from tqdm import tqdm
 
 from cli import InputError, check, claim_run_dir, read_json, read_jsonl, run_main
-from decompose import EMBEDDED, capture, check_inputs, load_model, model_config, unembed
-from policy import LOGITS_BUDGET, chunk_rows, entropy, pad_rows
+from decompose import capture, check_inputs, entropy, unembed
+from models import EMBEDDED, load_model, model_config
+from policy import LOGITS_BUDGET, chunk_rows, pad_rows
 from problems import TASKS, prompt_ids, task_problems
 from rollout import configure, generate
 

@@ -22,10 +22,10 @@ import torch
 from tqdm import tqdm
 
 from cli import InputError, check, check_seed, claim_run_dir, read_jsonl, run_main, write_jsonl
-from decompose import EMBEDDED, load_model, model_config, weights_id
+from models import EMBEDDED, load_model, model_config, weights_id
 from rewards import REWARDS, final_answer, problem_reward
 from problems import TASKS, prompt_ids, task_problems, with_reward
-from report import markdown_table
+from stats import markdown_table
 from rollout import configure, generate
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -137,7 +137,7 @@ def evaluate(model, tokenizer, problems, k=1, max_new_tokens=1024, temperature=1
     return summarize(records, k if isinstance(k, int) else None), records
 
 
-def results_table(summary, columns):
+def benchmark_table(summary, columns):
     """Markdown table in the paper's layout: one column per benchmark plus the average; Avg@K and Pass@K at each
     benchmark's own K (the row K says which)."""
     cols = [c for c in dict.fromkeys(columns) if c in summary]
@@ -198,7 +198,7 @@ def main(argv=None):
                                   max_prompt_length=args.max_prompt_length,
                                   top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, done=done,
                                   on_record=lambda r: (f.write(json.dumps(r) + "\n"), f.flush()))
-        table = results_table(summary, [q["source"] for q in problems]) + f"\nreward: {args.reward} (rewards.py)\n"
+        table = benchmark_table(summary, [q["source"] for q in problems]) + f"\nreward: {args.reward} (rewards.py)\n"
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump({"summary": summary, "settings": settings}, f, indent=1)
         with open(os.path.join(args.out, "summary.md"), "w") as f:

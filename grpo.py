@@ -2,8 +2,8 @@
 
 Tan et al., arXiv 2512.19673, Sec. 3. Each step samples a group of responses per prompt
 with rollout.py, rewards them (grade.py), turns the rewards into group-relative
-advantages, and runs PPO updates with verl's clipped loss (loss.py) over mini-batches of
-whole groups. The policy whose log-probs are optimized is a parameter of the loop (a
+advantages, and runs PPO updates (update.py) with verl's clipped loss (loss.py) over mini-batches
+of whole groups. The policy whose log-probs are optimized is a parameter of the loop (a
 policy function, see policy.py), so BuPO swaps in pi_k without copying the loop.
 
 A step, as verl and TRL run one: the first mini-batch is on-policy (no update yet), so
@@ -15,41 +15,79 @@ dir: locked while written, resumed only with its own settings, checkpointed at t
 and on Ctrl-C (and every --save-every steps).
 
     python grpo.py                        # CPU preset: default model, arithmetic task, 10 steps, ~3 min
-    python grpo.py --bench                # one step's parts, timed, against the matmul peak
+    python bench.py grpo                  # one step's parts, timed, against the matmul peak (bench_train.py)
     python grpo.py --preset paper         # the paper's setting (Qwen3-4B on one H200; see --help for the other models)
     torchrun --nproc_per_node=2 grpo.py   # the same, data parallel over 2 processes (distributed.py)
 """
 import contextlib
 import copy
 import json
-import multiprocessing
 import os
 import random
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM
 
 import distributed
-import policy as policy_lib
-from advantages import group_advantages
+from advantages import gae_advantages
 from checkpoints import (StopRequest, check_resume, clear_divergence, load_checkpoint, lr_may_change, mark_divergence,
                          read_metrics, save_checkpoint)
 from cli import Diverged, Stopped, check, claim_run_dir, parse_config, run_main, write_jsonl
 from config import PRESETS, GRPOConfig, check_config, preset_help
-from critic import make_critic
+from critic import critic_update, critic_values, make_critic
 from decode import release
-from decompose import load_model, model_config
+from models import load_model, model_config
 from evaluate import evaluate, parse_k, pass_curve, summarize
-from hardware import clock, matmul_peak
-from policy import Batch, decoder_tokens, micro_slices, output_policy
-from problems import task_problems, with_reward
-from report import CURVES, plot_panels, run_series
+from hardware import clock
+from policy import output_policy
+from problems import epoch_problems, task_problems, with_reward
+from stats import CURVES, plot_panels, run_series
 from rollout import configure as configure_sampling
-from step import param_groups, policy_logprobs, ppo_update, rollout_step, scale_upper, train_step
+from update import param_groups, policy_logprobs, ppo_update, rollout_metrics, rollout_step, scale_upper
+
+
+# ----------------------------------------------------------------------------- the step
+
+def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d, critic=None):
+    """One step on this rank's share of the prompts. Returns (batch, metrics of all ranks).
+
+    PPO (critic given): the critic values the step's states, GAE turns values and rewards
+    into advantages, and the critic is updated on the step's mini-batches before the
+    policy, as verl orders them."""
+    t0 = clock(d.device)
+    # 1. the step's prompts, shuffled into mini-batches (reproducible on resume); this rank's share of each
+    order = torch.randperm(cfg.prompts_per_step, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+    mine = distributed.rank_share(order, cfg.mini_batch_prompts, d.rank, d.world)  # (n / world,)
+    step_problems = epoch_problems(problems, step, cfg.prompts_per_step, mine.tolist(), cfg.seed)  # reshuffled each epoch
+    # 2. sample and reward the groups
+    with distributed.full_weights(runner) as model:
+        batch, results = rollout_step(model, tok, step_problems, cfg, step, mine)
+    m = rollout_metrics({k: distributed.gather_rows(v) for k, v in results.items()}, cfg.group_size)
+    tc = clock(d.device)
+    if critic is not None:
+        values = critic_values(critic[0], batch, cfg)  # (N, T)
+        batch.advantages, returns = gae_advantages(results["reward"], values, batch.response_mask, cfg.gamma, cfg.lam, distributed.all_sum)
+        m.update(critic_update(*critic, batch, returns, values, cfg), time_critic=clock(d.device) - tc)
+    t1 = clock(d.device)
+    # 3. old log-probs of the later mini-batches (the first is on-policy), reference log-probs
+    first = cfg.mini_batch_prompts // d.world * cfg.group_size
+    old_logp, ent = policy_logprobs(policy, runner, batch, cfg, rows=range(first, batch.input_ids.shape[0]), world=d.world)
+    ref_logp = policy_logprobs(policy, ref, batch, cfg, world=d.world)[0] if ref is not None else None
+    # Fig. 7: the output policy's entropy over the whole batch, before the update (as the authors log it); under
+    # BuPO's pi_k an extra no-grad pass, under the output policy the entropies above
+    ent_out = policy_logprobs(output_policy, runner, batch, cfg, world=d.world)[1] if policy is not output_policy else None
+    t2 = clock(d.device)
+    # 4. the PPO updates
+    m.update(ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, d.world))
+    resp = batch.response_mask
+    ent_sum, out_sum, n = distributed.all_sum([(ent * resp).sum().item(), ((ent if ent_out is None else ent_out) * resp).sum().item(),
+                                               resp.sum().item()])
+    m.update(entropy=ent_sum / max(n, 1), entropy_output=out_sum / max(n, 1), lr=cfg.lr, time_rollout=tc - t0, time_old_logprobs=t2 - t1,
+             time_update=clock(d.device) - t2)
+    if d.device.type == "cuda":
+        m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(d.device) / 1e9
+    return batch, m
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -109,7 +147,7 @@ def setup(cfg, d, model=None, tok=None, find_unused=False, upper_k=None, mutable
     if cfg.resume:
         model, tok, state = load_checkpoint(cfg.out, d.device)
     critic = make_critic(model, cfg) if cfg.adv_estimator == "gae" else None  # the policy's architecture (its state: below)
-    check(tok is not None, f"{cfg.model} has no tokenizer to write prompts with; see decompose.random_model")
+    check(tok is not None, f"{cfg.model} has no tokenizer to write prompts with; see models.random_model")
     if cfg.activation_checkpointing:  # Hugging Face's, per decoder layer (the old name before transformers 5.2x)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
@@ -190,7 +228,7 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
                     saved = step + 1
                     if d.main:
                         clear_divergence(cfg.out)
-                if stopping:  # also in the last step: a stop request stops the caller (bupo.py's next run) too
+                if stopping:  # also in the last step: a stop request stops the caller (experiment.py's next run) too
                     raise stopped(cfg, step, saved)
     model = distributed.plain_model(runner)
     return history, model.eval() if model is not None else None, tok
@@ -226,121 +264,9 @@ def evaluations(runner, tok, cfg, d, sampled):
     return out | (run_eval(runner, tok, cfg, d, sampled=True) if sampled and cfg.eval_samples else {})
 
 
-# ----------------------------------------------------------------------------- benchmark
-
-BENCH_OFF = {  # each change to a training step, as --bench switches it off: the code before it
-    "bf16 autocast": {"precision": "float32"},
-    "logits by memory budget": {"logits_budget": 1 << 24},  # 85 rows at V=49k, each chunk checkpointed: the lm_head ran twice
-    "on-policy first mini-batch": {"on_policy_first": False},
-    "denormals flushed": {"flush": False},
-    "prompts shared by a group": {"share_prompts": False},
-    "fused AdamW": {"fused_adam": False},
-    "bf16 rollout": {"rollout_dtype": "float32"},
-}
-
-
-GPU_CHECK = dict(prompts_per_step=16, group_size=8, mini_batch_prompts=8, max_new_tokens=256, precision="bfloat16")  # .ci/gpu-check's step
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched: on a GPU each is a kernel launch (or a view) that the CPU issues."""
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
-def update_ops(name="random:qwen3-0.6b", prompt_len=35, vocab=1024):
-    """(aten ops dispatched, FLOPs) of one update (ppo_update over a step's mini-batches) at .ci/gpu-check's settings on
-    CUDA's path (no prompt sharing), counted here on the CPU: the shape's layers at a tiny width (the op count does not
-    depend on widths), its vocabulary cut to `vocab` and the logits budget alike (the same chunks); FLOPs at full width.
-    Meant for a fresh process (it sets policy.py's globals)."""
-    config, cfg = model_config(name), GRPOConfig(**GPU_CHECK)
-    tiny = copy.deepcopy(config)
-    tiny.update(dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=vocab))
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny, dtype=torch.float32).train()
-    policy_lib.SHARE_PROMPTS, policy_lib.LOGITS_BUDGET = (), policy_lib.LOGITS_BUDGET * vocab // config.vocab_size
-    N, T = cfg.prompts_per_step * cfg.group_size, prompt_len + cfg.max_new_tokens
-    ids = torch.randint(3, vocab, (N, T))  # (N, T) every response as long as allowed
-    resp = (torch.arange(T) >= prompt_len).expand(N, T)  # (N, T)
-    batch = Batch(ids, torch.ones_like(ids), resp, group_advantages(torch.rand(N), cfg.group_size), ([T] * N, [T - prompt_len] * N))
-    runner = distributed.Policy(model)
-    old = torch.zeros(N, T)
-    with OpCounter() as ops:
-        ppo_update(runner, torch.optim.AdamW(runner.parameters(), fused=True), output_policy, batch, old, None, old.clone(), cfg)
-    with torch.device("meta"):
-        full = AutoModelForCausalLM.from_config(config)
-    return ops.n, 3 * pass_flops(full, batch, cfg, range(N))
-
-
-def pass_flops(model, batch, cfg, rows):
-    """Forward FLOPs over the micro-batches of `rows`: 2 per decoder weight and token run (padding too), 2 per lm_head
-    weight and scored token (attention scores, < 3% here, are left out). A backward costs twice a forward."""
-    lm = model.lm_head.weight.numel()
-    dec = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
-    return sum(2 * dec * decoder_tokens(ids, att, resp) + 2 * lm * int(resp[:, 1:].sum())
-               for _, ids, att, resp, _ in micro_slices(batch, rows, cfg.micro_batch, cfg.micro_tokens))
-
-
-def bench_step(cfg, off, repeats=2):
-    """One step's parts, in seconds, with the changes in `off` switched off; meant for a fresh process (see bench)."""
-    torch.set_flush_denormal(off.get("flush", True))  # before any parallel op: every thread of the pool inherits it
-    policy_lib.LOGITS_BUDGET = off.get("logits_budget", policy_lib.LOGITS_BUDGET)
-    policy_lib.SHARE_PROMPTS = ("cpu",) if off.get("share_prompts", True) else ()
-    cfg = GRPOConfig(**{**cfg, **{k: off[k] for k in ("precision", "rollout_dtype") if k in off}})
-    configure_sampling(cfg.compile, cfg.attention)
-    model, tok = load_model(cfg.model, dtype=torch.float32)
-    t = clock(model.device)
-    batch, _ = rollout_step(model, tok, task_problems(cfg.task, cfg.prompts_per_step, cfg.seed, "train"), cfg, 0)
-    r = {"rollout": clock(model.device) - t, "old": [], "update": [], "tokens": int(batch.attention_mask.sum())}
-    N, first = batch.input_ids.shape[0], cfg.mini_batch_prompts * cfg.group_size if off.get("on_policy_first", True) else 0
-    for _ in range(repeats + 1):  # the first is a warm-up
-        runner = distributed.Policy(copy.deepcopy(model).train())
-        opt = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=off.get("fused_adam", True))
-        t = clock(model.device)
-        old, ent = policy_logprobs(output_policy, runner, batch, cfg, rows=range(first, N))
-        t1 = clock(model.device)
-        ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=first > 0)
-        r["old"].append(t1 - t)
-        r["update"].append(clock(model.device) - t1)
-    r["old"], r["update"] = min(r["old"][1:]), min(r["update"][1:])
-    r["flops"] = pass_flops(model, batch, cfg, range(first, N)) + 3 * pass_flops(model, batch, cfg, range(N))
-    r["peak"] = matmul_peak(torch.bfloat16 if cfg.precision == "bfloat16" else torch.float32, model.device)
-    return r
-
-
-def bench(cfg):
-    """Time one step's parts as configured, then with each change switched off, and all of them: each in a fresh process."""
-    configs = {"as configured": {}, **{f"without {k}": v for k, v in BENCH_OFF.items()},
-               "without all (the code before)": {k: v for c in BENCH_OFF.values() for k, v in c.items()}}
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        ops, flops = pool.submit(update_ops).result()
-    print(f"one update at .ci/gpu-check's settings ({GPU_CHECK['prompts_per_step']} prompts x {GPU_CHECK['group_size']}, "
-          f"{GPU_CHECK['max_new_tokens']} new tokens, Qwen3-0.6B's 28 layers), CUDA's path: {ops:,} aten ops dispatched "
-          f"(counted on the CPU at a tiny width) for {flops / 1e12:.0f} TFLOP at full width")
-    print(f"one step: {cfg.prompts_per_step} prompts x {cfg.group_size}, <= {cfg.max_new_tokens} new tokens, mini-batches of "
-          f"{cfg.mini_batch_prompts} prompts, micro-batches of <= {cfg.micro_batch} rows and {cfg.micro_tokens} tokens, {cfg.precision}; {torch.get_num_threads()} threads")
-    print(f"{'':<36}{'rollout s':>10}{'old lp s':>10}{'update s':>10}{'step s':>8}{'tok/s':>8}{'GFLOP/s':>9}{'peak':>7}{'of peak':>8}")
-    step = {}
-    for name, off in configs.items():
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            r = pool.submit(bench_step, asdict(cfg), off).result()
-        train_s = r["old"] + r["update"]
-        step[name] = r["rollout"] + train_s
-        print(f"{name:<36}{r['rollout']:>10.2f}{r['old']:>10.2f}{r['update']:>10.2f}{step[name]:>8.2f}{2 * r['tokens'] / train_s:>8.0f}"
-              f"{r['flops'] / train_s / 1e9:>9.1f}{r['peak'] / 1e9:>7.0f}{r['flops'] / train_s / r['peak']:>8.1%}", flush=True)
-    print(f"step time, the code before / now: {step['without all (the code before)'] / step['as configured']:.2f}x   "
-          "(tok/s: tokens through the old-log-prob pass and the update; peak: a 2048^3 matmul in the step's dtype)")
-
-
 def main(argv=None):
     cfg = parse_config(GRPOConfig, PRESETS, "GRPO training (the baseline of BuPO, arXiv 2512.19673). " + preset_help(PRESETS), argv)
-    if cfg.bench:
-        return bench(cfg)
+    check(not cfg.bench, "grpo.py --bench moved: python bench.py grpo (the same flags)")
     d = distributed.init()
     try:
         history, _, _ = train(cfg)

@@ -1,6 +1,6 @@
 """What the machine can do, measured: a timer that waits for the device, memory bandwidth, matmul peak, a profile.
 
-Every benchmark here (rollout.py, grpo.py and bupo.py's --bench) reports its speed beside
+Every benchmark here (bench.py: rollout, grpo, bupo) reports its speed beside
 the hardware's limit measured in the same run, and every timed part of a training step
 uses `clock`: a CUDA timer that does not synchronize times the kernel launches only.
 """

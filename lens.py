@@ -18,8 +18,8 @@ import matplotlib
 import torch
 
 from cli import check, claim_run_dir, run_main
-from decompose import EMBEDDED, capture, load_model, model_config, unembed
-from policy import entropy
+from decompose import capture, entropy, unembed
+from models import EMBEDDED, load_model, model_config
 from problems import prompt_ids
 from rollout import generate
 

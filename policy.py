@@ -38,16 +38,6 @@ PRECISIONS = ("float32", "bfloat16")
 LOGP_FLOOR = -1e30  # a -inf logit's log-prob in TokenLogprobs: exp gives 0, and times a gradient it stays finite
 
 
-def entropy(logits):
-    """Entropy in nats over the last dim, in float32; -inf logits contribute 0 (no NaN)."""
-    return entropy_of_logp(logits.float().log_softmax(-1))
-
-
-def entropy_of_logp(logp):
-    """-sum_v p_v log p_v from log-probs (..., V); -inf entries contribute 0."""
-    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
-
-
 def chunk_rows(vocab_size, budget=None):
     """Rows of (rows, V) float32 logits that fit the budget (default LOGITS_BUDGET)."""
     return max(1, (budget or LOGITS_BUDGET) // (4 * vocab_size))
@@ -179,7 +169,7 @@ def _chunk(model, h, targets, temperature, final_norm, entropy_grad):
 def scored_positions(mask, n=None):
     """Flat indices into (B, T-1) of the positions whose next token is scored (mask[:, 1:] True), in order.
 
-    n, their count, when the caller knows it (step.py, from the batch's lengths on the host): then nothing here waits
+    n, their count, when the caller knows it (update.py, from the batch's lengths on the host): then nothing here waits
     for the device (a stable sort instead of nonzero); without it, one host sync counts them."""
     pos = mask[:, 1:].bool().flatten()  # (B*(T-1),)
     n = int(pos.sum()) if n is None else n
@@ -351,7 +341,7 @@ def layer_policy(k, final_norm=False):
 
 def upper_parameters(named_parameters, k):
     """Names of the parameters above layer k: decoder layers k+1.. and the final norm, which pi_k never reaches
-    (Table 11's layer-aware controls train them frozen or slower). Works on wrapped names (DDP, Policy)."""
+    (Table 11's layer-aware controls train them frozen or slower). Works on wrapped names (DDP, Wrapped)."""
     out = []
     for name, _ in named_parameters:
         parts = name.split(".")

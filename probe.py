@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from decompose import capture, check_inputs, unembed
-from policy import LOGITS_BUDGET, chunk_rows, check_layer, entropy_of_logp, pad_rows
+from decompose import capture, check_inputs, entropy_of_logp, unembed
+from policy import LOGITS_BUDGET, chunk_rows, check_layer, pad_rows
 from problems import prompt_ids, task_problems
 from rollout import generate
 

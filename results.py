@@ -1,10 +1,10 @@
-"""The experiment's report: from the runs' metrics to results.md, results.json and the figures of bupo.py.
+"""The experiment's report: from the runs' metrics to results.md, results.json and the figures of experiment.py.
 
-Each method and seed contributes its last logged step (bupo.py keeps nothing else of a
+Each method and seed contributes its last logged step (experiment.py keeps nothing else of a
 run). The tables follow the paper: held-out accuracy after training per method (Table 1;
 here greedy on the held-out set, and the paper's Avg@K from K samples at temperature 1),
 each seed, the mean, its 95% interval, and every method's paired difference from GRPO
-(report.paired_difference); the unbiased Pass@K curve of each method (Fig. 6); the
+(stats.paired_difference); the unbiased Pass@K curve of each method (Fig. 6); the
 curves per step of reward, entropies and response length (Fig. 4, Fig. 7); and with
 --probe-every the feature-refinement probes of layer k (Fig. 5, probe.py).
 """
@@ -12,7 +12,7 @@ import json
 import os
 import statistics
 
-from report import fmt_interval, markdown_table, mean_interval, paired_difference, plot_intervals, plot_panels, run_series
+from stats import fmt_interval, markdown_table, mean_interval, paired_difference, plot_intervals, plot_panels, run_series
 
 GREEDY = "eval/avg"
 

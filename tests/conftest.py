@@ -71,7 +71,7 @@ def tiny_cfg(tmp_path, cls=None, **kw):
 
 
 def fake_load(path=None, **kw):
-    """decompose.load_model for checkpoints of tiny models: the saved weights, the FakeTok."""
+    """models.load_model for checkpoints of tiny models: the saved weights, the FakeTok."""
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), FakeTok()
 
@@ -83,5 +83,5 @@ def arch(request):
 
 @pytest.fixture(scope="session")
 def default_model():
-    from decompose import load_model
+    from models import load_model
     return load_model()

@@ -8,7 +8,7 @@ import torch
 import checkpoints
 from cli import InputError
 from conftest import FakeTok, fake_load, tiny_cfg, tiny_model
-from distributed import Dist, Policy
+from distributed import Dist, Wrapped
 
 
 class Killed(Exception):
@@ -16,7 +16,7 @@ class Killed(Exception):
 
 
 def save(out, step, model):
-    runner = Policy(model)
+    runner = Wrapped(model)
     checkpoints.save_checkpoint(str(out), runner, FakeTok(), torch.optim.AdamW(model.parameters()), step, tiny_cfg(out), Dist())
 
 

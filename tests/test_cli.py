@@ -31,7 +31,7 @@ def bad_inputs(tmp):
         ("evaluate.py", ["--model", "./no-such-model-dir", "--out", f"{tmp}/ev"], "does not exist"),
         ("entropy.py", ["--model", "/nonexistent"], "does not exist"),
         ("grpo.py", ["--model", "/nonexistent"] + tiny, "does not exist"),
-        ("bupo.py", ["--model", "./no-such-model-dir"], "does not exist"),
+        ("experiment.py", ["--model", "./no-such-model-dir"], "does not exist"),
         ("entropy.py", ["--data", "no-such-benchmark"], "no data set 'no-such-benchmark'"),
         ("evaluate.py", ["--data", f"{tmp}/no_answers.parquet", "--out", f"{tmp}/ev2"], "has neither verl's columns"),
         ("evaluate.py", ["--k", "0", "--out", f"{tmp}/ev3"], "--k must be >= 1"),
@@ -46,14 +46,14 @@ def bad_inputs(tmp):
         ("grpo.py", ["--clip-low", "2"] + tiny, "--clip-low must lie in"),
         ("grpo.py", ["--resume", "--out", f"{tmp}/empty_run"], "no checkpoint"),
         ("grpo.py", ["--out", f"{tmp}/a_file/run", "--steps", "1"], "cannot write to the output dir"),
-        ("bupo.py", ["--layer", "999"], "k=999 out of range: use 0..28"),
-        ("bupo.py", ["--layer", "-1"], "k=-1 out of range"),
-        ("bupo.py", ["--sweep", "layer=4,40"], "k=40 out of range"),
-        ("bupo.py", ["--seeds", "0"], "--seeds must be"),
-        ("rollout.py", ["--bench", "--random-weights", "nope"], "no shipped config 'nope'"),
-        ("rollout.py", ["--bench", "--bandwidth", "-1"], "--bandwidth must be a finite GB/s"),
-        ("rollout.py", ["--bench", "--batches", "0"], "--batches must be >= 1"),
-        ("rollout.py", ["--bench", "--dtype", "float16"], "--dtype must be bfloat16 or float32"),
+        ("experiment.py", ["--layer", "999"], "k=999 out of range: use 0..28"),
+        ("experiment.py", ["--layer", "-1"], "k=-1 out of range"),
+        ("experiment.py", ["--sweep", "layer=4,40"], "k=40 out of range"),
+        ("experiment.py", ["--seeds", "0"], "--seeds must be"),
+        ("bench.py", ["rollout", "--random-weights", "nope"], "no shipped config 'nope'"),
+        ("bench.py", ["rollout", "--bandwidth", "-1"], "--bandwidth must be a finite GB/s"),
+        ("bench.py", ["rollout", "--batches", "0"], "--batches must be >= 1"),
+        ("bench.py", ["rollout", "--dtype", "float16"], "--dtype must be bfloat16 or float32"),
         ("entropy.py", ["--max-new-tokens", "8192", "--out", f"{tmp}/ent"], "--max-new-tokens 8192 leaves no room"),
         ("evaluate.py", ["--max-new-tokens", "9000", "--out", f"{tmp}/ev5"], "--max-new-tokens 9000 leaves no room"),
         ("evaluate.py", ["--temperature", "inf", "--out", f"{tmp}/ev6"], "--temperature must be a finite number"),
@@ -61,15 +61,20 @@ def bad_inputs(tmp):
         ("grpo.py", ["--kl-coef", "nan"] + tiny, "--kl-coef must be a finite number"),
         ("grpo.py", ["--weight-decay", "-1"] + tiny, "--weight-decay"),
         ("grpo.py", ["--max-nonfinite", "0"] + tiny, "--max-nonfinite"),
-        ("bupo.py", ["--inter-steps", "20", "--steps", "10"], "--inter-steps must lie in 0..--steps"),
-        ("bupo.py", ["--sweep", "inter_steps=1,1"], "lists a value twice"),
-        ("bupo.py", ["--methods", "grpo,dpo"], "--methods must be a comma list"),
-        ("bupo.py", ["--eval-every", "0"], "--eval-every must be >= 1"),
-        ("rollout.py", ["--bench", "--attention", "flash"], "--attention must be sdpa or eager"),
+        ("experiment.py", ["--inter-steps", "20", "--steps", "10"], "--inter-steps must lie in 0..--steps"),
+        ("experiment.py", ["--sweep", "inter_steps=1,1"], "lists a value twice"),
+        ("experiment.py", ["--methods", "grpo,dpo"], "--methods must be a comma list"),
+        ("experiment.py", ["--eval-every", "0"], "--eval-every must be >= 1"),
+        ("bench.py", ["rollout", "--attention", "flash"], "--attention must be sdpa or eager"),
         ("grpo.py", ["--attention", "flash"] + tiny, "--attention must be sdpa or eager"),
-        ("bupo.py", ["--attention", "flash"], "--attention must be sdpa or eager"),
+        ("experiment.py", ["--attention", "flash"], "--attention must be sdpa or eager"),
         ("evaluate.py", ["--attention", "flash", "--out", f"{tmp}/ev7"], "--attention must be sdpa or eager"),
         ("entropy.py", ["--attention", "flash", "--out", f"{tmp}/ent2"], "--attention must be sdpa or eager"),
+        ("bench.py", ["nope"], "name a benchmark first"),
+        ("rollout.py", ["--bench"], "moved: python bench.py rollout"),
+        ("grpo.py", ["--bench"], "moved: python bench.py grpo"),
+        ("bupo.py", ["--bench"], "moved: python bench.py bupo"),
+        ("bupo.py", ["--layer", "999"], "k=999 out of range: use 0..28"),
     ]
 
 
@@ -90,7 +95,7 @@ def test_each_script_turns_bad_input_into_one_line(tmp_path):
         assert_one_line_error(p.returncode, err, cases[script][1], script)
 
 
-@pytest.mark.parametrize("i", range(44))
+@pytest.mark.parametrize("i", range(49))
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys, i):
     """Every case through its script's main and cli.run_main, as `python SCRIPT ARGS` runs them."""
     script, args, want = bad_inputs(tmp_path)[i]

@@ -12,10 +12,10 @@ import torch.multiprocessing as mp
 
 import bupo
 import checkpoints
-import decompose
+import models
 import distributed
 import grpo
-import step
+import update
 from cli import InputError, Stopped
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
 
@@ -47,7 +47,7 @@ PROBE = torch.tensor([[1, 5, 9, 14, 30, 2]])
 
 def train_and_report(rank, cfg, result, writes_log):
     """BuPO for 2 steps (one on pi_1, one full); rank 0 saves the metrics and weights, rank 1 lists what it wrote."""
-    step.problem_reward = text_reward
+    update.problem_reward = text_reward
     if rank:
         out = os.path.abspath(cfg.out)
         writes = []
@@ -94,7 +94,7 @@ def test_two_ranks_train_as_one_process_on_the_same_global_batch(tmp_path, fsdp,
     shares each prompt's forward among its group (no recomputation) and averages per
     sequence (seq-mean-token-mean); the last aggregates as Dr. GRPO (seq-mean-token-sum-norm).
     """
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     kw = dict(inter_steps=inter_steps, **{k: v for k, v in extra.items() if k != "activation_checkpointing"})
     hist1, model1, _ = bupo.train_bupo(bupo_cfg(tmp_path / "one", **kw), 1, tiny_model("llama"), FakeTok())
     cfg2 = bupo_cfg(tmp_path / "two", fsdp=fsdp, **kw, activation_checkpointing=extra.get("activation_checkpointing", False))
@@ -122,7 +122,7 @@ def stop_after_first_step(rank, cfg):
         if rank == 0 and step == 0:
             os.kill(os.getpid(), signal.SIGINT)
     real = bupo.readout_entropies
-    step.problem_reward = text_reward
+    update.problem_reward = text_reward
     steps = []
     bupo.readout_entropies = lambda *a: (steps.append(len(steps)), ctrl_c(steps[-1], None, None, None, None), real(*a))[2]
     with pytest.raises(Stopped, match="after step 0 of"):
@@ -130,7 +130,7 @@ def stop_after_first_step(rank, cfg):
 
 
 def test_checkpoint_of_two_fsdp_ranks_resumes_in_one_process(tmp_path, monkeypatch):
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     full, _, _ = bupo.train_bupo(bupo_cfg(tmp_path / "one", steps=3), 1, tiny_model("llama"), FakeTok())
     cfg = bupo_cfg(tmp_path / "two", steps=3, fsdp=True)
     spawn(stop_after_first_step, 2, cfg)
@@ -162,14 +162,14 @@ def convert_default_model(rank, cache):
     """Each rank converts the GGUF into a cache of its own, as on nodes that share no disk."""
     distributed.init()  # under a process group, HF's save_pretrained writes on rank 0 only
     os.environ["BUPO_CACHE"] = f"{cache}{rank}"
-    model, _ = decompose.load_model(dtype=torch.float32)
+    model, _ = models.load_model(dtype=torch.float32)
     assert model.config.num_hidden_layers == 30
 
 
 def test_every_rank_can_convert_the_default_model(tmp_path):
     spawn(convert_default_model, 2, str(tmp_path / "cache"))
     for rank in (0, 1):
-        assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir(tmp_path / f"cache{rank}" / decompose.EMBEDDED["smollm2"].cache_name))
+        assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir(tmp_path / f"cache{rank}" / models.EMBEDDED["smollm2"].cache_name))
 
 
 def test_rank_share_splits_every_mini_batch_by_whole_prompts():

@@ -7,8 +7,7 @@ import torch
 
 import entropy as E
 from conftest import tiny_model
-from decompose import decompose, unembed
-from policy import entropy
+from decompose import decompose, entropy, unembed
 
 
 def test_entropy_analytic():

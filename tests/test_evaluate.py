@@ -125,7 +125,7 @@ def test_cli_two_files_without_data_source_cut_line_and_rewritten_weights(tmp_pa
 
 def test_a_k_per_set_as_the_paper():
     """Issue 30.3: Avg@32 on AIME and Avg@16 on MATH500 in one evaluation: each set's metrics at its own K."""
-    from evaluate import parse_k, pass_curve, results_table
+    from evaluate import benchmark_table, parse_k, pass_curve
     assert parse_k("16") == 16 and parse_k("aime24=32,math500=16") == {"aime24": 32, "math500": 16}
     for bad in ("x", "aime24=0", "aime24=3.5"):
         with pytest.raises(InputError, match="--k"):
@@ -137,7 +137,7 @@ def test_a_k_per_set_as_the_paper():
     curve = pass_curve(recs)
     assert max(int(k[5:]) for k in curve["aime24"] if k.startswith("pass@")) == 32 and "pass@32" not in curve["math500"]
     assert curve["math500"]["pass@1"] == 12.5 and curve["math500"]["pass@16"] == 50.0
-    table = results_table(s, ["aime24", "math500"])
+    table = benchmark_table(s, ["aime24", "math500"])
     assert "| K | 32 | 16 |  |" in table and "| avg@K | 25.0 | 12.5 | 18.8 |" in table and "| pass@K | 100.0 | 50.0 | 75.0 |" in table
 
 

@@ -13,7 +13,9 @@ import hardware
 from conftest import tiny_model
 from test_rollout import hf_greedy, prompts_for
 import rollout
-from rollout import attention_kernels, generate
+import bench_rollout
+from bench_rollout import attention_kernels
+from rollout import generate
 
 
 @pytest.fixture(autouse=True)
@@ -164,10 +166,10 @@ def test_the_attention_kernel_is_named_from_the_profilers_event_names():
     assert attention_kernels(["cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16"]).keys() == {"cuDNN"}
     assert attention_kernels(["aten::_scaled_dot_product_attention_math"]).keys() == {"math"}
     model = tiny_model("qwen3")
-    assert rollout.attention_ran(model, 2).startswith("written out")  # CPU's default: no SDPA call
+    assert bench_rollout.attention_ran(model, 2).startswith("written out")  # CPU's default: no SDPA call
     rollout.configure(attention="sdpa")
     try:
-        assert rollout.attention_ran(model, 2) == "flash: aten::_scaled_dot_product_flash_attention_for_cpu"
+        assert bench_rollout.attention_ran(model, 2) == "flash: aten::_scaled_dot_product_flash_attention_for_cpu"
     finally:
         rollout.configure()
 

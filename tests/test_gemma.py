@@ -16,7 +16,7 @@ PROMPTS = ["The capital of France is", "Question: What is 12 + 7?\nAnswer:", "de
 
 @pytest.fixture(scope="module")
 def gemma():
-    from decompose import load_model
+    from models import load_model
     return load_model("gemma3-270m")
 
 

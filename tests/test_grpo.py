@@ -14,10 +14,10 @@ import decode
 import evaluate
 import grpo
 import policy
-import step
+import update
 from cli import Diverged, InputError, Stopped
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
-from distributed import Policy
+from distributed import Wrapped
 from loss import aggregate, kl_penalty, policy_loss
 from policy import Batch, output_policy, pad_rows
 from rollout import generate
@@ -48,9 +48,9 @@ class GradRecorder:
 
 
 def update_grads(model, batch, cfg, **kw):
-    runner, rec = Policy(model), GradRecorder(model)
-    old, ent = grpo.policy_logprobs(output_policy, runner, batch, cfg)
-    stats = grpo.ppo_update(runner, rec, output_policy, batch, old, kw.pop("ref", None), ent, cfg, **kw)
+    runner, rec = Wrapped(model), GradRecorder(model)
+    old, ent = update.policy_logprobs(output_policy, runner, batch, cfg)
+    stats = update.ppo_update(runner, rec, output_policy, batch, old, kw.pop("ref", None), ent, cfg, **kw)
     return rec.grads, stats, old
 
 
@@ -75,10 +75,10 @@ def test_on_policy_first_mini_batch_equals_a_separate_old_pass():
     runs = []
     for on_policy in (True, False):
         m = tiny_model("qwen3")
-        runner, opt = Policy(m), torch.optim.AdamW(m.parameters(), lr=1e-2)
+        runner, opt = Wrapped(m), torch.optim.AdamW(m.parameters(), lr=1e-2)
         rows = torch.arange(4 if on_policy else 0, 8)  # the later mini-batch only, or every row
-        old, ent = grpo.policy_logprobs(output_policy, runner, batch, cfg, rows=rows)
-        stats = grpo.ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=on_policy)
+        old, ent = update.policy_logprobs(output_policy, runner, batch, cfg, rows=rows)
+        stats = update.ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=on_policy)
         runs.append((stats, ent, [p.detach().clone() for p in m.parameters()]))
     (s1, e1, p1), (s2, e2, p2) = runs
     assert s1 == pytest.approx(s2, rel=1e-4, abs=1e-7) and s1["approx_kl"] > 1e-2  # the 2nd mini-batch is off-policy
@@ -92,7 +92,7 @@ def test_kl_term_by_hand():
     model, ref = tiny_model("llama"), tiny_model("llama", seed=1)
     batch = fixed_batch(model)
     cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=2, micro_batch=3, max_new_tokens=6, precision="float32", kl_coef=0.1)
-    ref_logp, _ = grpo.policy_logprobs(output_policy, Policy(ref), batch, cfg)
+    ref_logp, _ = update.policy_logprobs(output_policy, Wrapped(ref), batch, cfg)
     _, stats, old = update_grads(model, batch, cfg, ref=ref_logp)
     lp = old[batch.response_mask]  # the policy before the update: the first (only) mini-batch is on-policy
     r = torch.exp(ref_logp[batch.response_mask] - lp)
@@ -116,10 +116,10 @@ def test_updates_on_a_fixed_batch_lower_the_loss():
     model.train()
     cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=3, lr=3e-3, max_new_tokens=8, precision="float32")
     batch = fixed_batch(model)
-    runner = Policy(model)
+    runner = Wrapped(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    old, ent = grpo.policy_logprobs(output_policy, runner, batch, cfg)
-    losses = [grpo.ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=False)["pg_loss"] for _ in range(4)]
+    old, ent = update.policy_logprobs(output_policy, runner, batch, cfg)
+    losses = [update.ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=False)["pg_loss"] for _ in range(4)]
     assert losses[-1] < losses[0]
 
 
@@ -128,8 +128,8 @@ def test_rollout_in_chunks_samples_what_one_call_samples():
     from problems import task_problems
     model, problems = tiny_model("llama"), task_problems("arithmetic", 3, 0, "train")
     cfg = grpo.GRPOConfig(group_size=4, max_new_tokens=6, seed=2)
-    whole, res = grpo.rollout_step(model, FakeTok(), problems, cfg, step=1)
-    parts, res2 = grpo.rollout_step(model, FakeTok(), problems, replace(cfg, rollout_batch=4), step=1)
+    whole, res = update.rollout_step(model, FakeTok(), problems, cfg, step=1)
+    parts, res2 = update.rollout_step(model, FakeTok(), problems, replace(cfg, rollout_batch=4), step=1)
     for f in ("input_ids", "attention_mask", "response_mask", "advantages"):
         assert torch.equal(getattr(whole, f), getattr(parts, f)), f
     assert all(torch.equal(res[k], res2[k]) for k in res)
@@ -146,7 +146,7 @@ def ctrl_c_at(at):
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, kl, est):
     """Also with a KL term: the resumed run's reference is still the initial policy, not the checkpoint's weights;
     with PPO (gae) the critic and its optimizer resume too; every estimator of Table 1 resumes exactly."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     full, _, _ = grpo.train(tiny_cfg(tmp_path / "a", kl_coef=kl, save_every=0, adv_estimator=est), model=tiny_model("llama"), tok=FakeTok())
     cfg = tiny_cfg(tmp_path / "b", kl_coef=kl, save_every=0, adv_estimator=est)
     with pytest.raises(Stopped, match="after step 1 of 3, checkpoint saved"):  # at the end of step 1, checkpoint saved on Ctrl-C
@@ -165,7 +165,7 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypat
 def test_run_dirs_are_never_mixed(tmp_path, monkeypatch):
     """A fresh run into a dir holding a run is refused; --overwrite replaces it; --resume needs the same settings,
     except those that may change (steps); no checkpoint to resume is a clear error."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     cfg = tiny_cfg(tmp_path, steps=1)
     grpo.train(cfg, model=tiny_model("llama"), tok=FakeTok())
     with pytest.raises(InputError, match="holds a run already.*--resume.*--overwrite"):
@@ -232,7 +232,7 @@ def test_held_out_set_without_a_limit_is_the_whole_split(tmp_path):
     from distributed import Dist
     from problems import task_problems
     cfg = tiny_cfg(tmp_path, eval_limit=0, eval_max_new_tokens=2)
-    m = grpo.run_eval(Policy(tiny_model("llama")), FakeTok(), cfg, Dist())
+    m = grpo.run_eval(Wrapped(tiny_model("llama")), FakeTok(), cfg, Dist())
     assert set(m) == {"eval/arithmetic", "eval/avg"} and 0 <= m["eval/avg"] <= 100
     assert len(task_problems("arithmetic", 0, 0, "test")) > 256
 
@@ -241,7 +241,7 @@ def test_sigterm_stops_grpo_py_with_its_checkpoint_and_a_nonzero_exit(tmp_path, 
     """SIGTERM (timeout, schedulers, docker stop) is handled like Ctrl-C: the step finishes, a checkpoint is saved, the
     script exits 130 without its "finished" line; --resume then completes the run."""
     import cli
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(grpo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(grpo, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
@@ -279,11 +279,11 @@ def test_old_logprobs_run_the_updates_micro_batches(micro):
     model = tiny_model("qwen3")
     batch = fixed_batch(model)
     cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=micro, max_new_tokens=6, precision="bfloat16", lr=0.0)
-    old_pass, update = CallRecorder(Policy(model)), CallRecorder(Policy(model))
-    old, ent = grpo.policy_logprobs(output_policy, old_pass, batch, cfg)
+    old_pass, update_pass = CallRecorder(Wrapped(model)), CallRecorder(Wrapped(model))
+    old, ent = update.policy_logprobs(output_policy, old_pass, batch, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    stats = grpo.ppo_update(update, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=False)
-    assert old_pass.calls == update.calls and len(update.calls) == 2 * -(-4 // micro)
+    stats = update.ppo_update(update_pass, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=False)
+    assert old_pass.calls == update_pass.calls and len(update_pass.calls) == 2 * -(-4 // micro)
     assert stats["updates"] == 2 and stats["approx_kl"] == 0.0
     assert stats["clip_frac_upper"] == stats["clip_frac_lower"] == 0.0
 
@@ -303,7 +303,7 @@ def test_run_dirs_survive_what_users_do_to_them(tmp_path, monkeypatch, capsys):
     loses nothing (the metrics stay as they were); a truncated trainer state and a full disk at a save are one-line
     errors, the latter keeping the last whole checkpoint."""
     import cli
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(grpo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(grpo, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
@@ -357,7 +357,7 @@ def test_cudas_sampling_flow_kept_across_steps_trains_what_the_per_call_flow_tra
     released after each evaluation; run so on CPU (eagerly), GRPO's metrics equal those of a fresh sampler per call,
     and a step builds its sampler only after an evaluation released it: step 1 reuses step 0's (16 rows, 6 tokens),
     step 2 builds one after the evaluation of step 1 (the evaluations: 4 questions, 4 tokens, before, at 2 and at 3)."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     cfg = dict(save_every=0, eval_every=2, rollout_dtype=dtype)
     fresh, _, _ = grpo.train(tiny_cfg(tmp_path / "a", **cfg), model=tiny_model("llama"), tok=FakeTok())
     built, real = [], decode.Decoder
@@ -371,7 +371,7 @@ def test_cudas_sampling_flow_kept_across_steps_trains_what_the_per_call_flow_tra
             copy = next(reversed(decode._COPIES.values()))[1]
             stale.extend(not torch.equal(c, p.to(c.dtype)) for c, p in zip(copy.parameters(), model.parameters()))
         return r
-    monkeypatch.setattr(step, "generate", rollout)
+    monkeypatch.setattr(update, "generate", rollout)
     monkeypatch.setattr(evaluate, "generate", static)
     kept, _, _ = grpo.train(tiny_cfg(tmp_path / "b", **cfg), model=tiny_model("llama"), tok=FakeTok())
     assert strip(kept) == strip(fresh) and "eval/avg" in kept[1] and kept[0]["reward_std"] > 0
@@ -440,10 +440,10 @@ def test_one_host_sync_per_mini_batch(precision, monkeypatch):
     lengths = (b.attention_mask.sum(1).tolist(), b.response_mask.sum(1).tolist())
     batch = Batch(b.input_ids, b.attention_mask, b.response_mask, b.advantages, lengths)
     cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_tokens=30, max_new_tokens=6, precision=precision, kl_coef=0.1)
-    runner, opt = Policy(model), torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    runner, opt = Wrapped(model), torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     with HostReads(monkeypatch) as reads:
-        old, ent = grpo.policy_logprobs(output_policy, runner, batch, cfg, rows=range(4, 8))
+        old, ent = update.policy_logprobs(output_policy, runner, batch, cfg, rows=range(4, 8))
     assert reads.n == 0
     with HostReads(monkeypatch) as reads:
-        stats = grpo.ppo_update(runner, opt, output_policy, batch, old, old, ent, cfg)
+        stats = update.ppo_update(runner, opt, output_policy, batch, old, old, ent, cfg)
     assert reads.n == 2 and stats["updates"] == 2 and len(list(policy.micro_slices(batch, range(4), 256, 30))) > 1

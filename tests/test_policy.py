@@ -135,7 +135,7 @@ FLUSH_PROBE = """
 import sys, torch
 torch.set_flush_denormal(sys.argv[1] == "1")
 sys.path.insert(0, ".")
-from decompose import load_model
+from models import load_model
 from policy import layer_logprobs
 model, tok = load_model()
 ids = torch.tensor(tok(["The sum of 12 and 7 is 19, because 12 + 7 = 19."] * 2)["input_ids"])
@@ -184,7 +184,7 @@ def test_shared_prompts_give_the_full_forward(arch, k):
 
 @pytest.mark.parametrize("share", [True, False])
 def test_decoder_tokens_counts_what_the_decoder_runs(share, monkeypatch):
-    """grpo.py --bench counts FLOPs with decoder_tokens: it equals the positions the first decoder layer receives,
+    """bench.py grpo counts FLOPs with decoder_tokens: it equals the positions the first decoder layer receives,
     with a group's prompt run once (3 prompts x 3 rows) and with sharing off (every padded position of every row)."""
     monkeypatch.setattr(policy, "SHARE_PROMPTS", ("cpu",) if share else ())
     model = tiny_model("llama")

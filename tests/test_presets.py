@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import bupo
 from cli import InputError
 from config import (BUPO_PRESETS, PAPER_MODELS, BuPOConfig, check_config, check_ppo_memory, memory_plan, param_count)
-from decompose import CONFIG_DIR
+from models import CONFIG_DIR
 from policy import check_layer
 
 H200, H100 = 141e9, 80e9

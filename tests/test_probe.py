@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import bupo
+import experiment
 import probe as probe_module
 from conftest import FakeTok, tiny_model
 from decompose import decompose
 from policy import pad_rows
 from probe import probe, probe_set
-from test_bupo import tiny_experiment
+from test_experiment import tiny_experiment
 
 PROBES = {"prompts": [[1, 5, 6, 7], [1, 9, 10], [1, 11]], "responses": [[12, 13, 14], [15], [16, 17, 18, 19]]}
 
@@ -75,9 +76,11 @@ def test_one_probe_set_for_every_method_and_seed(tmp_path, monkeypatch):
     and seed probes exactly it; the report tables and draws the probes."""
     seen = []
     real = bupo.probe
-    monkeypatch.setattr(bupo, "probe", lambda model, probes, k, pad_id=0: seen.append((json.dumps(probes), k)) or real(model, probes, k, pad_id))
+    counted = lambda model, probes, k, pad_id=0: seen.append((json.dumps(probes), k)) or real(model, probes, k, pad_id)
+    monkeypatch.setattr(bupo, "probe", counted)  # the runs' probes
+    monkeypatch.setattr(experiment, "probe", counted)  # the start's
     cfg = tiny_experiment(tmp_path, monkeypatch, probe_every=1, probe_samples=2, seeds="2")
-    bupo.experiment(cfg)
+    experiment.experiment(cfg)
     out = tmp_path / "exp"
     start = json.load(open(out / "initial.json"))
     assert {s for s, _ in seen} == {json.dumps(start["probe_set"])} and {k for _, k in seen} == {1}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import decode
-import engine
+import kvcache
 import graphs
 from conftest import tiny_model
 from rollout import generate
@@ -202,7 +202,7 @@ def test_a_shared_prefix_is_prefilled_once(arch, mode):
     g = torch.Generator().manual_seed(7)
     system = torch.randint(3, 97, (9,), generator=g).tolist()
     prompts = [system + torch.randint(3, 97, (n,), generator=g).tolist() for n in (1, 4, 2, 6)]
-    assert engine.common_prefix(prompts) == 9
+    assert kvcache.common_prefix(prompts) == 9
     r = generate(model, prompts, max_new_tokens=10, temperature=0, **mode)
     for i, p in enumerate(prompts):
         assert r.tokens[i].tolist() == hf_greedy(model, p, 10)
@@ -217,7 +217,7 @@ def test_the_bf16_sampling_copy_keeps_float32_rotary_frequencies():
     """generate(dtype=bf16) samples from a copy whose cos/sin are float32's rounded once to bf16, at every position up
     to 8k (a bf16 inv_freq would be off by up to 2.0 there), as in a model built in bf16."""
     model = tiny_model("llama", max_position_embeddings=8192, rope_theta=10000.0)
-    copy = engine.cast_copy(model, torch.bfloat16)
+    copy = kvcache.cast_copy(model, torch.bfloat16)
     assert copy.model.rotary_emb.inv_freq.dtype == torch.float32 and copy.dtype == torch.bfloat16
     pos = torch.arange(8192)[None]
     cos32, sin32 = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
@@ -244,7 +244,7 @@ def test_static_spans_of_a_few_slots_match_hf_generate(arch, monkeypatch):
 
 @pytest.mark.parametrize("T", [1, 3])
 def test_attention_folds_query_groups_exactly_with_and_without_sdpa(T):
-    """engine._attention on a strided cache view with a mask, grouped queries folded into the query length: the
+    """kvcache._attention on a strided cache view with a mask, grouped queries folded into the query length: the
     written-out path (CPU) and the fused SDPA call (CUDA's) equal attention with K/V repeated to every head."""
     g = torch.Generator().manual_seed(0)
     B, H, Hkv, S, hd = 3, 6, 2, 9, 8
@@ -256,7 +256,7 @@ def test_attention_folds_query_groups_exactly_with_and_without_sdpa(T):
     Kr, Vr = K.repeat_interleave(H // Hkv, 1), V.repeat_interleave(H // Hkv, 1)  # head h reads K/V head h // g, as HF's repeat_kv
     want = ((q @ Kr.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf")).softmax(-1)) @ Vr
     for sdpa in (False, True):
-        torch.testing.assert_close(engine._attention(q, K, V, mask, 0.3, sdpa), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(kvcache._attention(q, K, V, mask, 0.3, sdpa), want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])

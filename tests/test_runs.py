@@ -15,11 +15,12 @@ import pytest
 import torch
 
 import bupo
+import experiment
 import checkpoints
 import cli
 import evaluate
 import grpo
-import step
+import update
 from conftest import FakeTok, fake_load, text_reward, tiny_model
 from policy import output_policy
 from test_evaluate import tiny_checkpoint
@@ -31,7 +32,7 @@ GRPO_ARGS = ["--eval-every=0", "--eval-samples=0", "--prompts-per-step=4", "--gr
 @pytest.fixture
 def tiny_grpo(monkeypatch):
     """grpo.py on the tiny llama and its FakeTok, rewarded by the text alone."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(grpo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(grpo, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
@@ -61,9 +62,9 @@ def steps_logged(out):
 def test_1_a_stop_in_the_last_step_of_a_run_stops_the_experiment_before_its_next_run(tmp_path, monkeypatch, capsys):
     """SIGTERM while GRPO (the first of two runs) runs its last step: exit 130 before BuPO starts, no report; the
     advised --resume skips the finished GRPO run (its checkpoint deleted), trains BuPO and reports."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
-    monkeypatch.setattr(bupo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
-    monkeypatch.setattr(bupo, "model_config", lambda *a: tiny_model("llama").config)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
+    monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
     out = tmp_path / "exp"
     argv = GRPO_ARGS + ["--steps=2", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2", "--seeds=0,", "--methods=grpo,bupo",
@@ -76,12 +77,12 @@ def test_1_a_stop_in_the_last_step_of_a_run_stops_the_experiment_before_its_next
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a)
     monkeypatch.setattr(bupo, "readout_entropies", term_in_grpo_step_1)
-    last = run(bupo.main, argv, capsys, 130)
+    last = run(experiment.main, argv, capsys, 130)
     assert len(calls) == 2 and "GRPO, seed 0 after step 1 of 2, checkpoint saved" in last
     assert not (out / "seed0" / "bupo").exists() and not (out / "results.md").exists()
     assert steps_logged(out / "seed0" / "grpo") == [0, 1]
     advice = re.search(r"continue the experiment with (--resume --out \S+)$", last).group(1)
-    run(bupo.main, shlex.split(advice), capsys, 0)
+    run(experiment.main, shlex.split(advice), capsys, 0)
     assert len(calls) == 4  # BuPO's two steps only: the finished GRPO run is not trained again
     assert steps_logged(out / "seed0" / "bupo") == [0, 1] and (out / "results.md").exists()
     assert not (out / "seed0" / "grpo" / "checkpoint").exists()
@@ -247,7 +248,7 @@ def test_6_a_resumed_evaluation_keeps_its_batch_size_and_samples_what_an_uninter
 def test_7_a_model_dir_without_weights_is_one_line_before_the_out_dir_is_claimed(tmp_path, capsys):
     model = tiny_checkpoint(tmp_path / "m")
     os.remove(os.path.join(model, "model.safetensors"))
-    for main, argv in ((grpo.main, GRPO_ARGS + ["--steps=1"]), (evaluate.main, []), (bupo.main, [])):
+    for main, argv in ((grpo.main, GRPO_ARGS + ["--steps=1"]), (evaluate.main, []), (experiment.main, [])):
         out = tmp_path / main.__module__
         last = run(main, argv + ["--model", model, "--out", str(out)], capsys, 2)
         assert "has a config.json but no weights" in last and not out.exists(), main.__module__
@@ -257,13 +258,13 @@ def test_7_a_model_dir_without_weights_is_one_line_before_the_out_dir_is_claimed
     ("grpo", ["--seed", "99999999999999999999999"], "--seed must lie in 0..4294967295, got 99999999999999999999999"),
     ("grpo", ["--seed", "-1"], "--seed must lie in 0..4294967295"),
     ("evaluate", ["--seed", "99999999999999999999999"], "--seed must lie in 0..4294967295"),
-    ("bupo", ["--seeds", "3,99999999999999999999999"], "--seeds must lie in 0..4294967295"),
-    ("bupo", ["--seed", "4294967295", "--seeds", "2"], "--seed + --seeds - 1 must lie in 0..4294967295, got 4294967296"),
+    ("experiment", ["--seeds", "3,99999999999999999999999"], "--seeds must lie in 0..4294967295"),
+    ("experiment", ["--seed", "4294967295", "--seeds", "2"], "--seed + --seeds - 1 must lie in 0..4294967295, got 4294967296"),
 ])
 def test_8_a_seed_out_of_range_is_one_line_before_the_out_dir_is_claimed(tmp_path, monkeypatch, capsys, script, argv, want):
-    for module in (grpo, bupo):
+    for module in (grpo, experiment):
         monkeypatch.setattr(module, "model_config", lambda *a: tiny_model("llama").config)
-    main = {"grpo": grpo.main, "evaluate": evaluate.main, "bupo": bupo.main}[script]
+    main = {"grpo": grpo.main, "evaluate": evaluate.main, "experiment": experiment.main}[script]
     assert want in run(main, argv + ["--out", str(tmp_path / "out")], capsys, 2)
     assert not (tmp_path / "out").exists()
 
@@ -290,36 +291,36 @@ def test_9_an_unreadable_trainer_state_is_damaged_in_one_line_and_its_advice_wor
 
 
 def test_9_a_damaged_run_of_an_experiment_names_the_experiments_way_on(tmp_path, monkeypatch, capsys):
-    """In bupo.py a stopped run's trainer.pt overwritten with random bytes: one line naming the run; moving it aside and
+    """In experiment.py a stopped run's trainer.pt overwritten with random bytes: one line naming the run; moving it aside and
     resuming the experiment, as advised, trains that run again and reports."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
-    monkeypatch.setattr(bupo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
-    monkeypatch.setattr(bupo, "model_config", lambda *a: tiny_model("llama").config)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
+    monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
     out = tmp_path / "exp"
     argv = GRPO_ARGS + ["--steps=2", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2", "--seeds=0,", "--methods=grpo",
             "--task=arithmetic", "--eval-data=arithmetic", "--eval-limit=4", "--eval-max-new-tokens=4", "--lr=0.01", f"--out={out}"]
     real = bupo.readout_entropies
     monkeypatch.setattr(bupo, "readout_entropies", lambda *a: (os.kill(os.getpid(), signal.SIGINT), real(*a))[1])
-    run(bupo.main, argv, capsys, 130)
+    run(experiment.main, argv, capsys, 130)
     monkeypatch.setattr(bupo, "readout_entropies", real)
     run_dir = out / "seed0" / "grpo"
     (run_dir / "checkpoint" / "trainer.pt").write_bytes(random.Random(1).randbytes(1000))
-    last = run(bupo.main, argv + ["--resume"], capsys, 2)
+    last = run(experiment.main, argv + ["--resume"], capsys, 2)
     assert "GRPO, seed 0:" in last and "trainer.pt is damaged" in last
     aside, advice = re.search(r"move (\S+) aside .* continue the experiment with (--resume --out \S+): that run", last).groups()
     assert aside == str(run_dir)
     os.rename(aside, str(run_dir) + ".damaged")
-    run(bupo.main, shlex.split(advice), capsys, 0)
+    run(experiment.main, shlex.split(advice), capsys, 0)
     assert steps_logged(run_dir) == [0, 1] and (out / "results.md").exists()
 
 
 def test_4_a_hand_edited_experiment_config_is_refused_by_name(tmp_path, monkeypatch, capsys):
-    """bupo.py: the experiment's config.json with another lr used to train the next runs with it beside the finished
+    """experiment.py: the experiment's config.json with another lr used to train the next runs with it beside the finished
     ones (one report, two settings); now the run that disagrees is named, and putting the value back resumes."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
-    monkeypatch.setattr(bupo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
-    monkeypatch.setattr(bupo, "model_config", lambda *a: tiny_model("llama").config)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
+    monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
     out = tmp_path / "exp"
     argv = GRPO_ARGS + ["--steps=1", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2", "--seeds=2",
@@ -327,29 +328,29 @@ def test_4_a_hand_edited_experiment_config_is_refused_by_name(tmp_path, monkeypa
                         "--lr=0.01", f"--out={out}"]
     real, calls = bupo.readout_entropies, []
     monkeypatch.setattr(bupo, "readout_entropies", lambda *a: (calls.append(1), len(calls) == 2 and os.kill(os.getpid(), signal.SIGINT), real(*a))[2])
-    run(bupo.main, argv, capsys, 130)  # seed 0 finished, seed 1 stopped in its (last) step
+    run(experiment.main, argv, capsys, 130)  # seed 0 finished, seed 1 stopped in its (last) step
     cfg = json.load(open(out / "config.json"))
     json.dump({**cfg, "lr": 0.02}, open(out / "config.json", "w"))
-    last = run(bupo.main, ["--resume", f"--out={out}"], capsys, 2)
+    last = run(experiment.main, ["--resume", f"--out={out}"], capsys, 2)
     assert f"{out}/seed0/grpo/config.json and {out}/config.json disagree: lr (0.01 in the run, 0.02 in the experiment)" in last
     json.dump(cfg, open(out / "config.json", "w"))
-    run(bupo.main, ["--resume", f"--out={out}"], capsys, 0)
+    run(experiment.main, ["--resume", f"--out={out}"], capsys, 0)
     assert (out / "results.md").exists() and len(calls) == 2  # seed 1 stopped after its last step: nothing to train again
 
 
 def test_3_a_non_finite_stop_in_an_experiment_advises_a_fresh_experiment_that_works(tmp_path, monkeypatch, capsys):
-    """bupo.py: the runs of an experiment share one lr (they are paired), so a diverged run's advice is the whole
+    """experiment.py: the runs of an experiment share one lr (they are paired), so a diverged run's advice is the whole
     experiment afresh with a lower lr; followed as printed, it finishes."""
-    monkeypatch.setattr(step, "problem_reward", text_reward)
-    monkeypatch.setattr(bupo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
-    monkeypatch.setattr(bupo, "model_config", lambda *a: tiny_model("llama").config)
+    monkeypatch.setattr(update, "problem_reward", text_reward)
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
+    monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(grpo, "train_step", nan_from(1, above_lr=5e-3))
     out = tmp_path / "exp"
     argv = GRPO_ARGS + ["--steps=3", "--max-nonfinite=2", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2",
                         "--seeds=0,", "--methods=grpo", "--task=arithmetic", "--eval-data=arithmetic", "--eval-limit=4",
                         "--eval-max-new-tokens=4", "--lr=0.01", f"--out={out}"]
-    last = run(bupo.main, argv, capsys, 1)
+    last = run(experiment.main, argv, capsys, 1)
     assert "GRPO, seed 0: steps 1..2 had only non-finite losses" in last
     advice = re.search(r"start it afresh with a lower --lr \(e.g. (--lr \S+)\) and (--overwrite)", last).groups()
-    run(bupo.main, argv + shlex.split(" ".join(advice)), capsys, 0)
+    run(experiment.main, argv + shlex.split(" ".join(advice)), capsys, 0)
     assert (out / "results.md").exists() and steps_logged(out / "seed0" / "grpo") == [0, 1, 2]

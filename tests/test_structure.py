@@ -3,8 +3,9 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ["cli", "hardware", "report", "problems", "decompose", "policy", "sampling", "engine", "graphs", "decode", "rollout", "answers", "grade", "rewards", "evaluate", "entropy", "lens", "probe",
-         "distributed", "checkpoints", "loss", "advantages", "critic", "config", "step", "grpo", "results", "bupo"]
+ORDER = ["cli", "hardware", "stats", "problems", "models", "decompose", "policy", "sampling", "kvcache", "graphs", "decode", "rollout", "answers", "grade", "rewards", "evaluate", "entropy", "lens", "probe",
+         "distributed", "checkpoints", "loss", "advantages", "critic", "config", "update", "grpo", "results", "bupo", "experiment",
+         "bench_rollout", "bench_train", "bench"]
 
 
 def project_imports(tree):
@@ -42,7 +43,7 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says():
     setup, tests = readme_blocks()[:2]
     ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines() if line and not line.startswith("#")]
     setup_lines = setup.strip().splitlines()
-    assert setup_lines[-1] == "python bupo.py"
+    assert setup_lines[-1] == "python experiment.py"
     for line in setup_lines[:-1]:
         assert line in ci, f".ci/run lacks the README's set-up line {line!r}"
     assert any(line.startswith(tests.strip() + " ") or line == tests.strip() for line in ci), ".ci/run does not run the README's test command"

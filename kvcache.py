@@ -4,7 +4,7 @@ No modeling code is copied: each decoder layer's projections, norms, rotary embe
 MLP are called as they are; this file only routes them through a cache that rollout.py
 allocates once per call, so that a decode step has fixed shapes (CUDA graphs) and reads
 the cache in place. On CPU every linear weight is packed once into oneDNN's layout.
-Supports the architectures of decompose.SUPPORTED: pre-norm Llama/Qwen2/Qwen3 blocks and
+Supports the architectures of models.SUPPORTED: pre-norm Llama/Qwen2/Qwen3 blocks and
 Gemma 3's sandwich blocks with sliding-window layers.
 """
 import copy

@@ -5,7 +5,7 @@ difference d_s = a_s - b_s of each seed s (same data, same start): its mean, and
 95% interval mean +- t_{0.975, n-1} * sd / sqrt(n) of Student's t (the paired t-test).
 An interval that contains 0 says: no significant difference at this number of seeds.
 
-Imports nothing from the project: evaluate.py, grpo.py and bupo.py report through it.
+Imports nothing from the project: evaluate.py, grpo.py and experiment.py report through it.
 """
 import math
 import statistics

@@ -1,9 +1,9 @@
-"""report.py: Student's t quantiles against a statistics table, intervals and paired differences by hand."""
+"""stats.py: Student's t quantiles against a statistics table, intervals and paired differences by hand."""
 import math
 
 import pytest
 
-from report import markdown_table, mean_interval, paired_difference, t_cdf, t_quantile
+from stats import markdown_table, mean_interval, paired_difference, t_cdf, t_quantile
 
 
 @pytest.mark.parametrize("df,q", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423), (200, 1.9719)])

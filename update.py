@@ -1,4 +1,4 @@
-"""One training step of GRPO and of the paper's other methods: sample, reward, advantages, old log-probs, PPO updates.
+"""The parts of a training step of GRPO and of the paper's other methods: sample, reward, advantages, old log-probs, PPO updates.
 
 Tan et al., arXiv 2512.19673, Sec. 3 and Table 1. A step samples a group of responses per
 prompt with rollout.py, rewards them (grade.py), turns the rewards into advantages by
@@ -9,20 +9,18 @@ policy function, see policy.py), so BuPO swaps in pi_k without copying the step.
 
 A step, as verl and TRL run one: the first mini-batch is on-policy (no update yet), so
 its old log-probs are the update's own, detached; only the later mini-batches need an
-extra no-grad pass before the first update. grpo.py runs steps in its loop.
+extra no-grad pass before the first update. grpo.train_step puts the parts together.
 """
 import math
 
 import torch
 
 import distributed
-from advantages import gae_advantages, group_advantages, reinforce_pp_advantages, rloo_advantages
-from critic import critic_update, critic_values
+from advantages import group_advantages, reinforce_pp_advantages, rloo_advantages
 from rewards import problem_reward
-from hardware import clock
 from loss import aggregate, kl_penalty, policy_loss
-from policy import Batch, compute_precision, micro_slices, output_policy, pad_rows, scored_count, update_slices, upper_parameters
-from problems import epoch_problems, prompt_ids
+from policy import Batch, compute_precision, micro_slices, pad_rows, scored_count, update_slices, upper_parameters
+from problems import prompt_ids
 from rollout import generate
 
 
@@ -78,7 +76,7 @@ def policy_logprobs(policy, runner, batch, cfg, rows=None, world=1):
     """Log-probs and entropies (N, T) of the batch under `policy` (0 outside `rows`, default all), in the micro-batches
     of the update (policy.update_slices: this rank's mini-batches of cfg.mini_batch_prompts // world groups).
 
-    runner: distributed.Policy(model), or its DDP/FSDP wrapper; runner(policy, ...) = policy(model, ...).
+    runner: distributed.Wrapped(model), or its DDP/FSDP wrapper; runner(policy, ...) = policy(model, ...).
     """
     logp = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
     ent = torch.zeros_like(logp)
@@ -177,46 +175,3 @@ def scale_upper(optimizer, lr, scale):
     for group in optimizer.param_groups:
         if group.get("upper"):
             group["lr"], group["frozen"] = lr * scale, scale == 0
-
-
-def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d, critic=None):
-    """One step on this rank's share of the prompts. Returns (batch, metrics of all ranks).
-
-    PPO (critic given): the critic values the step's states, GAE turns values and rewards
-    into advantages, and the critic is updated on the step's mini-batches before the
-    policy, as verl orders them."""
-    t0 = clock(d.device)
-    # 1. the step's prompts, shuffled into mini-batches (reproducible on resume); this rank's share of each
-    order = torch.randperm(cfg.prompts_per_step, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
-    mine = distributed.rank_share(order, cfg.mini_batch_prompts, d.rank, d.world)  # (n / world,)
-    step_problems = epoch_problems(problems, step, cfg.prompts_per_step, mine.tolist(), cfg.seed)  # reshuffled each epoch
-    # 2. sample and reward the groups
-    with distributed.full_weights(runner) as model:
-        batch, results = rollout_step(model, tok, step_problems, cfg, step, mine)
-    m = rollout_metrics({k: distributed.gather_rows(v) for k, v in results.items()}, cfg.group_size)
-    tc = clock(d.device)
-    if critic is not None:
-        values = critic_values(critic[0], batch, cfg)  # (N, T)
-        batch.advantages, returns = gae_advantages(results["reward"], values, batch.response_mask, cfg.gamma, cfg.lam, distributed.all_sum)
-        m.update(critic_update(*critic, batch, returns, values, cfg), time_critic=clock(d.device) - tc)
-    t1 = clock(d.device)
-    # 3. old log-probs of the later mini-batches (the first is on-policy), reference log-probs
-    first = cfg.mini_batch_prompts // d.world * cfg.group_size
-    old_logp, ent = policy_logprobs(policy, runner, batch, cfg, rows=range(first, batch.input_ids.shape[0]), world=d.world)
-    ref_logp = policy_logprobs(policy, ref, batch, cfg, world=d.world)[0] if ref is not None else None
-    # Fig. 7: the output policy's entropy over the whole batch, before the update (as the authors log it); under
-    # BuPO's pi_k an extra no-grad pass, under the output policy the entropies above
-    ent_out = policy_logprobs(output_policy, runner, batch, cfg, world=d.world)[1] if policy is not output_policy else None
-    t2 = clock(d.device)
-    # 4. the PPO updates
-    m.update(ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, d.world))
-    resp = batch.response_mask
-    ent_sum, out_sum, n = distributed.all_sum([(ent * resp).sum().item(), ((ent if ent_out is None else ent_out) * resp).sum().item(),
-                                               resp.sum().item()])
-    m.update(entropy=ent_sum / max(n, 1), entropy_output=out_sum / max(n, 1), lr=cfg.lr, time_rollout=tc - t0, time_old_logprobs=t2 - t1,
-             time_update=clock(d.device) - t2)
-    if d.device.type == "cuda":
-        m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(d.device) / 1e9
-    return batch, m
-
-
