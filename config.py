@@ -202,6 +202,13 @@ class BuPOConfig(GRPOConfig):
         "seeds", "methods", "sweep", "keep_checkpoints", "profile_every", "probe_every", "probe_samples")
 
 
+def resume_safe(cfg):
+    """The settings a --resume of this run may change. Under the authors' loss (micro-token-mean) each micro-batch's mean
+    is weighted by its rows, so the micro-batch split is part of the objective and may not change."""
+    fixed = ("micro_batch", "micro_tokens") if cfg.loss_agg == "micro-token-mean" else ()
+    return tuple(f for f in cfg.SAFE_ON_RESUME if f not in fixed)
+
+
 BUPO_PRESETS = {**{name: dict(PRESETS[name], layer=str(k), inter_steps=30, out="runs/bupo") for name, (_, _, k, _, _) in PAPER_MODELS.items()},
                 "cpu": {**PRESETS["cpu"], "layer": "4", "inter_steps": 3, "seeds": "3", "profile_every": 0, "out": "runs/bupo"}}
 

@@ -173,6 +173,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     configure(args.compile, args.attention)
     k = parse_k(args.k)
+    check(isinstance(k, int) or set(k) <= set(args.data.split(",")),
+          f"--k must name sets of --data ({args.data}) as set=K, got '{args.k}'")
     check(args.max_prompt_length >= 0, f"--max-prompt-length must be >= 0, got {args.max_prompt_length}")
     check(args.limit is None or args.limit >= 1, f"--limit must be >= 1 (leave it out for all problems), got {args.limit}")
     check(args.batch_size >= 1 and args.max_new_tokens >= 1, "--batch-size and --max-new-tokens must be >= 1")

@@ -25,7 +25,7 @@ from bupo import INTERNAL, METHODS, entropy_profile, resolve_layer, train_bupo
 from checkpoints import RunDamaged, checkpoint_path, read_metrics, remove_checkpoint
 from cli import (Diverged, InputError, Stopped, check, check_seed, claim_run_dir, parse_config, read_json, run_main, settings_diff,
                  write_json)
-from config import BUPO_PRESETS, BuPOConfig, check_config, check_ppo_memory, preset_help
+from config import BUPO_PRESETS, BuPOConfig, check_config, check_ppo_memory, preset_help, resume_safe
 from models import load_model, model_config
 from policy import check_layer
 from probe import probe, probe_set
@@ -91,7 +91,7 @@ def check_run(cfg, run_cfg):
     """Refuse a run dir of this experiment that was trained with other settings (its config.json or the experiment's
     edited by hand), naming them: a report never mixes runs of two settings, finished ones included."""
     path = os.path.join(run_cfg.out, "config.json")
-    diff = settings_diff(read_json(path), asdict(run_cfg), run_cfg.SAFE_ON_RESUME) if os.path.exists(path) else []
+    diff = settings_diff(read_json(path), asdict(run_cfg), resume_safe(run_cfg)) if os.path.exists(path) else []
     saved = read_json(path) if diff else {}
     what = ", ".join(f"{k} ({saved.get(k)!r} in the run, {getattr(run_cfg, k, None)!r} in the experiment)" for k in diff)
     check(not diff, f"{path} and {cfg.out}/config.json disagree: {what}; one was edited by hand: put back the value(s) "
@@ -125,7 +125,7 @@ def experiment(cfg):
     """BuPO and GRPO on paired seeds, from the same weights; per-seed results, intervals, curves (rank 0)."""
     d = distributed.init()
     seeds, _ = check_experiment(cfg)
-    with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=cfg.SAFE_ON_RESUME, writer=d.main):
+    with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=resume_safe(cfg), writer=d.main):
         model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
         start = _initial(cfg, model, tok, d)  # the shared start: its layer k, held-out accuracy and profile
         init = model.cpu()  # the starting weights, kept off the device; each run trains a copy

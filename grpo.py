@@ -34,7 +34,7 @@ from advantages import gae_advantages
 from checkpoints import (StopRequest, check_resume, clear_divergence, load_checkpoint, lr_may_change, mark_divergence,
                          read_metrics, save_checkpoint)
 from cli import Diverged, Stopped, check, claim_run_dir, parse_config, run_main, write_jsonl
-from config import PRESETS, GRPOConfig, check_config, preset_help
+from config import PRESETS, GRPOConfig, check_config, preset_help, resume_safe
 from critic import critic_update, critic_values, make_critic
 from decode import release
 from models import load_model, model_config
@@ -189,7 +189,7 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
     problems = with_reward(task_problems(cfg.task, 0, cfg.seed, "train"), cfg.reward)
     for name in cfg.eval_data.split(",") if cfg.eval_every or cfg.eval_samples else []:
         task_problems(name, 1, 0, "test")  # a bad held-out set fails now, not after the first step
-    mutable = cfg.SAFE_ON_RESUME + (lr_may_change(cfg.out, cfg.lr) if cfg.resume else ())
+    mutable = resume_safe(cfg) + (lr_may_change(cfg.out, cfg.lr) if cfg.resume else ())
     with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=mutable, writer=d.main):
         runner, tok, optimizer, ref, critic, start, history = setup(cfg, d, model, tok, find_unused=partial,
                                                                     upper_k=upper and upper[0], mutable=mutable)

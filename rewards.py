@@ -25,7 +25,11 @@ REWARDS = ("math", "verl")  # what --reward may choose for the math sets
 # ----------------------------------------------------------------------------- verl's math.compute_score
 
 def last_boxed(text):
-    r"""'\boxed{...}' (or '\fbox{...}') of the last box, braces balanced from its start; None without one or unclosed."""
+    r"""'\boxed{...}' (or '\fbox{...}') of the last box, braces balanced from its start; None without one or unclosed.
+    As verl's last_boxed_only_string: a response holding '\boxed ' (with a space) anywhere gives '\boxed ' and what follows
+    its last one up to a '$', whatever boxes come after it."""
+    if "\\boxed " in text:
+        return "\\boxed " + text.split("\\boxed ")[-1].split("$")[0]
     start = text.rfind("\\boxed")
     start = start if start >= 0 else text.rfind("\\fbox")
     if start < 0:
@@ -135,8 +139,11 @@ def choice_letter(text):
         m = re.fullmatch(r"\s*(?:\\text\{)?\s*" + LETTER + r"\s*\}?\s*[.:]?.*", box, re.S)
         if m:
             return m.group(1)
-    found = re.findall(r"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*(?:(?i:option)\s*)?" + LETTER + r"(?![A-Za-z])", text)  # capitals only
-    found = found or re.findall(r"\(([A-J])\)", text) or re.findall(r"(?<![A-Za-z])([A-J])\)", text)
+    # after "answer": a letter in parentheses, or a bare capital that ends the phrase ("Answer: I cannot" names none)
+    found = re.findall(r"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*(?:(?i:option)\s*)?(?:\(\s*([A-J])\s*\)|([A-J])(?=\s*(?:$|[.,;:)\]\n])))", text)
+    found = [a or b for a, b in found]
+    listed = set(re.findall(r"\(([A-J])\)", text)) or set(re.findall(r"(?<![A-Za-z])([A-J])\)", text))
+    found = found or (sorted(listed) if len(listed) == 1 else [])  # a lone "(B)"; a list of options names none
     return found[-1].upper() if found else (text.strip()[0] if re.fullmatch(r"\s*[A-J][.)]?\s*", text) else None)
 
 
@@ -172,7 +179,10 @@ def final_answer(response, problem):
     rule = problem.get("grader", "math")
     if rule == "verl":
         box = last_boxed(grade.as_text(response) or "")
-        return box and box[len("\\boxed{"):-1]
+        try:
+            return box and unbox(box)
+        except ValueError:  # an \fbox: verl scores it 0
+            return None
     if rule == "choice":
         return choice_letter(response)
     if rule == "exact":

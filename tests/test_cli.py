@@ -35,6 +35,7 @@ def bad_inputs(tmp):
         ("entropy.py", ["--data", "no-such-benchmark"], "no data set 'no-such-benchmark'"),
         ("evaluate.py", ["--data", f"{tmp}/no_answers.parquet", "--out", f"{tmp}/ev2"], "has neither verl's columns"),
         ("evaluate.py", ["--k", "0", "--out", f"{tmp}/ev3"], "--k must be >= 1"),
+        ("evaluate.py", ["--data", "aime24", "--k", "aime2024=32", "--out", f"{tmp}/ev3b"], "--k must name sets of --data"),
         ("evaluate.py", ["--limit", "0", "--out", f"{tmp}/ev4"], "--limit must be >= 1"),
         ("grpo.py", ["--task", f"{tmp}/table.csv"] + tiny, "nor plain problem and answer columns; it has question, answer"),
         ("grpo.py", ["--task", f"{tmp}/empty.parquet"] + tiny, "holds no rows"),

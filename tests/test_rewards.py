@@ -1,6 +1,7 @@
 """rewards.py: verl's math scorer (the authors' reward) on known strings, and Table 9's option-letter and exact-match graders."""
 import pytest
 
+from config import GRPOConfig, resume_safe
 from rewards import choice_letter, exact_text, problem_reward, strip_string, verl_math_score
 
 
@@ -27,6 +28,7 @@ from rewards import choice_letter, exact_text, problem_reward, strip_string, ver
     ("\\boxed{10}", "10.0", 0.0),                            # strings, not numbers
     ("\\boxed{\\frac}", "1", 0.0), (None, "1", 0.0), (b"\\boxed{3}", "3", 1.0),
     ("\\boxed{\\pi/2}", "\\pi/2", 1.0), ("\\boxed{\\pi / 2}", "\\pi/2", 0.0),  # not integers: raw strings compared
+    ("so \\boxed 5$.", "5", 1.0), ("\\boxed 3 then \\boxed{5}", "5", 0.0),  # verl: the last '\\boxed ' wins, up to a '$'
     ("\\boxed{+3/4}", "\\frac{3}{4}", 0.0), ("\\boxed{1 \\text{ m} + 2 \\text{ m}}", "1 \\text{ m} + 2 \\text{ m}", 1.0),
 ])
 def test_verl_math_score_on_known_strings(response, gold, score):
@@ -50,6 +52,8 @@ def test_the_reward_follows_the_problem_grader():
 @pytest.mark.parametrize("response,letter", [
     ("(B)", "B"), ("B)", "B"), ("B", "B"), ("The answer is B.", "B"), ("the answer is (C)", "C"), ("Answer: D", "D"),
     ("\\boxed{B}", "B"), ("so \\boxed{\\text{(E)}}", "E"), ("A) is wrong, (C) too; the answer is (B)", "B"),
+    ("The options are (A) 3, (B) 4, (C) 5, (D) 6. I am not sure.", None),  # a list of options chooses none
+    ("Answer: I cannot decide", None), ("I pick (C) since it is largest", "C"),  # the pronoun I is no option
     ("I think it is 42", None), ("", None), (None, None), ("The answer is a number", None), ("ANSWER IS C", "C"),
 ])
 def test_choice_letter(response, letter):
@@ -65,3 +69,10 @@ def test_multiple_choice_and_exact_match_rewards():
     assert problem_reward("So the answer is True.", bbh) == 1.0 and problem_reward("So the answer is False.", bbh) == 0.0
     assert problem_reward("\\boxed{(A)}", {"answer": "(A)", "grader": "exact"}) == 1.0
     assert problem_reward("", {"answer": "", "grader": "exact"}) == 0.0
+
+
+def test_config_refuses_a_micro_batch_change_on_resume_under_the_authors_loss():
+    """micro-token-mean weights each micro-batch's mean by its rows: its split is part of the objective."""
+    assert "micro_batch" in resume_safe(GRPOConfig()) and "micro_tokens" in resume_safe(GRPOConfig())
+    fork = GRPOConfig(loss_agg="micro-token-mean")
+    assert "micro_batch" not in resume_safe(fork) and "micro_tokens" not in resume_safe(fork) and "steps" in resume_safe(fork)
