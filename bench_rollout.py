@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import check
+from decode import release
 from graphs import FELL_BACK, why
 from hardware import bandwidth, timed
 from models import EMBEDDED, RANDOM, load_model
@@ -128,6 +129,8 @@ def greedy_agreement(model, n_prompts=4, new_tokens=32):
         p = torch.randint(100, 1000, (1, 16), generator=g).to(m.device)
         hf = m.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
         same += generate(m, p.tolist(), max_new_tokens=new_tokens, temperature=0).tokens[0].tolist() == hf[0, 16:].tolist()
+    if m is not model:
+        release()  # the kept Decoder holds the float32 copy
     return same
 
 

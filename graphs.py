@@ -158,7 +158,8 @@ class Steps:
         except Exception as e:  # a capture that fails, or a replay that does not do what the step did
             fall_back("graphs", why(e))
             self.graphed, self.graphs = False, {}
-            restore(self.state, warm)
+            restore(self.state, saved)  # and run the step again eagerly: a bad replay may have written wrong K/V
+            self._warm(lambda: step(self.forward))
             return
         self.pool = self.pool or g.pool()  # the graphs share one memory pool: they never run at once
         self.graphs[key] = g
@@ -169,6 +170,8 @@ class Steps:
             return fn()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                fn()
+        finally:  # a warm-up that raises still leaves its queued kernels ordered before what follows
+            torch.cuda.current_stream().wait_stream(side)

@@ -53,7 +53,9 @@ def profile_summary(prof, top=8):
     CUDA how long the GPU sat idle between kernels (the CPU issuing them: launch overhead, host syncs)."""
     cuda = any(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    rows = sorted((e for e in prof.key_averages() if getattr(e, key) > 0), key=lambda e: -getattr(e, key))
+    kernel = (lambda e: getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) if cuda else (lambda e: True)
+    rows = sorted((e for e in prof.key_averages() if getattr(e, key) > 0 and kernel(e)),  # not the CPU ops launching them too
+                  key=lambda e: -getattr(e, key))
     total = sum(getattr(e, key) for e in rows)
     lines = [f"{'calls':>7} {'ms':>9} {'share':>6}  top {'kernels' if cuda else 'ops (CPU)'} by own time"]
     lines += [f"{e.count:>7} {getattr(e, key) / 1e3:>9.2f} {getattr(e, key) / total:>6.1%}  {e.key[:90]}" for e in rows[:top]]

@@ -138,7 +138,7 @@ class TokenLogprobs(torch.autograd.Function):
         logp = _scaled(logits, temperature)  # (c, V) float32, a copy
         lse = logp.logsumexp(-1)  # (c,)
         logp.sub_(lse[:, None]).clamp_(min=LOGP_FLOOR)  # log p (c, V); a -inf logit contributes 0 below
-        ent = -torch.linalg.vecdot(logp.exp(), logp)  # (c,) -sum_v p_v log p_v
+        ent = -(logp.exp() * logp).sum(-1)  # (c,) -sum_v p_v log p_v; not vecdot, which autocast would run in bf16
         ctx.save_for_backward(logits, targets, lse, ent)
         ctx.temperature, ctx.entropy_grad = temperature, entropy_grad
         if not entropy_grad:

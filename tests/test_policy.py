@@ -225,6 +225,10 @@ def test_fused_logprobs_and_entropies_equal_autograd(dtype, temperature):
     assert got.dtype == dtype and torch.isfinite(got).all() and (got[0, 5:9] == 0).all()
     _, ent = policy.TokenLogprobs.apply(logits, targets, temperature, False)
     assert not ent.requires_grad  # no entropy graph unless asked
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the update's autocast: the entropies stay float32, not bf16-rounded
+        lp_ac, ent_ac = policy.TokenLogprobs.apply(logits, targets, temperature, False)
+    assert lp_ac.dtype == ent_ac.dtype == torch.float32
+    torch.testing.assert_close(ent_ac, want_ent.detach(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
