@@ -166,7 +166,8 @@ def problem_reward(response, problem):
         if rule == "verl":
             return verl_math_score(response, gold)
         if rule == "choice":
-            return float(choice_letter(response) is not None and choice_letter(response) == choice_letter(gold))
+            letter = choice_letter(response)
+            return float(letter is not None and letter == choice_letter(gold))
         if rule == "exact":
             return float(exact_text(response) == exact_text(gold) != "")
     except Exception:  # noqa: BLE001 -- see grade.math_reward

@@ -57,18 +57,24 @@ def steps_logged(out):
     return [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl"))]
 
 
-# ----------------------------------------------------------------------------- 1. a stop in a run's last step
-
-def test_1_a_stop_in_the_last_step_of_a_run_stops_the_experiment_before_its_next_run(tmp_path, monkeypatch, capsys):
-    """SIGTERM while GRPO (the first of two runs) runs its last step: exit 130 before BuPO starts, no report; the
-    advised --resume skips the finished GRPO run (its checkpoint deleted), trains BuPO and reports."""
+def tiny_experiment(tmp_path, monkeypatch, methods):
+    """(out dir, argv) of a 2-step experiment.py run of `methods` on a tiny Llama with the text reward."""
     monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
     out = tmp_path / "exp"
-    argv = GRPO_ARGS + ["--steps=2", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2", "--seeds=0,", "--methods=grpo,bupo",
+    argv = GRPO_ARGS + ["--steps=2", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2", "--seeds=0,", f"--methods={methods}",
             "--task=arithmetic", "--eval-data=arithmetic", "--eval-limit=4", "--eval-max-new-tokens=4", "--lr=0.01", f"--out={out}"]
+    return out, argv
+
+
+# ----------------------------------------------------------------------------- 1. a stop in a run's last step
+
+def test_1_a_stop_in_the_last_step_of_a_run_stops_the_experiment_before_its_next_run(tmp_path, monkeypatch, capsys):
+    """SIGTERM while GRPO (the first of two runs) runs its last step: exit 130 before BuPO starts, no report; the
+    advised --resume skips the finished GRPO run (its checkpoint deleted), trains BuPO and reports."""
+    out, argv = tiny_experiment(tmp_path, monkeypatch, "grpo,bupo")
     real, calls = bupo.readout_entropies, []
 
     def term_in_grpo_step_1(*a):  # called once a step: the 2nd call is GRPO's step 1, its last
@@ -293,13 +299,7 @@ def test_9_an_unreadable_trainer_state_is_damaged_in_one_line_and_its_advice_wor
 def test_9_a_damaged_run_of_an_experiment_names_the_experiments_way_on(tmp_path, monkeypatch, capsys):
     """In experiment.py a stopped run's trainer.pt overwritten with random bytes: one line naming the run; moving it aside and
     resuming the experiment, as advised, trains that run again and reports."""
-    monkeypatch.setattr(update, "problem_reward", text_reward)
-    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
-    monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
-    monkeypatch.setattr(checkpoints, "load_model", fake_load)
-    out = tmp_path / "exp"
-    argv = GRPO_ARGS + ["--steps=2", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2", "--seeds=0,", "--methods=grpo",
-            "--task=arithmetic", "--eval-data=arithmetic", "--eval-limit=4", "--eval-max-new-tokens=4", "--lr=0.01", f"--out={out}"]
+    out, argv = tiny_experiment(tmp_path, monkeypatch, "grpo")
     real = bupo.readout_entropies
     monkeypatch.setattr(bupo, "readout_entropies", lambda *a: (os.kill(os.getpid(), signal.SIGINT), real(*a))[1])
     run(experiment.main, argv, capsys, 130)
