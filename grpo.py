@@ -81,8 +81,8 @@ def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d, crit
     # 4. the PPO updates
     m.update(ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, d.world))
     resp = batch.response_mask
-    ent_sum, out_sum, n = distributed.all_sum([(ent * resp).sum().item(), ((ent if ent_out is None else ent_out) * resp).sum().item(),
-                                               resp.sum().item()])
+    sums = torch.stack([(ent * resp).sum().double(), ((ent if ent_out is None else ent_out) * resp).sum().double(), resp.sum().double()])
+    ent_sum, out_sum, n = distributed.all_sum(sums).tolist()  # one host read for the three, not three
     m.update(entropy=ent_sum / max(n, 1), entropy_output=out_sum / max(n, 1), lr=cfg.lr, time_rollout=tc - t0, time_old_logprobs=t2 - t1,
              time_update=clock(d.device) - t2)
     if d.device.type == "cuda":
