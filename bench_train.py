@@ -76,7 +76,7 @@ def update_ops(name="random:qwen3-0.6b", prompt_len=35, vocab=1024):
     runner = distributed.Wrapped(model)
     old = torch.zeros(N, T)
     with OpCounter() as ops:
-        ppo_update(runner, torch.optim.AdamW(runner.parameters(), fused=True), output_policy, batch, old, None, old.clone(), cfg)
+        ppo_update(runner, torch.optim.AdamW(runner.parameters(), fused=True), output_policy, batch, old, None, cfg)
     with torch.device("meta"):
         full = AutoModelForCausalLM.from_config(config)
     return ops.n, 3 * pass_flops(full, batch, cfg, range(N))
@@ -107,9 +107,9 @@ def bench_step(cfg, off, repeats=2):
         runner = distributed.Wrapped(copy.deepcopy(model).train())
         opt = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=off.get("fused_adam", True))
         t = clock(model.device)
-        old, ent = policy_logprobs(output_policy, runner, batch, cfg, rows=range(first, N))
+        old, _ = policy_logprobs(output_policy, runner, batch, cfg, rows=range(first, N))
         t1 = clock(model.device)
-        ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=first > 0)
+        ppo_update(runner, opt, output_policy, batch, old, None, cfg, on_policy_first=first > 0)
         r["old"].append(t1 - t)
         r["update"].append(clock(model.device) - t1)
     r["old"], r["update"] = min(r["old"][1:]), min(r["update"][1:])

@@ -79,7 +79,11 @@ def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d, crit
     ent_out = policy_logprobs(output_policy, runner, batch, cfg, world=d.world)[1] if policy is not output_policy else None
     t2 = clock(d.device)
     # 4. the PPO updates
-    m.update(ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, d.world))
+    stats, ent_first = ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, cfg, d.world)
+    m.update(stats)
+    # (N, T) the policy's entropies before the update: the later mini-batches' from the pass above, the first's from
+    # the update's on-policy forward (each 0 in the other's rows)
+    ent = ent + ent_first
     resp = batch.response_mask
     sums = torch.stack([(ent * resp).sum().double(), ((ent if ent_out is None else ent_out) * resp).sum().double(), resp.sum().double()])
     ent_sum, out_sum, n = distributed.all_sum(sums).tolist()  # one host read for the three, not three

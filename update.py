@@ -88,13 +88,14 @@ def policy_logprobs(policy, runner, batch, cfg, rows=None, world=1):
     return logp, ent
 
 
-def ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, world=1, on_policy_first=True):
+def ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, cfg, world=1, on_policy_first=True):
     """PPO updates of one step: consecutive mini-batches of whole groups (the rows come shuffled), micro-batch accumulation.
+    Returns (metrics, the entropies (N, T) of the on-policy first mini-batch's rows, 0 elsewhere).
 
     old_logp (N, T) holds the log-probs of the rows from before the first update. The
     first mini-batch is on-policy (on_policy_first): its old log-probs are its own,
     detached (ratio 1, as verl and TRL when a batch is used once), so old_logp needs only
-    the later mini-batches' rows, and its entropies are written into ent (N, T) here. With several
+    the later mini-batches' rows, and its entropies, from before any update, are returned. With several
     ranks, each holds its 1/world of every mini-batch; the loss divides by the
     mini-batch's token count over all ranks (verl's global token-mean) and is scaled by
     world, so the gradient mean of DDP/FSDP is the gradient of one process over the whole
@@ -106,10 +107,13 @@ def ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, w
     resp_len = batch.host_lengths()[1]
     counts = distributed.all_sum([float(sum(resp_len[m:m + rows])) for m in starts])  # each mini-batch's tokens, all ranks
     stats, skipped = [], 0
+    ent = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)  # (N, T) all 0 without on_policy_first
     for m, n_tokens in zip(starts, counts):
         agg_kw = dict(n_tokens=max(n_tokens, 1.0), n_seqs=rows * world, max_len=cfg.max_new_tokens)  # Dr. GRPO's is the budget
-        sums = micro_batch_steps(runner, policy, batch, range(m, min(m + rows, N)), old_logp, ref_logp, ent, cfg, world,
-                                 fresh=m == 0 and on_policy_first, agg_kw=agg_kw)
+        sums, entropies = micro_batch_steps(runner, policy, batch, range(m, min(m + rows, N)), old_logp, ref_logp, cfg,
+                                            world, fresh=m == 0 and on_policy_first, agg_kw=agg_kw)
+        for j, en in entropies:
+            ent[j, :en.shape[1]] = en  # (n, t) of rows j: the on-policy forward's, before any update
         for group in getattr(optimizer, "param_groups", []):
             for p in group["params"] if group.get("frozen") else []:
                 p.grad = None  # frozen this step: untouched by the step, the clip and AdamW's decay
@@ -126,14 +130,15 @@ def ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, ent, cfg, w
         optimizer.zero_grad(set_to_none=True)
         stats.append({**sums, "grad_norm": grad_norm})
     out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if stats else {}
-    return {**out, "updates": len(stats), "skipped_updates": skipped}
+    return {**out, "updates": len(stats), "skipped_updates": skipped}, ent
 
 
-def micro_batch_steps(runner, policy, batch, idx, old_logp, ref_logp, ent, cfg, world, fresh, agg_kw):
-    """Forward and backward of the micro-batches of one mini-batch (rows idx), gradients accumulated. Returns the
-    mini-batch's statistics as 0-d tensors on the device: loss terms (already / n_tokens) and token-weighted fractions.
-    fresh: the on-policy first mini-batch, whose old log-probs are its own (and whose entropies go into ent)."""
-    sums = {}
+def micro_batch_steps(runner, policy, batch, idx, old_logp, ref_logp, cfg, world, fresh, agg_kw):
+    """Forward and backward of the micro-batches of one mini-batch (rows idx), gradients accumulated. Returns (the
+    mini-batch's statistics as 0-d tensors on the device: loss terms (already / n_tokens) and token-weighted fractions,
+    and, if fresh, each micro-batch's (rows j, entropies (n, t) detached)). fresh: the on-policy first mini-batch, whose
+    old log-probs are its own."""
+    sums, entropies = {}, []
 
     def add(key, v):  # a 0-d tensor, kept on the device
         sums[key] = sums[key] + v.detach().double() if key in sums else v.detach().double()
@@ -145,7 +150,7 @@ def micro_batch_steps(runner, policy, batch, idx, old_logp, ref_logp, ent, cfg, 
                 logp, en = runner(policy, ids, att, cfg.temperature, resp, entropy_grad=cfg.entropy_coef > 0, n_scored=n)
             old = logp.detach() if fresh else old_logp[j, :logp.shape[1]]
             if fresh:
-                ent[j, :logp.shape[1]] = en.detach()
+                entropies.append((j, en.detach()))
             loss, st = policy_loss(logp, old, adv, resp, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.loss_agg, **agg_kw)
             add("pg_loss", loss)
             if cfg.kl_coef:
@@ -158,7 +163,7 @@ def micro_batch_steps(runner, policy, batch, idx, old_logp, ref_logp, ent, cfg, 
         add("loss", loss)
         for k, v in st.items():
             add(k, v * (n / agg_kw["n_tokens"]))  # v: a fraction of the micro-batch's n tokens
-    return sums
+    return sums, entropies
 
 
 def param_groups(runner, upper_k=None):

@@ -26,8 +26,9 @@ def test_phase_one_update_moves_only_layers_up_to_k_and_the_unembedding():
     batch = Batch(*pad_rows(prompts, [r.tokens[i, :r.lengths[i]].tolist() for i in range(4)], 0), torch.tensor([1.0, -1.0, 0.5, -0.5]))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     policy, runner = layer_policy(1), Wrapped(model)
-    old, ent = update.policy_logprobs(policy, runner, batch, cfg)
-    update.ppo_update(runner, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), policy, batch, old, None, ent, cfg)
+    old, _ = update.policy_logprobs(policy, runner, batch, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    update.ppo_update(runner, opt, policy, batch, old, None, cfg)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.startswith("model.layers.0.") for n in changed) and any(n.startswith("model.layers.1.") for n in changed)
     assert "lm_head.weight" in changed and "model.embed_tokens.weight" in changed

@@ -49,8 +49,8 @@ class GradRecorder:
 
 def update_grads(model, batch, cfg, **kw):
     runner, rec = Wrapped(model), GradRecorder(model)
-    old, ent = update.policy_logprobs(output_policy, runner, batch, cfg)
-    stats = update.ppo_update(runner, rec, output_policy, batch, old, kw.pop("ref", None), ent, cfg, **kw)
+    old, _ = update.policy_logprobs(output_policy, runner, batch, cfg)
+    stats, _ = update.ppo_update(runner, rec, output_policy, batch, old, kw.pop("ref", None), cfg, **kw)
     return rec.grads, stats, old
 
 
@@ -78,13 +78,54 @@ def test_on_policy_first_mini_batch_equals_a_separate_old_pass():
         runner, opt = Wrapped(m), torch.optim.AdamW(m.parameters(), lr=1e-2)
         rows = torch.arange(4 if on_policy else 0, 8)  # the later mini-batch only, or every row
         old, ent = update.policy_logprobs(output_policy, runner, batch, cfg, rows=rows)
-        stats = update.ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=on_policy)
-        runs.append((stats, ent, [p.detach().clone() for p in m.parameters()]))
+        stats, first = update.ppo_update(runner, opt, output_policy, batch, old, None, cfg, on_policy_first=on_policy)
+        runs.append((stats, ent + first, [p.detach().clone() for p in m.parameters()]))
     (s1, e1, p1), (s2, e2, p2) = runs
     assert s1 == pytest.approx(s2, rel=1e-4, abs=1e-7) and s1["approx_kl"] > 1e-2  # the 2nd mini-batch is off-policy
     torch.testing.assert_close(e1, e2, atol=1e-5, rtol=1e-5)
     for a, b, p0 in zip(p1, p2, tiny_model("qwen3").parameters()):  # whole updates: Adam turns rounding noise on ~0 gradients into ~lr
         assert (a - b).norm() <= 1e-3 * (a - p0).norm()
+
+
+def test_ppo_update_returns_the_first_mini_batchs_entropies_and_changes_none_of_its_arguments():
+    """Issue 33: ppo_update returns the on-policy first mini-batch's entropies (those of the weights before the update,
+    as a separate pass computes them; 0 in the later rows, everywhere without on_policy_first) and writes into none of
+    the tensors it is given."""
+    model = tiny_model("qwen3")
+    batch = fixed_batch(model)
+    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=3, max_new_tokens=6, precision="float32")
+    runner = Wrapped(model)
+    _, before = update.policy_logprobs(output_policy, runner, batch, cfg)  # (8, T) every row, before any update
+    old, ent = update.policy_logprobs(output_policy, runner, batch, cfg, rows=range(4, 8))
+    args = lambda: (old, ent, batch.input_ids, batch.attention_mask, batch.response_mask, batch.advantages)
+    given = [t.clone() for t in args()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    stats, first = update.ppo_update(runner, opt, output_policy, batch, old, None, cfg)
+    assert stats["updates"] == 2 and stats["approx_kl"] > 0  # the later mini-batch ran on updated weights
+    torch.testing.assert_close(first[:4], before[:4])
+    assert first[4:].abs().sum() == 0
+    assert all(torch.equal(a, b) for a, b in zip(given, args()))
+    _, none = update.ppo_update(runner, torch.optim.AdamW(model.parameters()), output_policy, batch, old, None, cfg,
+                                on_policy_first=False)
+    assert none.shape == before.shape and none.abs().sum() == 0
+
+
+def test_logged_entropy_is_the_whole_batch_before_the_update(tmp_path, monkeypatch):
+    """The entropy train_step logs is the token mean over every row of the step under the weights before the update:
+    the first mini-batch's from the update's on-policy forward, the later ones' from the old-log-prob pass."""
+    import copy
+    import distributed
+    from problems import task_problems
+    monkeypatch.setattr(update, "problem_reward", text_reward)
+    cfg = tiny_cfg(tmp_path, lr=0.05)
+    model = tiny_model("llama").train()
+    before = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    problems = task_problems("arithmetic", 0, 0, "train")
+    batch, m = grpo.train_step(Wrapped(model), FakeTok(), opt, None, problems, cfg, 0, output_policy, distributed.init())
+    _, ent = update.policy_logprobs(output_policy, Wrapped(before), batch, cfg)
+    resp = batch.response_mask
+    assert m["updates"] == 2 and m["entropy"] == pytest.approx(((ent * resp).sum() / resp.sum()).item(), rel=1e-5)
 
 
 def test_kl_term_by_hand():
@@ -118,8 +159,9 @@ def test_updates_on_a_fixed_batch_lower_the_loss():
     batch = fixed_batch(model)
     runner = Wrapped(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    old, ent = update.policy_logprobs(output_policy, runner, batch, cfg)
-    losses = [update.ppo_update(runner, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=False)["pg_loss"] for _ in range(4)]
+    old, _ = update.policy_logprobs(output_policy, runner, batch, cfg)
+    losses = [update.ppo_update(runner, opt, output_policy, batch, old, None, cfg, on_policy_first=False)[0]["pg_loss"]
+              for _ in range(4)]
     assert losses[-1] < losses[0]
 
 
@@ -280,9 +322,9 @@ def test_old_logprobs_run_the_updates_micro_batches(micro):
     batch = fixed_batch(model)
     cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=micro, max_new_tokens=6, precision="bfloat16", lr=0.0)
     old_pass, update_pass = CallRecorder(Wrapped(model)), CallRecorder(Wrapped(model))
-    old, ent = update.policy_logprobs(output_policy, old_pass, batch, cfg)
+    old, _ = update.policy_logprobs(output_policy, old_pass, batch, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    stats = update.ppo_update(update_pass, opt, output_policy, batch, old, None, ent, cfg, on_policy_first=False)
+    stats, _ = update.ppo_update(update_pass, opt, output_policy, batch, old, None, cfg, on_policy_first=False)
     assert old_pass.calls == update_pass.calls and len(update_pass.calls) == 2 * -(-4 // micro)
     assert stats["updates"] == 2 and stats["approx_kl"] == 0.0
     assert stats["clip_frac_upper"] == stats["clip_frac_lower"] == 0.0
@@ -442,8 +484,8 @@ def test_one_host_sync_per_mini_batch(precision, monkeypatch):
     cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_tokens=30, max_new_tokens=6, precision=precision, kl_coef=0.1)
     runner, opt = Wrapped(model), torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     with HostReads(monkeypatch) as reads:
-        old, ent = update.policy_logprobs(output_policy, runner, batch, cfg, rows=range(4, 8))
+        old, _ = update.policy_logprobs(output_policy, runner, batch, cfg, rows=range(4, 8))
     assert reads.n == 0
     with HostReads(monkeypatch) as reads:
-        stats = update.ppo_update(runner, opt, output_policy, batch, old, old, ent, cfg)
+        stats, _ = update.ppo_update(runner, opt, output_policy, batch, old, old, cfg)
     assert reads.n == 2 and stats["updates"] == 2 and len(list(policy.micro_slices(batch, range(4), 256, 30))) > 1
