@@ -24,7 +24,7 @@ import copy
 import json
 import os
 import random
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -49,12 +49,25 @@ from update import param_groups, policy_logprobs, ppo_update, rollout_metrics, r
 
 # ----------------------------------------------------------------------------- the step
 
-def train_step(runner, tok, optimizer, ref, problems, cfg, step, policy, d, critic=None):
-    """One step on this rank's share of the prompts. Returns (batch, metrics of all ranks).
+@dataclass
+class Trainer:
+    """A GRPO run's state, as setup builds it (fresh or resumed): what train_step trains, and where the run starts."""
+    runner: torch.nn.Module  # the policy being trained: distributed.Wrapped(model), or its DDP/FSDP wrapper
+    tok: object  # its tokenizer
+    optimizer: torch.optim.Optimizer
+    ref: torch.nn.Module | None = None  # the KL reference (the initial policy, frozen) if cfg.kl_coef, else None
+    critic: tuple | None = None  # (Critic, its optimizer) for PPO (cfg.adv_estimator "gae"), else None
+    start: int = 0  # the first step to run (a resumed run's checkpoint step)
+    history: list = field(default_factory=list)  # the metrics of the steps before start; train appends each step's
 
-    PPO (critic given): the critic values the step's states, GAE turns values and rewards
+
+def train_step(trainer, problems, cfg, step, policy, d):
+    """One step of the Trainer on this rank's share of the prompts. Returns (batch, metrics of all ranks).
+
+    PPO (trainer.critic given): the critic values the step's states, GAE turns values and rewards
     into advantages, and the critic is updated on the step's mini-batches before the
     policy, as verl orders them."""
+    runner, tok, optimizer, ref, critic = trainer.runner, trainer.tok, trainer.optimizer, trainer.ref, trainer.critic
     t0 = clock(d.device)
     # 1. the step's prompts, shuffled into mini-batches (reproducible on resume); this rank's share of each
     order = torch.randperm(cfg.prompts_per_step, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
@@ -134,13 +147,12 @@ def eval_ks(cfg):
 
 
 def setup(cfg, d, model=None, tok=None, find_unused=False, upper_k=None, mutable=()):
-    """(runner, tok, optimizer, ref runner, critic, first step, metrics so far), fresh or from out/checkpoint with --resume.
+    """The run's Trainer, fresh or from out/checkpoint with --resume.
 
     model, tok: the initial policy (default: loaded from cfg.model). Resuming, the trained
     weights come from the checkpoint, and the KL reference is still the initial policy;
     the checkpoint's settings and the log are checked against the run's (all but `mutable`).
     upper_k: the parameters above layer k get a param group of their own (Table 11's controls).
-    critic: (Critic, its optimizer) for PPO (cfg.adv_estimator "gae"), else None.
     """
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -174,7 +186,7 @@ def setup(cfg, d, model=None, tok=None, find_unused=False, upper_k=None, mutable
             group["lr"] = cfg.lr  # the run's (lowered after a non-finite stop), not the saved state's; scale_upper sets the upper group's
     if d.main:
         write_jsonl(path, history)  # a resumed run drops what was logged after its checkpoint
-    return runner, tok, optimizer, ref, critic, start, history
+    return Trainer(runner, tok, optimizer, ref, critic, start, history)
 
 
 def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="GRPO", upper=None):
@@ -195,10 +207,11 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
         task_problems(name, 1, 0, "test")  # a bad held-out set fails now, not after the first step
     mutable = resume_safe(cfg) + (lr_may_change(cfg.out, cfg.lr) if cfg.resume else ())
     with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=mutable, writer=d.main):
-        runner, tok, optimizer, ref, critic, start, history = setup(cfg, d, model, tok, find_unused=partial,
-                                                                    upper_k=upper and upper[0], mutable=mutable)
-        bad_in_a_row, saved = 0, start if cfg.resume else None  # saved: the step the checkpoint on disk resumes at
-        bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=not d.main)
+        trainer = setup(cfg, d, model, tok, find_unused=partial, upper_k=upper and upper[0], mutable=mutable)
+        runner, tok, optimizer, history = trainer.runner, trainer.tok, trainer.optimizer, trainer.history
+        bad_in_a_row, saved = 0, trainer.start if cfg.resume else None  # saved: where the checkpoint on disk resumes
+        bar = tqdm(range(trainer.start, cfg.steps), desc=desc, initial=trainer.start, total=cfg.steps,
+                   disable=not d.main)
         log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if d.main else contextlib.nullcontext()  # only rank 0 writes
         with StopRequest(d.world) as stop, log_file as log:
             for step in bar:
@@ -207,7 +220,7 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
                 before = {f"{k}_before": v for k, v in before.items()}
                 if upper:
                     scale_upper(optimizer, cfg.lr, upper[1](step))
-                batch, m = train_step(runner, tok, optimizer, ref, problems, cfg, step, policy_for_step(step), d, critic)
+                batch, m = train_step(trainer, problems, cfg, step, policy_for_step(step), d)
                 m = {"step": step, **before, **m}
                 if on_step:
                     on_step(step, runner, tok, batch, m)
@@ -228,7 +241,7 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
                 stopping = distributed.any_rank(stop.requested)  # a Ctrl-C on any rank stops them all after this step
                 due = cfg.save_every and (step + 1) % cfg.save_every == 0 or last and cfg.save_final or stopping
                 if due and not bad_in_a_row:  # weights that gave only non-finite losses never replace a checkpoint
-                    save_checkpoint(cfg.out, runner, tok, optimizer, step + 1, cfg, d, critic)
+                    save_checkpoint(cfg.out, runner, tok, optimizer, step + 1, cfg, d, trainer.critic)
                     saved = step + 1
                     if d.main:
                         clear_divergence(cfg.out)

@@ -134,12 +134,13 @@ def test_fig7_output_entropy_is_the_whole_batch_before_the_update(tmp_path, monk
     before = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     problems = task_problems("arithmetic", 0, 0, "train")
-    batch, m = grpo.train_step(Wrapped(model), FakeTok(), opt, None, problems, cfg, 0, layer_policy(1), distributed.init())
+    trainer = grpo.Trainer(Wrapped(model), FakeTok(), opt)
+    batch, m = grpo.train_step(trainer, problems, cfg, 0, layer_policy(1), distributed.init())
     _, ent = update.policy_logprobs(output_policy, Wrapped(before), batch, cfg)
     resp = batch.response_mask
     assert m["entropy_output"] == pytest.approx(((ent * resp).sum() / resp.sum()).item(), rel=1e-5)
     assert m["entropy_output"] != pytest.approx(m["entropy"], rel=1e-3)  # that one is pi_1's
-    _, m2 = grpo.train_step(Wrapped(model), FakeTok(), opt, None, problems, cfg, 1, output_policy, distributed.init())
+    _, m2 = grpo.train_step(trainer, problems, cfg, 1, output_policy, distributed.init())
     assert m2["entropy_output"] == m2["entropy"]
 
 

@@ -1,5 +1,6 @@
 """grpo.py: the PPO update against hand computations, the loop, resume, run-dir safety and NaN handling on tiny models;
 one step on the real default model."""
+import copy
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoints
 import decode
+import distributed
 import evaluate
 import grpo
 import policy
@@ -113,8 +115,6 @@ def test_ppo_update_returns_the_first_mini_batchs_entropies_and_changes_none_of_
 def test_logged_entropy_is_the_whole_batch_before_the_update(tmp_path, monkeypatch):
     """The entropy train_step logs is the token mean over every row of the step under the weights before the update:
     the first mini-batch's from the update's on-policy forward, the later ones' from the old-log-prob pass."""
-    import copy
-    import distributed
     from problems import task_problems
     monkeypatch.setattr(update, "problem_reward", text_reward)
     cfg = tiny_cfg(tmp_path, lr=0.05)
@@ -122,7 +122,8 @@ def test_logged_entropy_is_the_whole_batch_before_the_update(tmp_path, monkeypat
     before = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     problems = task_problems("arithmetic", 0, 0, "train")
-    batch, m = grpo.train_step(Wrapped(model), FakeTok(), opt, None, problems, cfg, 0, output_policy, distributed.init())
+    trainer = grpo.Trainer(Wrapped(model), FakeTok(), opt)
+    batch, m = grpo.train_step(trainer, problems, cfg, 0, output_policy, distributed.init())
     _, ent = update.policy_logprobs(output_policy, Wrapped(before), batch, cfg)
     resp = batch.response_mask
     assert m["updates"] == 2 and m["entropy"] == pytest.approx(((ent * resp).sum() / resp.sum()).item(), rel=1e-5)
@@ -202,6 +203,28 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypat
     assert (est == "gae") == all(m.get("critic_loss", 0) > 0 for m in full)
     lines = [json.loads(x) for x in open(tmp_path / "b" / "run" / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [0, 1, 2]
+
+
+def test_setup_builds_the_trainer_fresh_and_from_a_checkpoint(tmp_path, monkeypatch):
+    """Issue 33: setup returns a Trainer (once a 7-tuple): fresh, at step 0 with no metrics, with a KL reference and a
+    critic only when asked; resumed, at the checkpoint's step with its weights and the metrics logged before it."""
+    monkeypatch.setattr(update, "problem_reward", text_reward)
+    d = distributed.init()
+    cfg = tiny_cfg(tmp_path / "fresh")
+    os.makedirs(cfg.out)
+    fresh = grpo.setup(cfg, d, tiny_model("llama"), FakeTok())
+    assert isinstance(fresh, grpo.Trainer) and fresh.start == 0 and fresh.history == []
+    assert fresh.ref is None and fresh.critic is None
+    assert isinstance(fresh.tok, FakeTok) and fresh.optimizer.param_groups[0]["lr"] == cfg.lr
+    ppo = grpo.setup(replace(cfg, kl_coef=0.1, adv_estimator="gae"), d, tiny_model("llama"), FakeTok())
+    assert not any(p.requires_grad for p in ppo.ref.parameters()) and isinstance(ppo.critic[1], torch.optim.AdamW)
+    cfg = tiny_cfg(tmp_path / "run", steps=2)
+    history, model, _ = grpo.train(cfg, model=tiny_model("llama"), tok=FakeTok())
+    monkeypatch.setattr(checkpoints, "load_model", fake_load)
+    resumed = grpo.setup(replace(cfg, resume=True), d)
+    assert resumed.start == 2 and resumed.history == history and [m["step"] for m in history] == [0, 1]
+    weights = distributed.plain_model(resumed.runner).parameters()
+    assert all(torch.equal(p, q) for p, q in zip(weights, model.parameters()))
 
 
 def test_run_dirs_are_never_mixed(tmp_path, monkeypatch):

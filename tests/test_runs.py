@@ -150,9 +150,9 @@ def nan_from(first_bad_step, above_lr):
         logp, ent = output_policy(model, ids, att, temperature, mask)
         return logp * float("nan"), ent
 
-    def train_step(runner, tok, opt, ref, problems, cfg, s, pol, d, critic=None):
+    def train_step(trainer, problems, cfg, s, pol, d):
         bad = s >= first_bad_step and cfg.lr > above_lr
-        return real(runner, tok, opt, ref, problems, cfg, s, policy if bad else pol, d, critic)
+        return real(trainer, problems, cfg, s, policy if bad else pol, d)
     return train_step
 
 
