@@ -36,9 +36,9 @@ from update import rollout_step
 # ----------------------------------------------------------------------------- BuPO
 
 def resolve_layer(cfg, model, tok):
-    """k as an int: given, or the end of the exploration stage found by entropy.py on this model."""
-    if cfg.layer != "auto":
-        return int(cfg.layer)
+    """k: cfg.layer, or with cfg.layer None (auto) the end of the exploration stage found by entropy.py on this model."""
+    if cfg.layer is not None:
+        return cfg.layer
     dh = entropy_profile(model, tok, cfg)["dH_ffn"]
     stages = eic_stages(dh)
     check(stages["boundary_layer"] is not None, f"--layer auto: this model has no boundary layer by the paper's rule (Sec. 5.3): "
@@ -122,17 +122,16 @@ def main(argv=None):
     cfg = parse_config(BuPOConfig, BUPO_PRESETS, "One BuPO run (arXiv 2512.19673, Sec. 3); the BuPO-vs-GRPO experiment is "
                        "python experiment.py. " + preset_help(BUPO_PRESETS), argv)
     check(not cfg.bench, "bupo.py --bench moved: python bench.py bupo (the same flags)")
-    check(cfg.layer == "auto" or cfg.layer.lstrip("-").isdigit(), f"--layer must be an integer or auto, got '{cfg.layer}'")
     config = model_config(cfg.model)
-    if cfg.layer != "auto":
-        check_layer(config, int(cfg.layer))
+    if cfg.layer is not None:
+        check_layer(config, cfg.layer)
     check_config(cfg, config)
     grpo.configure_sampling(cfg.compile, cfg.attention)  # the sampling before the run too (layer=auto's profile)
     d = distributed.init()
     try:
         model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
         k = resolve_layer(cfg, model, tok)
-        history, _, _ = train_bupo(replace(cfg, layer=str(k)), k, model, tok)
+        history, _, _ = train_bupo(replace(cfg, layer=k), k, model, tok)
     except (Stopped, Diverged):  # as grpo.py: every rank ends so, together; one line
         distributed.close()
         raise

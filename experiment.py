@@ -65,7 +65,7 @@ def plan(cfg, k, seeds):
     runs = []
     for seed in seeds:
         base = replace(cfg, seed=seed, seeds=f"{seed},", sweep="", keep_checkpoints=False, save_final=cfg.keep_checkpoints,
-                       eval_before=False, resume=False, overwrite=False, layer=str(k))
+                       eval_before=False, resume=False, overwrite=False, layer=k)
         for method in methods:
             name, estimator = METHODS[method]
             if method != "bupo":  # bupo's runs follow, one per sweep value
@@ -73,10 +73,10 @@ def plan(cfg, k, seeds):
                                                  inter_steps=cfg.inter_steps if method in INTERNAL else 0)))
         for v in values if "bupo" in methods else []:
             group = "BuPO" if key is None else f"BuPO {key}={v}"
-            same = key is None or str(v) == str(getattr(cfg, key))  # the unswept BuPO run: one dir, shared with a sweep over it
+            same = key is None or v == getattr(cfg, key)  # the unswept BuPO run: one dir, shared with a sweep over it
             run = replace(base, methods="bupo", adv_estimator="grpo", out=os.path.join(cfg.out, f"seed{seed}", "bupo" if same else f"bupo-{key}{v}"),
                           **({key: v} if key == "inter_steps" else {}))
-            runs.append((group, seed, replace(run, layer=str(v)) if key == "layer" else run))
+            runs.append((group, seed, replace(run, layer=v) if key == "layer" else run))
     return runs
 
 
@@ -112,8 +112,7 @@ def check_experiment(cfg):
     check(cfg.profile_samples >= 1 and cfg.profile_every >= 0, "--profile-samples must be >= 1 and --profile-every >= 0")
     check(cfg.probe_samples >= 1 and cfg.probe_every >= 0, "--probe-samples must be >= 1 and --probe-every >= 0")
     config = model_config(cfg.model)
-    check(cfg.layer == "auto" or cfg.layer.lstrip("-").isdigit(), f"--layer must be an integer or auto, got '{cfg.layer}'")
-    for k in ([int(cfg.layer)] if cfg.layer != "auto" else []) + (values if key == "layer" else []):
+    for k in ([cfg.layer] if cfg.layer is not None else []) + (values if key == "layer" else []):
         check_layer(config, k)
     check_config(cfg, config)
     if "ppo" in methods:  # its runs' --adv-estimator is gae: refused now, not after the other methods trained
@@ -151,7 +150,8 @@ def train_run(cfg, run_cfg, init, tok, d, name, layers, probes):
     has_ckpt = checkpoint_path(run_cfg.out) is not None
     run_cfg = replace(run_cfg, resume=has_ckpt, overwrite=not has_ckpt)
     try:
-        hist, _, _ = train_bupo(run_cfg, int(run_cfg.layer), copy.deepcopy(init).to(d.device), tok, desc=name, layers=layers, probes=probes)
+        hist, _, _ = train_bupo(run_cfg, run_cfg.layer, copy.deepcopy(init).to(d.device), tok, desc=name, layers=layers,
+                                probes=probes)
     except Stopped as e:  # keep its checkpoint, report nothing
         raise Stopped(f"{name} {e.what}", f"continue the experiment with --resume --out {cfg.out}") from None
     except Diverged as e:

@@ -19,7 +19,7 @@ def tiny_experiment(tmp_path, monkeypatch, **kw):
     monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
-    return tiny_cfg(tmp_path, bupo.BuPOConfig, **{**dict(steps=2, eval_every=1, inter_steps=1, layer="1", profile_samples=2,
+    return tiny_cfg(tmp_path, bupo.BuPOConfig, **{**dict(steps=2, eval_every=1, inter_steps=1, layer=1, profile_samples=2,
                                                            seeds="2", out=str(tmp_path / "exp")), **kw})
 
 
@@ -75,7 +75,7 @@ def test_sweep_and_methods(tmp_path, monkeypatch):
     assert set(res["per_seed"]) == {"BuPO inter_steps=0", "BuPO inter_steps=1"} and res["paired"] == {}
     assert (tmp_path / "exp" / "sweep.png").exists()
     for bad, match in [(dict(sweep="depth=1"), "--sweep must be"), (dict(sweep="layer=1,9"), "out of range"),
-                       (dict(methods="dpo"), "--methods"), (dict(methods="grpo,grpo"), "--methods"), (dict(seeds="0"), "--seeds"), (dict(layer="x"), "--layer")]:
+                       (dict(methods="dpo"), "--methods"), (dict(methods="grpo,grpo"), "--methods"), (dict(seeds="0"), "--seeds")]:
         with pytest.raises(InputError, match=match):
             experiment.experiment(replace(cfg, out=str(tmp_path / "bad"), **bad))
 
