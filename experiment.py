@@ -129,9 +129,9 @@ def experiment(cfg):
         start = _initial(cfg, model, tok, d)  # the shared start: its layer k, held-out accuracy and profile
         init = model.cpu()  # the starting weights, kept off the device; each run trains a copy
         key, values = parse_sweep(cfg)
-        layers = sorted({start["layer"]} | (set(values) if key == "layer" else set()))
+        layers = sorted({start["k"]} | (set(values) if key == "layer" else set()))
         runs = {}
-        for group, seed, run_cfg in plan(cfg, start["layer"], seeds):
+        for group, seed, run_cfg in plan(cfg, start["k"], seeds):
             check_run(cfg, run_cfg)
             hist = finished_run(run_cfg)
             if hist is None:
@@ -164,13 +164,13 @@ def train_run(cfg, run_cfg, init, tok, d, name, layers, probes):
 
 
 def _initial(cfg, model, tok, d):
-    """{"layer", "eval", "profile"} of the starting model, computed once and kept in out/initial.json; with
+    """{"k", "eval", "profile"} of the starting model, computed once and kept in out/initial.json; with
     --probe-every also the probe set (the same for every method and seed) and the start's probe of each layer."""
     path = os.path.join(cfg.out, "initial.json")
     start = read_json(path) if os.path.exists(path) else None
     if start is None:
         runner = distributed.Wrapped(model)
-        start = {"layer": resolve_layer(cfg, model, tok), "eval": grpo.evaluations(runner, tok, cfg, d, sampled=True),
+        start = {"k": resolve_layer(cfg, model, tok), "eval": grpo.evaluations(runner, tok, cfg, d, sampled=True),
                  "profile": entropy_profile(model, tok, cfg) if cfg.profile_every else None}
     elif not cfg.probe_every or "probe_set" in start:
         return start
@@ -179,7 +179,7 @@ def _initial(cfg, model, tok, d):
         start["probe_set"] = probe_set(model, tok, cfg.eval_data, cfg.probe_samples, cfg.max_new_tokens, dtype)
         key, values = parse_sweep(cfg)
         start["probe"] = {str(k): probe(model, start["probe_set"], k, tok.pad_token_id)
-                          for k in sorted({start["layer"]} | (set(values) if key == "layer" else set()))}
+                          for k in sorted({start["k"]} | (set(values) if key == "layer" else set()))}
     if d.main:
         write_json(path, start)
     return start

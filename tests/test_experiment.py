@@ -31,6 +31,7 @@ def test_experiment_pairs_seeds_and_reports_intervals(tmp_path, monkeypatch):
     for f in ("comparison.png", "profiles.png", "results.md", "results.json", "initial.json",
               "seed0/bupo/metrics.jsonl", "seed1/grpo/metrics.jsonl"):
         assert (out / f).exists(), f
+    assert json.load(open(out / "initial.json"))["k"] == 1  # the shared start's layer k
     res = json.load(open(out / "results.json"))
     assert set(res["per_seed"]) == {"BuPO", "GRPO"} and set(res["per_seed"]["GRPO"]) == {"0", "1"}
     d = [res["per_seed"]["BuPO"][s] - res["per_seed"]["GRPO"][s] for s in ("0", "1")]
