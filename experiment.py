@@ -1,7 +1,7 @@
 """The BuPO-vs-GRPO experiment: paired seeds, the paper's methods and ablations, resume, and the report.
 
 Tan et al., arXiv 2512.19673, Sec. 3, Tables 1, 2, 3, 5, 11. The experiment trains BuPO
-and GRPO (and any of bupo.METHODS) from the same weights on paired seeds (a seed fixes the
+and GRPO (and any of METHODS) from the same weights on paired seeds (a seed fixes the
 data order and the sampling of both), evaluates them on one held-out set, and reports
 each seed, the mean, and the paired difference BuPO - GRPO with its 95% interval
 (results.py); --sweep repeats BuPO over values of the layer or of s_inter, the paper's
@@ -21,7 +21,7 @@ import torch
 
 import distributed
 import grpo
-from bupo import INTERNAL, METHODS, entropy_profile, resolve_layer, train_bupo
+from bupo import PHASE_ONE, entropy_profile, resolve_layer, train_bupo
 from checkpoints import RunDamaged, checkpoint_path, read_metrics, remove_checkpoint
 from cli import (Diverged, InputError, Stopped, check, check_seed, claim_run_dir, parse_config, read_json, run_main, settings_diff,
                  write_json)
@@ -30,6 +30,19 @@ from models import load_model, model_config
 from policy import check_layer
 from probe import probe, probe_set
 from results import report
+
+# The experiment's methods (the paper's Table 1, 5, 11): name in the report, verl's advantage estimator. Those of
+# bupo.PHASE_ONE train their own phase 1 for s_inter steps, then GRPO; the others train the output policy throughout.
+METHODS = {
+    "grpo": ("GRPO", "grpo"),
+    "bupo": ("BuPO", "grpo"),                                  # pi_k (raw residual h_k) for s_inter steps, then GRPO
+    "ppo": ("PPO", "gae"),                                     # a critic from the same weights, GAE (critic.py)
+    "rloo": ("RLOO", "rloo"),
+    "reinforce_plus_plus": ("Reinforce++", "reinforce_plus_plus"),
+    "bupo_ln": ("BuPO, final norm on h_k", "grpo"),           # Table 5: pi_k = softmax(lm_head(norm(h_k)))
+    "grpo_frozen": ("GRPO, layers > k frozen", "grpo"),       # Table 11 (a): for s_inter steps only what pi_k reaches
+    "grpo_layer_lr": ("GRPO, 0.1x lr above k", "grpo"),       # Table 11 (b): for s_inter steps 0.1x lr above k
+}
 
 
 def parse_seeds(cfg):
@@ -70,7 +83,7 @@ def plan(cfg, k, seeds):
             name, estimator = METHODS[method]
             if method != "bupo":  # bupo's runs follow, one per sweep value
                 runs.append((name, seed, replace(base, methods=method, adv_estimator=estimator, out=os.path.join(cfg.out, f"seed{seed}", method),
-                                                 inter_steps=cfg.inter_steps if method in INTERNAL else 0)))
+                                                 inter_steps=cfg.inter_steps if method in PHASE_ONE else 0)))
         for v in values if "bupo" in methods else []:
             group = "BuPO" if key is None else f"BuPO {key}={v}"
             same = key is None or v == getattr(cfg, key)  # the unswept BuPO run: one dir, shared with a sweep over it

@@ -10,9 +10,10 @@ import bupo
 import checkpoints
 import experiment
 import update
-from bupo import INTERNAL, METHODS
+from bupo import PHASE_ONE
 from cli import InputError
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
+from experiment import METHODS
 
 
 def tiny_experiment(tmp_path, monkeypatch, **kw):
@@ -95,7 +96,7 @@ def test_every_method_of_the_paper_in_one_experiment(tmp_path, monkeypatch):
         hist = [json.loads(x) for x in open(out / "seed1" / method / "metrics.jsonl")]
         assert res["sampled"]["per_seed"][name]["1"] == hist[-1]["sampled/avg/avg@4"] == hist[-1]["sampled/avg/pass@1"]
         assert ("critic_loss" in hist[0]) == (est == "gae")
-        assert [m["phase"] for m in hist] == (["internal", "full"] if method in INTERNAL else ["full", "full"])
+        assert [m["phase"] for m in hist] == (["internal", "full"] if method in PHASE_ONE else ["full", "full"])
     assert json.load(open(out / "seed0" / "ppo" / "config.json"))["adv_estimator"] == "gae"
     curve = list(res["pass_at_k"]["initial"].values())
     assert curve == sorted(curve)  # Pass@K never falls with K
