@@ -115,8 +115,8 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=(), probes=None):
             with distributed.full_weights(runner) as model:  # every rank probes the same responses
                 m |= {f"probe_{key}": v for key, v in probe(model, probes, k, tok.pad_token_id).items()} | {"probe_layer": k}
             m["time_probe"] = clock(device) - t
-    upper = None if scale is None else (k, lambda step: scale if step < cfg.inter_steps else 1.0)
-    return grpo.train(cfg, policy_for_step, on_step, model=model, tok=tok, desc=desc, upper=upper)
+    upper = {} if scale is None else dict(upper_k=k, upper_scale=lambda step: scale if step < cfg.inter_steps else 1.0)
+    return grpo.train(cfg, policy_for_step, on_step, model=model, tok=tok, desc=desc, **upper)
 
 
 def main(argv=None):

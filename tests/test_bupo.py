@@ -61,6 +61,19 @@ def test_layer_aware_controls(tmp_path, monkeypatch, method):
     assert lower > 3.5 * cfg.lr  # 4 Adam updates of ~lr each on the layers pi_k reaches
     assert moved == 0 if method == "grpo_frozen" else 0.09 < moved / lower < 0.11
     assert all(m["phase"] == "internal" and m["updates"] == 2 for m in hist)
+    assert [m["lr_upper"] for m in hist] == [cfg.lr * {"grpo_frozen": 0.0, "grpo_layer_lr": 0.1}[method]] * 2
+
+
+def test_the_upper_layers_lr_is_logged(tmp_path, monkeypatch):
+    """Table 11 (b) with s_inter = 1: lr_upper is 0.1 lr in phase 1, lr after it, beside the logged lr (the other
+    group's); a run without an upper group (BuPO) logs none."""
+    monkeypatch.setattr(update, "problem_reward", text_reward)
+    kw = dict(steps=2, inter_steps=1, layer=1, weight_decay=0.0, profile_every=0, save_every=0)
+    hist, _, _ = bupo.train_bupo(tiny_cfg(tmp_path / "a", bupo.BuPOConfig, methods="grpo_layer_lr", **kw), 1,
+                                 tiny_model("llama"), FakeTok())
+    assert [(m["lr"], m["lr_upper"]) for m in hist] == [(1e-2, 1e-2 * 0.1), (1e-2, 1e-2)]
+    hist, _, _ = bupo.train_bupo(tiny_cfg(tmp_path / "b", bupo.BuPOConfig, **kw), 1, tiny_model("llama"), FakeTok())
+    assert not any("lr_upper" in m for m in hist)
 
 
 def test_the_final_norm_variant_is_the_logit_lens_of_h_k():
