@@ -147,7 +147,7 @@ def bench_grpo_step(cfg):
 def bench_bupo_update(cfg, repeats=2):
     """Seconds of one phase-1 update (pi_k) against a full one and a plain HF forward+backward, all positions scored."""
     model, tok = load_model(cfg.model, dtype=torch.float32)
-    k, L = int(cfg.layer) if cfg.layer != "auto" else 4, model.config.num_hidden_layers
+    k, L = cfg.layer if cfg.layer is not None else 4, model.config.num_hidden_layers
     check_layer(model.config, k)
     problems = task_problems("math500", 8, 0, "test")
     batch, _ = rollout_step(model, tok, problems, replace(cfg, group_size=1, max_new_tokens=256), 0)

@@ -7,8 +7,9 @@ importance ratio uses log-probs of the sampled tokens under pi_k, old and new. R
 still come from the full model. Only the embeddings and layers 0..k run (early exit,
 policy.layer_policy), so gradients reach only those layers and the (often tied) lm_head.
 After s_inter steps it is plain GRPO. The layer comes from the entropy analysis
-(entropy.py) or is given. METHODS names the variants a run can be (the paper's Table 1,
-5, 11); the experiment that compares them on paired seeds is experiment.py.
+(entropy.py) or is given. PHASE_ONE names what the first s_inter steps can train (BuPO,
+and the paper's ablations of Table 5 and 11); the experiment that compares them with
+GRPO, PPO, RLOO and Reinforce++ on paired seeds is experiment.py.
 
     python bupo.py --out runs/bupo-one   # one BuPO run of the CPU preset (k=4, s_inter=3, 10 steps)
     python bupo.py --preset paper --out runs/bupo-paper   # the paper's setting: Qwen3-4B, k=5, s_inter=30, on one H200
@@ -36,9 +37,9 @@ from update import rollout_step
 # ----------------------------------------------------------------------------- BuPO
 
 def resolve_layer(cfg, model, tok):
-    """k as an int: given, or the end of the exploration stage found by entropy.py on this model."""
-    if cfg.layer != "auto":
-        return int(cfg.layer)
+    """k: cfg.layer, or with cfg.layer None (auto) the end of the exploration stage found by entropy.py on this model."""
+    if cfg.layer is not None:
+        return cfg.layer
     dh = entropy_profile(model, tok, cfg)["dH_ffn"]
     stages = eic_stages(dh)
     check(stages["boundary_layer"] is not None, f"--layer auto: this model has no boundary layer by the paper's rule (Sec. 5.3): "
@@ -66,36 +67,36 @@ def readout_entropies(model, ids, att, resp, temperature, layers, precision):
         return out | {k: layer_logprobs(model, ids, att, k, temperature, resp)[1].sum().item() / n for k in layers}
 
 
-# The experiment's methods: verl's estimator, and what happens in the first s_inter steps (the paper's Table 1, 5, 11).
-METHODS = {
-    "grpo": ("GRPO", "grpo"),
-    "bupo": ("BuPO", "grpo"),                                  # pi_k (raw residual h_k) for s_inter steps, then GRPO
-    "ppo": ("PPO", "gae"),                                     # a critic from the same weights, GAE (critic.py)
-    "rloo": ("RLOO", "rloo"),
-    "reinforce_plus_plus": ("Reinforce++", "reinforce_plus_plus"),
-    "bupo_ln": ("BuPO, final norm on h_k", "grpo"),           # Table 5: pi_k = softmax(lm_head(norm(h_k)))
-    "grpo_frozen": ("GRPO, layers > k frozen", "grpo"),       # Table 11 (a): for s_inter steps only what pi_k reaches learns
-    "grpo_layer_lr": ("GRPO, 0.1x lr above k", "grpo"),       # Table 11 (b): for s_inter steps the layers above k at 0.1x lr
+# What the first s_inter steps train, per variant: pi_k's policy fn given k (None: the output policy's), and the lr
+# scale of the layers above k (None: one lr for all). After them every variant is plain GRPO.
+PHASE_ONE = {
+    "bupo": (layer_policy, None),                                    # Sec. 3: pi_k = softmax(lm_head(h_k) / T)
+    "bupo_ln": (lambda k: layer_policy(k, final_norm=True), None),  # Table 5: pi_k = softmax(lm_head(norm(h_k)) / T)
+    "grpo_frozen": (None, 0.0),    # Table 11 (a): the output policy, layers above k frozen (what pi_k reaches learns)
+    "grpo_layer_lr": (None, 0.1),  # Table 11 (b): the output policy, the layers above k at 0.1x lr
 }
-INTERNAL = ("bupo", "bupo_ln", "grpo_frozen", "grpo_layer_lr")  # methods with a first phase of s_inter steps
+
+
+def phase_one(methods):
+    """The run's variant of PHASE_ONE: the one cfg.methods names, BuPO if it is a list naming bupo (bupo.py's default,
+    the experiment's list); None for another method (GRPO, PPO, RLOO, ...: the output policy throughout)."""
+    return methods if methods in PHASE_ONE else "bupo" if "bupo" in methods.split(",") else None
 
 
 def train_bupo(cfg, k, model, tok, desc="BuPO", layers=(), probes=None):
-    """grpo.train of one method (cfg.methods, one of METHODS; BuPO if it names several): BuPO's pi_k for steps <
-    inter_steps, then the output policy; logs the entropies of pi_k (k in layers) and of the output, and with
-    probes (probe.probe_set's) layer k's feature refinement every cfg.probe_every steps (Fig. 5)."""
+    """grpo.train of one run (phase_one(cfg.methods)): its phase 1 for steps < inter_steps, then the output policy;
+    logs the entropies of pi_k (k in layers) and of the output, and with probes (probe.probe_set's) layer k's
+    feature refinement every cfg.probe_every steps (Fig. 5)."""
     layers = sorted(set(layers) | {k})
-    method = cfg.methods if cfg.methods in METHODS else "bupo"
-    upper = {"grpo_frozen": (k, lambda s: 0.0 if s < cfg.inter_steps else 1.0),
-             "grpo_layer_lr": (k, lambda s: 0.1 if s < cfg.inter_steps else 1.0)}.get(method)
+    variant = phase_one(cfg.methods)
+    internal_policy, scale = PHASE_ONE.get(variant, (None, None))
 
     def policy_for_step(step):
-        internal = method in ("bupo", "bupo_ln") and step < cfg.inter_steps
-        return layer_policy(k, final_norm=method == "bupo_ln") if internal else output_policy
+        return internal_policy(k) if internal_policy and step < cfg.inter_steps else output_policy
 
     def on_step(step, runner, tok, batch, m):
-        m["phase"] = "internal" if step < cfg.inter_steps and method in INTERNAL else "full"
-        if step == cfg.inter_steps > 0 and method in INTERNAL and distributed.init().main:
+        m["phase"] = "internal" if step < cfg.inter_steps and variant else "full"
+        if step == cfg.inter_steps > 0 and variant and distributed.init().main:
             tqdm.write(f"step {step}: {desc}: phase 1 ends, plain GRPO from now on")
         _, ids, att, resp, _ = next(micro_slices(batch, range(batch.input_ids.shape[0]), cfg.micro_batch, cfg.micro_tokens))
         with distributed.full_weights(runner) as model:
@@ -114,7 +115,8 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=(), probes=None):
             with distributed.full_weights(runner) as model:  # every rank probes the same responses
                 m |= {f"probe_{key}": v for key, v in probe(model, probes, k, tok.pad_token_id).items()} | {"probe_layer": k}
             m["time_probe"] = clock(device) - t
-    return grpo.train(cfg, policy_for_step, on_step, model=model, tok=tok, desc=desc, upper=upper)
+    upper = {} if scale is None else dict(upper_k=k, upper_scale=lambda step: scale if step < cfg.inter_steps else 1.0)
+    return grpo.train(cfg, policy_for_step, on_step, model=model, tok=tok, desc=desc, **upper)
 
 
 def main(argv=None):
@@ -122,17 +124,18 @@ def main(argv=None):
     cfg = parse_config(BuPOConfig, BUPO_PRESETS, "One BuPO run (arXiv 2512.19673, Sec. 3); the BuPO-vs-GRPO experiment is "
                        "python experiment.py. " + preset_help(BUPO_PRESETS), argv)
     check(not cfg.bench, "bupo.py --bench moved: python bench.py bupo (the same flags)")
-    check(cfg.layer == "auto" or cfg.layer.lstrip("-").isdigit(), f"--layer must be an integer or auto, got '{cfg.layer}'")
+    check(phase_one(cfg.methods), f"bupo.py trains BuPO or a variant of its phase 1: --methods must be one of "
+          f"{', '.join(PHASE_ONE)} (or a list naming bupo), got '{cfg.methods}'; the other methods: python experiment.py")
     config = model_config(cfg.model)
-    if cfg.layer != "auto":
-        check_layer(config, int(cfg.layer))
+    if cfg.layer is not None:
+        check_layer(config, cfg.layer)
     check_config(cfg, config)
     grpo.configure_sampling(cfg.compile, cfg.attention)  # the sampling before the run too (layer=auto's profile)
     d = distributed.init()
     try:
         model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
         k = resolve_layer(cfg, model, tok)
-        history, _, _ = train_bupo(replace(cfg, layer=str(k)), k, model, tok)
+        history, _, _ = train_bupo(replace(cfg, layer=k), k, model, tok)
     except (Stopped, Diverged):  # as grpo.py: every rank ends so, together; one line
         distributed.close()
         raise

@@ -110,7 +110,21 @@ def parse_config(cls, presets, description=None, argv=None, default_preset="cpu"
     if given.get("resume") and saved and os.path.exists(saved):
         start = read_json(saved)
     known = {f.name for f in fields(cls)}
-    return cls(**{**{k: v for k, v in start.items() if k in known}, **given})
+    values = {**{k: v for k, v in start.items() if k in known}, **given}
+    for f in fields(cls):  # an `int | None` setting: an integer, or auto (None), parsed here once
+        if f.type == int | None and f.name in values:
+            values[f.name] = int_or_auto("--" + f.name.replace("_", "-"), values[f.name])
+    return cls(**values)
+
+
+def int_or_auto(flag, value):
+    """The value of an `int | None` setting from its flag's text (or a saved config): an integer, or None for auto."""
+    if value is None or type(value) is int:
+        return value
+    try:
+        return None if value == "auto" else int(value)
+    except ValueError:
+        raise InputError(f"{flag} must be an integer or auto, got '{value}'") from None
 
 
 def read_json(path):

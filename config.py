@@ -185,7 +185,7 @@ def check_rollout_memory(cfg, config, world=1, memory=None):
 
 @dataclass
 class BuPOConfig(GRPOConfig):
-    layer: str = "auto"                # internal layer k (0-indexed; the paper's layer k+1), or auto: entropy.py's EIC suggestion
+    layer: int | None = None           # internal layer k (0-indexed; the paper's k+1), or auto: entropy.py's EIC layer
     inter_steps: int = 30              # s_inter: steps that optimize pi_k before plain GRPO
     seeds: str = "1"                   # N: seeds seed..seed+N-1; or a comma list of seeds (e.g. 3,7); BuPO and GRPO share each
     methods: str = "bupo,grpo"         # which runs the experiment trains (bupo alone saves half the compute at the paper's scale)
@@ -209,8 +209,10 @@ def resume_safe(cfg):
     return tuple(f for f in cfg.SAFE_ON_RESUME if f not in fixed)
 
 
-BUPO_PRESETS = {**{name: dict(PRESETS[name], layer=str(k), inter_steps=30, out="runs/bupo") for name, (_, _, k, _, _) in PAPER_MODELS.items()},
-                "cpu": {**PRESETS["cpu"], "layer": "4", "inter_steps": 3, "seeds": "3", "profile_every": 0, "out": "runs/bupo"}}
+BUPO_PRESETS = {**{name: dict(PRESETS[name], layer=k, inter_steps=30, out="runs/bupo")
+                   for name, (_, _, k, _, _) in PAPER_MODELS.items()},
+                "cpu": {**PRESETS["cpu"], "layer": 4, "inter_steps": 3, "seeds": "3", "profile_every": 0,
+                        "out": "runs/bupo"}}
 
 
 def device_memory():

@@ -1,7 +1,7 @@
 """The BuPO-vs-GRPO experiment: paired seeds, the paper's methods and ablations, resume, and the report.
 
 Tan et al., arXiv 2512.19673, Sec. 3, Tables 1, 2, 3, 5, 11. The experiment trains BuPO
-and GRPO (and any of bupo.METHODS) from the same weights on paired seeds (a seed fixes the
+and GRPO (and any of METHODS) from the same weights on paired seeds (a seed fixes the
 data order and the sampling of both), evaluates them on one held-out set, and reports
 each seed, the mean, and the paired difference BuPO - GRPO with its 95% interval
 (results.py); --sweep repeats BuPO over values of the layer or of s_inter, the paper's
@@ -21,7 +21,7 @@ import torch
 
 import distributed
 import grpo
-from bupo import INTERNAL, METHODS, entropy_profile, resolve_layer, train_bupo
+from bupo import PHASE_ONE, entropy_profile, resolve_layer, train_bupo
 from checkpoints import RunDamaged, checkpoint_path, read_metrics, remove_checkpoint
 from cli import (Diverged, InputError, Stopped, check, check_seed, claim_run_dir, parse_config, read_json, run_main, settings_diff,
                  write_json)
@@ -30,6 +30,19 @@ from models import load_model, model_config
 from policy import check_layer
 from probe import probe, probe_set
 from results import report
+
+# The experiment's methods (the paper's Table 1, 5, 11): name in the report, verl's advantage estimator. Those of
+# bupo.PHASE_ONE train their own phase 1 for s_inter steps, then GRPO; the others train the output policy throughout.
+METHODS = {
+    "grpo": ("GRPO", "grpo"),
+    "bupo": ("BuPO", "grpo"),                                  # pi_k (raw residual h_k) for s_inter steps, then GRPO
+    "ppo": ("PPO", "gae"),                                     # a critic from the same weights, GAE (critic.py)
+    "rloo": ("RLOO", "rloo"),
+    "reinforce_plus_plus": ("Reinforce++", "reinforce_plus_plus"),
+    "bupo_ln": ("BuPO, final norm on h_k", "grpo"),           # Table 5: pi_k = softmax(lm_head(norm(h_k)))
+    "grpo_frozen": ("GRPO, layers > k frozen", "grpo"),       # Table 11 (a): for s_inter steps only what pi_k reaches
+    "grpo_layer_lr": ("GRPO, 0.1x lr above k", "grpo"),       # Table 11 (b): for s_inter steps 0.1x lr above k
+}
 
 
 def parse_seeds(cfg):
@@ -65,18 +78,18 @@ def plan(cfg, k, seeds):
     runs = []
     for seed in seeds:
         base = replace(cfg, seed=seed, seeds=f"{seed},", sweep="", keep_checkpoints=False, save_final=cfg.keep_checkpoints,
-                       eval_before=False, resume=False, overwrite=False, layer=str(k))
+                       eval_before=False, resume=False, overwrite=False, layer=k)
         for method in methods:
             name, estimator = METHODS[method]
             if method != "bupo":  # bupo's runs follow, one per sweep value
                 runs.append((name, seed, replace(base, methods=method, adv_estimator=estimator, out=os.path.join(cfg.out, f"seed{seed}", method),
-                                                 inter_steps=cfg.inter_steps if method in INTERNAL else 0)))
+                                                 inter_steps=cfg.inter_steps if method in PHASE_ONE else 0)))
         for v in values if "bupo" in methods else []:
             group = "BuPO" if key is None else f"BuPO {key}={v}"
-            same = key is None or str(v) == str(getattr(cfg, key))  # the unswept BuPO run: one dir, shared with a sweep over it
+            same = key is None or v == getattr(cfg, key)  # the unswept BuPO run: one dir, shared with a sweep over it
             run = replace(base, methods="bupo", adv_estimator="grpo", out=os.path.join(cfg.out, f"seed{seed}", "bupo" if same else f"bupo-{key}{v}"),
                           **({key: v} if key == "inter_steps" else {}))
-            runs.append((group, seed, replace(run, layer=str(v)) if key == "layer" else run))
+            runs.append((group, seed, replace(run, layer=v) if key == "layer" else run))
     return runs
 
 
@@ -112,8 +125,7 @@ def check_experiment(cfg):
     check(cfg.profile_samples >= 1 and cfg.profile_every >= 0, "--profile-samples must be >= 1 and --profile-every >= 0")
     check(cfg.probe_samples >= 1 and cfg.probe_every >= 0, "--probe-samples must be >= 1 and --probe-every >= 0")
     config = model_config(cfg.model)
-    check(cfg.layer == "auto" or cfg.layer.lstrip("-").isdigit(), f"--layer must be an integer or auto, got '{cfg.layer}'")
-    for k in ([int(cfg.layer)] if cfg.layer != "auto" else []) + (values if key == "layer" else []):
+    for k in ([cfg.layer] if cfg.layer is not None else []) + (values if key == "layer" else []):
         check_layer(config, k)
     check_config(cfg, config)
     if "ppo" in methods:  # its runs' --adv-estimator is gae: refused now, not after the other methods trained
@@ -130,9 +142,9 @@ def experiment(cfg):
         start = _initial(cfg, model, tok, d)  # the shared start: its layer k, held-out accuracy and profile
         init = model.cpu()  # the starting weights, kept off the device; each run trains a copy
         key, values = parse_sweep(cfg)
-        layers = sorted({start["layer"]} | (set(values) if key == "layer" else set()))
+        layers = sorted({start["k"]} | (set(values) if key == "layer" else set()))
         runs = {}
-        for group, seed, run_cfg in plan(cfg, start["layer"], seeds):
+        for group, seed, run_cfg in plan(cfg, start["k"], seeds):
             check_run(cfg, run_cfg)
             hist = finished_run(run_cfg)
             if hist is None:
@@ -151,7 +163,8 @@ def train_run(cfg, run_cfg, init, tok, d, name, layers, probes):
     has_ckpt = checkpoint_path(run_cfg.out) is not None
     run_cfg = replace(run_cfg, resume=has_ckpt, overwrite=not has_ckpt)
     try:
-        hist, _, _ = train_bupo(run_cfg, int(run_cfg.layer), copy.deepcopy(init).to(d.device), tok, desc=name, layers=layers, probes=probes)
+        hist, _, _ = train_bupo(run_cfg, run_cfg.layer, copy.deepcopy(init).to(d.device), tok, desc=name, layers=layers,
+                                probes=probes)
     except Stopped as e:  # keep its checkpoint, report nothing
         raise Stopped(f"{name} {e.what}", f"continue the experiment with --resume --out {cfg.out}") from None
     except Diverged as e:
@@ -164,13 +177,13 @@ def train_run(cfg, run_cfg, init, tok, d, name, layers, probes):
 
 
 def _initial(cfg, model, tok, d):
-    """{"layer", "eval", "profile"} of the starting model, computed once and kept in out/initial.json; with
+    """{"k", "eval", "profile"} of the starting model, computed once and kept in out/initial.json; with
     --probe-every also the probe set (the same for every method and seed) and the start's probe of each layer."""
     path = os.path.join(cfg.out, "initial.json")
     start = read_json(path) if os.path.exists(path) else None
     if start is None:
         runner = distributed.Wrapped(model)
-        start = {"layer": resolve_layer(cfg, model, tok), "eval": grpo.evaluations(runner, tok, cfg, d, sampled=True),
+        start = {"k": resolve_layer(cfg, model, tok), "eval": grpo.evaluations(runner, tok, cfg, d, sampled=True),
                  "profile": entropy_profile(model, tok, cfg) if cfg.profile_every else None}
     elif not cfg.probe_every or "probe_set" in start:
         return start
@@ -179,7 +192,7 @@ def _initial(cfg, model, tok, d):
         start["probe_set"] = probe_set(model, tok, cfg.eval_data, cfg.probe_samples, cfg.max_new_tokens, dtype)
         key, values = parse_sweep(cfg)
         start["probe"] = {str(k): probe(model, start["probe_set"], k, tok.pad_token_id)
-                          for k in sorted({start["layer"]} | (set(values) if key == "layer" else set()))}
+                          for k in sorted({start["k"]} | (set(values) if key == "layer" else set()))}
     if d.main:
         write_json(path, start)
     return start

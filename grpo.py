@@ -189,12 +189,12 @@ def setup(cfg, d, model=None, tok=None, find_unused=False, upper_k=None, mutable
     return Trainer(runner, tok, optimizer, ref, critic, start, history)
 
 
-def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="GRPO", upper=None):
+def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="GRPO", upper_k=None, upper_scale=None):
     """The GRPO loop, on one process or on each rank under torchrun; returns (metrics of every step, model, tokenizer).
 
     policy_for_step(step) -> the policy fn whose log-probs the update uses (default: the
-    output policy); on_step(step, runner, tok, batch, metrics) may add metrics; upper =
-    (k, scale(step)): the layers above k learn at lr * scale(step) (0: frozen). The
+    output policy); on_step(step, runner, tok, batch, metrics) may add metrics; upper_k, upper_scale(step): the
+    layers above k learn at lr * upper_scale(step) (0: frozen), logged as lr_upper (Table 11's controls). The
     model returned is the plain HF model (with FSDP: a full copy on rank 0, None elsewhere).
     """
     d = distributed.init()
@@ -207,7 +207,7 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
         task_problems(name, 1, 0, "test")  # a bad held-out set fails now, not after the first step
     mutable = resume_safe(cfg) + (lr_may_change(cfg.out, cfg.lr) if cfg.resume else ())
     with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=mutable, writer=d.main):
-        trainer = setup(cfg, d, model, tok, find_unused=partial, upper_k=upper and upper[0], mutable=mutable)
+        trainer = setup(cfg, d, model, tok, find_unused=partial, upper_k=upper_k, mutable=mutable)
         runner, tok, optimizer, history = trainer.runner, trainer.tok, trainer.optimizer, trainer.history
         bad_in_a_row, saved = 0, trainer.start if cfg.resume else None  # saved: where the checkpoint on disk resumes
         bar = tqdm(range(trainer.start, cfg.steps), desc=desc, initial=trainer.start, total=cfg.steps,
@@ -218,10 +218,10 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
                 t0, last = clock(d.device), step == cfg.steps - 1
                 before = evaluations(runner, tok, cfg, d, sampled=True) if cfg.eval_before and step == 0 else {}
                 before = {f"{k}_before": v for k, v in before.items()}
-                if upper:
-                    scale_upper(optimizer, cfg.lr, upper[1](step))
+                # Table 11: the layers above k this step (the logged lr is the other group's)
+                upper = {"lr_upper": scale_upper(optimizer, cfg.lr, upper_scale(step))} if upper_k is not None else {}
                 batch, m = train_step(trainer, problems, cfg, step, policy_for_step(step), d)
-                m = {"step": step, **before, **m}
+                m = {"step": step, **before, **m, **upper}
                 if on_step:
                     on_step(step, runner, tok, batch, m)
                 if m["skipped_updates"] and d.main:

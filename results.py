@@ -183,7 +183,7 @@ def report(cfg, start, runs, sweep):
     """results.md / results.json, comparison.png, passk.png, profiles.png, sweep.png in cfg.out; prints the tables.
 
     sweep: (key, values) of the experiment's --sweep, or (None, [None])."""
-    k, n, (key, values) = start["layer"], cfg.eval_samples, sweep
+    k, n, (key, values) = start["k"], cfg.eval_samples, sweep
     greedy = summarize_runs(start, runs)
     sampled = summarize_runs(start, runs, sampled_key(n)) if n else None
     curves = pass_curves(start, runs, n) if n else {}

@@ -176,7 +176,9 @@ def param_groups(runner, upper_k=None):
 
 
 def scale_upper(optimizer, lr, scale):
-    """The upper group's lr for this step: lr * scale; scale 0 freezes it (no gradient, no Adam state change, no decay)."""
+    """Set the upper group's lr for this step, lr * scale, and return it; scale 0 freezes the group (no gradient,
+    no Adam state change, no decay)."""
     for group in optimizer.param_groups:
         if group.get("upper"):
             group["lr"], group["frozen"] = lr * scale, scale == 0
+    return lr * scale

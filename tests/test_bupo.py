@@ -39,7 +39,7 @@ def test_phase_one_update_moves_only_layers_up_to_k_and_the_unembedding():
 def test_the_upper_layers_move_only_after_the_switch(tmp_path, monkeypatch, steps, moved):
     """inter_steps=2: after 2 steps layer 2 (above k=1) is untouched; one full step later it has moved."""
     monkeypatch.setattr(update, "problem_reward", text_reward)
-    cfg = tiny_cfg(tmp_path, bupo.BuPOConfig, steps=steps, inter_steps=2, layer="1", profile_samples=2)
+    cfg = tiny_cfg(tmp_path, bupo.BuPOConfig, steps=steps, inter_steps=2, layer=1, profile_samples=2)
     hist, trained, _ = bupo.train_bupo(cfg, 1, tiny_model("llama"), FakeTok())
     init = tiny_model("llama")
     layer2 = lambda m: [p for n, p in m.named_parameters() if n.startswith("model.layers.2.")]
@@ -53,7 +53,7 @@ def test_layer_aware_controls(tmp_path, monkeypatch, method):
     """Table 11's controls over a phase 1 of 2 steps (no weight decay): (a) the layers above k and the final norm stay
     exactly as they were while the rest learns; (b) they move 0.1x as far (Adam moves an element ~lr an update)."""
     monkeypatch.setattr(update, "problem_reward", text_reward)
-    cfg = tiny_cfg(tmp_path, bupo.BuPOConfig, steps=2, inter_steps=2, layer="1", methods=method, weight_decay=0.0, profile_every=0)
+    cfg = tiny_cfg(tmp_path, bupo.BuPOConfig, steps=2, inter_steps=2, layer=1, methods=method, weight_decay=0.0, profile_every=0)
     hist, trained, _ = bupo.train_bupo(cfg, 1, tiny_model("llama"), FakeTok())
     init = tiny_model("llama")
     upper = set(upper_parameters(init.named_parameters(), 1))
@@ -62,6 +62,19 @@ def test_layer_aware_controls(tmp_path, monkeypatch, method):
     assert lower > 3.5 * cfg.lr  # 4 Adam updates of ~lr each on the layers pi_k reaches
     assert moved == 0 if method == "grpo_frozen" else 0.09 < moved / lower < 0.11
     assert all(m["phase"] == "internal" and m["updates"] == 2 for m in hist)
+    assert [m["lr_upper"] for m in hist] == [cfg.lr * {"grpo_frozen": 0.0, "grpo_layer_lr": 0.1}[method]] * 2
+
+
+def test_the_upper_layers_lr_is_logged(tmp_path, monkeypatch):
+    """Table 11 (b) with s_inter = 1: lr_upper is 0.1 lr in phase 1, lr after it, beside the logged lr (the other
+    group's); a run without an upper group (BuPO) logs none."""
+    monkeypatch.setattr(update, "problem_reward", text_reward)
+    kw = dict(steps=2, inter_steps=1, layer=1, weight_decay=0.0, profile_every=0, save_every=0)
+    hist, _, _ = bupo.train_bupo(tiny_cfg(tmp_path / "a", bupo.BuPOConfig, methods="grpo_layer_lr", **kw), 1,
+                                 tiny_model("llama"), FakeTok())
+    assert [(m["lr"], m["lr_upper"]) for m in hist] == [(1e-2, 1e-2 * 0.1), (1e-2, 1e-2)]
+    hist, _, _ = bupo.train_bupo(tiny_cfg(tmp_path / "b", bupo.BuPOConfig, **kw), 1, tiny_model("llama"), FakeTok())
+    assert not any("lr_upper" in m for m in hist)
 
 
 def test_the_final_norm_variant_is_the_logit_lens_of_h_k():
@@ -79,15 +92,15 @@ def test_the_final_norm_variant_is_the_logit_lens_of_h_k():
 
 
 def test_auto_layer_is_the_end_of_exploration(tmp_path, monkeypatch):
-    cfg = tiny_cfg(tmp_path, bupo.BuPOConfig, layer="auto")
+    cfg = tiny_cfg(tmp_path, bupo.BuPOConfig, layer=None)
     monkeypatch.setattr(bupo, "entropy_profile", lambda *a: {"dH_ffn": [0.9, 0.8, -0.01, -0.9]})
     assert bupo.resolve_layer(cfg, None, None) == 1  # FFNs 0 and 1 raise the entropy, 2 is flat, 3 converges
-    assert bupo.resolve_layer(replace(cfg, layer="2"), None, None) == 2
+    assert bupo.resolve_layer(replace(cfg, layer=2), None, None) == 2
 
 
 def test_tiny_end_to_end_with_interruption_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(update, "problem_reward", text_reward)
-    base = dict(steps=3, inter_steps=2, layer="1", profile_samples=2, save_every=0)
+    base = dict(steps=3, inter_steps=2, layer=1, profile_samples=2, save_every=0)
     full, _, _ = bupo.train_bupo(tiny_cfg(tmp_path / "a", bupo.BuPOConfig, **base), 1, tiny_model("llama"), FakeTok())
     cfg_b = tiny_cfg(tmp_path / "b", bupo.BuPOConfig, **base)
     real = bupo.readout_entropies
@@ -158,7 +171,14 @@ def test_bupo_py_trains_one_bupo_run(tmp_path, monkeypatch, capsys):
     cli.run_main(bupo.main, argv)
     hist = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [m["phase"] for m in hist] == ["internal", "full"] and all("entropy_layer1" in m for m in hist)
-    assert json.load(open(out / "config.json"))["layer"] == "1" and "BuPO, k=1, s_inter=1" in capsys.readouterr().out
+    assert json.load(open(out / "config.json"))["layer"] == 1 and "BuPO, k=1, s_inter=1" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         cli.run_main(bupo.main, argv[:3] + ["--layer=9"] + argv[4:])
     assert e.value.code == 2  # k out of range: one line, before the run dir is claimed
+    saved = json.load(open(out / "config.json"))
+    json.dump(saved | {"layer": "1"}, open(out / "config.json", "w"))  # a run of the code that kept --layer as text
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(bupo.main, ["--resume", f"--out={out}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "holds a run with other settings: layer ('1' there, 1 now)" in err

@@ -76,6 +76,9 @@ def bad_inputs(tmp):
         ("grpo.py", ["--bench"], "moved: python bench.py grpo"),
         ("bupo.py", ["--bench"], "moved: python bench.py bupo"),
         ("bupo.py", ["--layer", "999"], "k=999 out of range: use 0..28"),
+        ("experiment.py", ["--layer", "x"], "--layer must be an integer or auto, got 'x'"),
+        ("bupo.py", ["--layer", "4.5"], "--layer must be an integer or auto, got '4.5'"),
+        ("bupo.py", ["--methods", "grpo"], "--methods must be one of bupo, bupo_ln, grpo_frozen, grpo_layer_lr"),
     ]
 
 
@@ -96,7 +99,7 @@ def test_each_script_turns_bad_input_into_one_line(tmp_path):
         assert_one_line_error(p.returncode, err, cases[script][1], script)
 
 
-@pytest.mark.parametrize("i", range(49))
+@pytest.mark.parametrize("i", range(52))
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys, i):
     """Every case through its script's main and cli.run_main, as `python SCRIPT ARGS` runs them."""
     script, args, want = bad_inputs(tmp_path)[i]
@@ -163,6 +166,31 @@ def test_parse_config_resumes_with_the_saved_settings(tmp_path):
     assert parse_config(Cfg, presets, argv=["--preset", "paper", "--steps", "4"]) == Cfg(steps=4)
     json.dump({"lr": 0.25, "steps": 9, "out": str(tmp_path), "resume": False}, open(tmp_path / "config.json", "w"))
     assert parse_config(Cfg, presets, argv=["--resume", "--out", str(tmp_path), "--steps", "12"]) == Cfg(0.25, 12, str(tmp_path), True)
+
+
+@dataclass
+class LayerCfg:
+    layer: int | None = None  # k, or auto
+    out: str = "x"            # output dir
+    resume: bool = False      # continue
+
+
+def test_an_int_or_none_setting_is_parsed_once(tmp_path):
+    """--layer auto / 4 become None / 4 at the command line (a preset's int stays), saved in config.json as null / 4;
+    anything else is an InputError naming the flag. Resuming, a saved "4" (an older run's) parses to 4 too."""
+    presets = {"cpu": {"layer": 4}}
+    assert parse_config(LayerCfg, presets, argv=[]).layer == 4
+    assert parse_config(LayerCfg, presets, argv=["--layer", "auto"]).layer is None
+    assert parse_config(LayerCfg, presets, argv=["--layer", "7"]).layer == 7
+    for bad in ("x", "4.0", ""):
+        with pytest.raises(InputError, match=f"--layer must be an integer or auto, got '{bad}'"):
+            parse_config(LayerCfg, presets, argv=["--layer", bad])
+    cfg = parse_config(LayerCfg, presets, argv=["--layer", "auto", "--out", str(tmp_path)])
+    with claim_run_dir(str(tmp_path), cfg):
+        pass
+    assert json.load(open(tmp_path / "config.json"))["layer"] is None
+    json.dump({"layer": "4", "out": str(tmp_path), "resume": False}, open(tmp_path / "config.json", "w"))
+    assert parse_config(LayerCfg, presets, argv=["--resume", "--out", str(tmp_path)]).layer == 4
 
 
 def test_read_jsonl_drops_a_cut_last_line_and_names_a_bad_one(tmp_path):

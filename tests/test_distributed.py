@@ -39,7 +39,7 @@ def _rank_main(rank, world, port, fn, args):
 
 def bupo_cfg(out, **kw):
     return tiny_cfg(out, bupo.BuPOConfig, **{**dict(steps=2, prompts_per_step=4, mini_batch_prompts=2, micro_batch=3, eval_every=1,
-                                                   lr=1e-3, inter_steps=1, layer="1", profile_every=0, profile_samples=2), **kw})
+                                                   lr=1e-3, inter_steps=1, layer=1, profile_every=0, profile_samples=2), **kw})
 
 
 PROBE = torch.tensor([[1, 5, 9, 14, 30, 2]])

@@ -10,16 +10,17 @@ import bupo
 import checkpoints
 import experiment
 import update
-from bupo import INTERNAL, METHODS
+from bupo import PHASE_ONE
 from cli import InputError
 from conftest import FakeTok, fake_load, text_reward, tiny_cfg, tiny_model
+from experiment import METHODS
 
 
 def tiny_experiment(tmp_path, monkeypatch, **kw):
     monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
-    return tiny_cfg(tmp_path, bupo.BuPOConfig, **{**dict(steps=2, eval_every=1, inter_steps=1, layer="1", profile_samples=2,
+    return tiny_cfg(tmp_path, bupo.BuPOConfig, **{**dict(steps=2, eval_every=1, inter_steps=1, layer=1, profile_samples=2,
                                                            seeds="2", out=str(tmp_path / "exp")), **kw})
 
 
@@ -31,6 +32,7 @@ def test_experiment_pairs_seeds_and_reports_intervals(tmp_path, monkeypatch):
     for f in ("comparison.png", "profiles.png", "results.md", "results.json", "initial.json",
               "seed0/bupo/metrics.jsonl", "seed1/grpo/metrics.jsonl"):
         assert (out / f).exists(), f
+    assert json.load(open(out / "initial.json"))["k"] == 1  # the shared start's layer k
     res = json.load(open(out / "results.json"))
     assert set(res["per_seed"]) == {"BuPO", "GRPO"} and set(res["per_seed"]["GRPO"]) == {"0", "1"}
     d = [res["per_seed"]["BuPO"][s] - res["per_seed"]["GRPO"][s] for s in ("0", "1")]
@@ -75,7 +77,7 @@ def test_sweep_and_methods(tmp_path, monkeypatch):
     assert set(res["per_seed"]) == {"BuPO inter_steps=0", "BuPO inter_steps=1"} and res["paired"] == {}
     assert (tmp_path / "exp" / "sweep.png").exists()
     for bad, match in [(dict(sweep="depth=1"), "--sweep must be"), (dict(sweep="layer=1,9"), "out of range"),
-                       (dict(methods="dpo"), "--methods"), (dict(methods="grpo,grpo"), "--methods"), (dict(seeds="0"), "--seeds"), (dict(layer="x"), "--layer")]:
+                       (dict(methods="dpo"), "--methods"), (dict(methods="grpo,grpo"), "--methods"), (dict(seeds="0"), "--seeds")]:
         with pytest.raises(InputError, match=match):
             experiment.experiment(replace(cfg, out=str(tmp_path / "bad"), **bad))
 
@@ -94,7 +96,7 @@ def test_every_method_of_the_paper_in_one_experiment(tmp_path, monkeypatch):
         hist = [json.loads(x) for x in open(out / "seed1" / method / "metrics.jsonl")]
         assert res["sampled"]["per_seed"][name]["1"] == hist[-1]["sampled/avg/avg@4"] == hist[-1]["sampled/avg/pass@1"]
         assert ("critic_loss" in hist[0]) == (est == "gae")
-        assert [m["phase"] for m in hist] == (["internal", "full"] if method in INTERNAL else ["full", "full"])
+        assert [m["phase"] for m in hist] == (["internal", "full"] if method in PHASE_ONE else ["full", "full"])
     assert json.load(open(out / "seed0" / "ppo" / "config.json"))["adv_estimator"] == "gae"
     curve = list(res["pass_at_k"]["initial"].values())
     assert curve == sorted(curve)  # Pass@K never falls with K

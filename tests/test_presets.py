@@ -41,7 +41,7 @@ def test_each_paper_preset_fits_its_model(preset):
     hub, name, k, n, _ = PAPER_MODELS[preset]
     cfg, config = BuPOConfig(**BUPO_PRESETS[preset]), shipped(name)
     world = 8 if cfg.fsdp else 1
-    assert cfg.model == hub and cfg.layer == str(k) and cfg.max_new_tokens == n and cfg.inter_steps == 30 and cfg.steps == 300
+    assert cfg.model == hub and cfg.layer == k and cfg.max_new_tokens == n and cfg.inter_steps == 30 and cfg.steps == 300
     assert (cfg.prompts_per_step, cfg.mini_batch_prompts, cfg.group_size, cfg.lr) == (128, 32, 8, 1e-6)
     assert (cfg.reward, cfg.max_prompt_length, cfg.loss_agg) == ("verl", 1024, "micro-token-mean")
     check_layer(config, k)
