@@ -58,12 +58,12 @@ def entropy_profile(model, tok, cfg):
 
 
 @torch.no_grad()
-def readout_entropies(model, ids, att, resp, temperature, layers, precision):
-    """Token-mean entropies of the output policy and of pi_k for each k in layers, under `precision`, as the update
-    runs them (pi_k: layers 0..k in float32, the lm_head under the autocast; see policy.layer_logprobs)."""
+def readout_entropies(model, ids, att, resp, temperature, layers, precision, output=True):
+    """Token-mean entropies of pi_k for each k in layers (and with `output` of the output policy), under `precision`,
+    as the update runs them (pi_k: layers 0..k in float32, the lm_head under the autocast; see policy.layer_logprobs)."""
     n = max(int(resp[:, 1:].sum()), 1)
     with compute_precision(precision, ids.device):
-        out = {"output": output_policy(model, ids, att, temperature, resp)[1].sum().item() / n}
+        out = {"output": output_policy(model, ids, att, temperature, resp)[1].sum().item() / n} if output else {}
         return out | {k: layer_logprobs(model, ids, att, k, temperature, resp)[1].sum().item() / n for k in layers}
 
 
@@ -100,11 +100,11 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=(), probes=None):
             tqdm.write(f"step {step}: {desc}: phase 1 ends, plain GRPO from now on")
         _, ids, att, resp, _ = next(micro_slices(batch, range(batch.input_ids.shape[0]), cfg.micro_batch, cfg.micro_tokens))
         with distributed.full_weights(runner) as model:
-            ent = readout_entropies(model, ids, att, resp, cfg.temperature, layers, cfg.precision)  # this rank's first micro-batch
+            # this rank's first micro-batch; the output policy's entropy is train_step's, over the whole batch (Fig. 7)
+            ent = readout_entropies(model, ids, att, resp, cfg.temperature, layers, cfg.precision, output=False)
         n = distributed.all_sum([1.0])[0]
         for key, v in zip(ent, distributed.all_sum(list(ent.values()))):
-            if key != "output":  # the output policy's: train_step's, over the whole batch before the update (Fig. 7)
-                m[f"entropy_layer{key}"] = v / n
+            m[f"entropy_layer{key}"] = v / n
         if cfg.profile_every and ((step + 1) % cfg.profile_every == 0 or step == cfg.steps - 1):
             with distributed.full_weights(runner) as model:  # every rank profiles the same responses
                 prof = entropy_profile(model, tok, cfg)

@@ -104,7 +104,7 @@ def test_tiny_end_to_end_with_interruption_and_resume(tmp_path, monkeypatch):
     full, _, _ = bupo.train_bupo(tiny_cfg(tmp_path / "a", bupo.BuPOConfig, **base), 1, tiny_model("llama"), FakeTok())
     cfg_b = tiny_cfg(tmp_path / "b", bupo.BuPOConfig, **base)
     real = bupo.readout_entropies
-    monkeypatch.setattr(bupo, "readout_entropies", lambda *a: (os.kill(os.getpid(), signal.SIGINT), real(*a))[1])
+    monkeypatch.setattr(bupo, "readout_entropies", lambda *a, **kw: (os.kill(os.getpid(), signal.SIGINT), real(*a, **kw))[1])
     with pytest.raises(Stopped, match="after step 0 of 3"):
         bupo.train_bupo(cfg_b, 1, tiny_model("llama"), FakeTok())
     monkeypatch.setattr(bupo, "readout_entropies", real)

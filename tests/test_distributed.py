@@ -124,7 +124,7 @@ def stop_after_first_step(rank, cfg):
     real = bupo.readout_entropies
     update.problem_reward = text_reward
     steps = []
-    bupo.readout_entropies = lambda *a: (steps.append(len(steps)), ctrl_c(steps[-1], None, None, None, None), real(*a))[2]
+    bupo.readout_entropies = lambda *a, **kw: (steps.append(len(steps)), ctrl_c(steps[-1], None, None, None, None), real(*a, **kw))[2]
     with pytest.raises(Stopped, match="after step 0 of"):
         bupo.train_bupo(cfg, 1, tiny_model("llama"), FakeTok())
 

@@ -117,11 +117,11 @@ def test_a_stopped_experiment_keeps_its_work_and_resumes(tmp_path, monkeypatch, 
             ("max_new_tokens", 6), ("precision", "float32"), ("lr", 0.01), ("eval_samples", 0), ("out", cfg.out)]]
     real, calls = bupo.readout_entropies, []
 
-    def kill_once(*a):
+    def kill_once(*a, **kw):
         calls.append(1)
         if len(calls) == 1:
             os.kill(os.getpid(), sig)
-        return real(*a)
+        return real(*a, **kw)
     monkeypatch.setattr(bupo, "readout_entropies", kill_once)
     with pytest.raises(SystemExit) as stop:
         cli.run_main(experiment.main, argv)

@@ -77,11 +77,11 @@ def test_1_a_stop_in_the_last_step_of_a_run_stops_the_experiment_before_its_next
     out, argv = tiny_experiment(tmp_path, monkeypatch, "grpo,bupo")
     real, calls = bupo.readout_entropies, []
 
-    def term_in_grpo_step_1(*a):  # called once a step: the 2nd call is GRPO's step 1, its last
+    def term_in_grpo_step_1(*a, **kw):  # called once a step: the 2nd call is GRPO's step 1, its last
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(*a)
+        return real(*a, **kw)
     monkeypatch.setattr(bupo, "readout_entropies", term_in_grpo_step_1)
     last = run(experiment.main, argv, capsys, 130)
     assert len(calls) == 2 and "GRPO, seed 0 after step 1 of 2, checkpoint saved" in last
@@ -301,7 +301,7 @@ def test_9_a_damaged_run_of_an_experiment_names_the_experiments_way_on(tmp_path,
     resuming the experiment, as advised, trains that run again and reports."""
     out, argv = tiny_experiment(tmp_path, monkeypatch, "grpo")
     real = bupo.readout_entropies
-    monkeypatch.setattr(bupo, "readout_entropies", lambda *a: (os.kill(os.getpid(), signal.SIGINT), real(*a))[1])
+    monkeypatch.setattr(bupo, "readout_entropies", lambda *a, **kw: (os.kill(os.getpid(), signal.SIGINT), real(*a, **kw))[1])
     run(experiment.main, argv, capsys, 130)
     monkeypatch.setattr(bupo, "readout_entropies", real)
     run_dir = out / "seed0" / "grpo"
@@ -327,7 +327,7 @@ def test_4_a_hand_edited_experiment_config_is_refused_by_name(tmp_path, monkeypa
                         "--methods=grpo", "--task=arithmetic", "--eval-data=arithmetic", "--eval-limit=4", "--eval-max-new-tokens=4",
                         "--lr=0.01", f"--out={out}"]
     real, calls = bupo.readout_entropies, []
-    monkeypatch.setattr(bupo, "readout_entropies", lambda *a: (calls.append(1), len(calls) == 2 and os.kill(os.getpid(), signal.SIGINT), real(*a))[2])
+    monkeypatch.setattr(bupo, "readout_entropies", lambda *a, **kw: (calls.append(1), len(calls) == 2 and os.kill(os.getpid(), signal.SIGINT), real(*a, **kw))[2])
     run(experiment.main, argv, capsys, 130)  # seed 0 finished, seed 1 stopped in its (last) step
     cfg = json.load(open(out / "config.json"))
     json.dump({**cfg, "lr": 0.02}, open(out / "config.json", "w"))
