@@ -31,6 +31,7 @@ from hardware import clock
 from policy import check_layer, compute_precision, layer_logprobs, layer_policy, micro_slices, output_policy
 from probe import probe
 from problems import task_problems
+from rollout import configure as configure_sampling
 from update import rollout_step
 
 
@@ -130,7 +131,7 @@ def main(argv=None):
     if cfg.layer is not None:
         check_layer(config, cfg.layer)
     check_config(cfg, config)
-    grpo.configure_sampling(cfg.compile, cfg.attention)  # the sampling before the run too (layer=auto's profile)
+    configure_sampling(cfg.compile, cfg.attention)  # the sampling before the run too (layer=auto's profile)
     d = distributed.init()
     try:
         model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)

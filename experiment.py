@@ -30,6 +30,7 @@ from models import load_model, model_config
 from policy import check_layer
 from probe import probe, probe_set
 from results import report
+from rollout import configure as configure_sampling
 
 # The experiment's methods (the paper's Table 1, 5, 11): name in the report, verl's advantage estimator. Those of
 # bupo.PHASE_ONE train their own phase 1 for s_inter steps, then GRPO; the others train the output policy throughout.
@@ -201,7 +202,7 @@ def _initial(cfg, model, tok, d):
 def main(argv=None):
     cfg = parse_config(BuPOConfig, BUPO_PRESETS, "BuPO vs GRPO on paired seeds (arXiv 2512.19673). " + preset_help(BUPO_PRESETS), argv)
     check(not cfg.bench, "experiment.py --bench: the benchmark is python bench.py bupo (the same flags)")
-    grpo.configure_sampling(cfg.compile, cfg.attention)  # the sampling before the runs too (profiles, probe set)
+    configure_sampling(cfg.compile, cfg.attention)  # the sampling before the runs too (profiles, probe set)
     experiment(cfg)
 
 
