@@ -11,7 +11,8 @@ One run of BuPO itself is bupo.py.
     python experiment.py                 # CPU: 3 seeds of BuPO (k=4, s_inter=3) and GRPO, 10 steps each (~16 min)
     python experiment.py --resume --sweep layer=4,14,24   # then the layer ablation on the same seeds
     python experiment.py --preset paper --methods bupo   # the paper's setting: Qwen3-4B, k=5, s_inter=30, on one H200
-    torchrun --nproc_per_node=8 experiment.py --preset paper-qwen3-8b   # the other backbones: --preset paper-octothinker-3b, -8b
+    torchrun --nproc_per_node=8 experiment.py --preset paper-qwen3-8b
+        # the other backbones: --preset paper-octothinker-3b, -8b
 """
 import copy
 import os
@@ -23,8 +24,8 @@ import distributed
 import grpo
 from bupo import PHASE_ONE, entropy_profile, resolve_layer, train_bupo
 from checkpoints import RunDamaged, checkpoint_path, read_metrics, remove_checkpoint
-from cli import (Diverged, InputError, Stopped, check, check_seed, claim_run_dir, parse_config, read_json, run_main, settings_diff,
-                 write_json)
+from cli import (Diverged, InputError, Stopped, check, check_seed, claim_run_dir, parse_config, read_json, run_main,
+                 settings_diff, write_json)
 from config import BUPO_PRESETS, BuPOConfig, check_config, check_ppo_memory, preset_help, resume_safe
 from models import load_model, model_config
 from policy import check_layer
@@ -49,10 +50,12 @@ METHODS = {
 def parse_seeds(cfg):
     """The experiment's seeds: N -> cfg.seed .. cfg.seed+N-1; a comma list as given."""
     try:
-        seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()] if "," in cfg.seeds else list(range(cfg.seed, cfg.seed + int(cfg.seeds)))
+        seeds = ([int(s) for s in cfg.seeds.split(",") if s.strip()] if "," in cfg.seeds
+                 else list(range(cfg.seed, cfg.seed + int(cfg.seeds))))
     except ValueError:
         seeds = []
-    check(seeds and len(set(seeds)) == len(seeds), f"--seeds must be a count N >= 1 or a comma list of distinct seeds, got '{cfg.seeds}'")
+    check(seeds and len(set(seeds)) == len(seeds),
+          f"--seeds must be a count N >= 1 or a comma list of distinct seeds, got '{cfg.seeds}'")
     for seed in seeds:
         check_seed(seed, "--seeds" if "," in cfg.seeds else "--seed + --seeds - 1")
     return seeds
@@ -73,22 +76,25 @@ def parse_sweep(cfg):
 
 
 def plan(cfg, k, seeds):
-    """[(group, seed, run config)]: per seed a run of each method, BuPO's once per sweep value (groups share seeds: paired)."""
+    """[(group, seed, run config)]: per seed a run of each method, BuPO's once per sweep value (groups share seeds:
+    paired)."""
     key, values = parse_sweep(cfg)
     methods = cfg.methods.split(",")
     runs = []
     for seed in seeds:
-        base = replace(cfg, seed=seed, seeds=f"{seed},", sweep="", keep_checkpoints=False, save_final=cfg.keep_checkpoints,
-                       eval_before=False, resume=False, overwrite=False, layer=k)
+        base = replace(cfg, seed=seed, seeds=f"{seed},", sweep="", keep_checkpoints=False,
+                       save_final=cfg.keep_checkpoints, eval_before=False, resume=False, overwrite=False, layer=k)
         for method in methods:
             name, estimator = METHODS[method]
             if method != "bupo":  # bupo's runs follow, one per sweep value
-                runs.append((name, seed, replace(base, methods=method, adv_estimator=estimator, out=os.path.join(cfg.out, f"seed{seed}", method),
+                runs.append((name, seed, replace(base, methods=method, adv_estimator=estimator,
+                                                 out=os.path.join(cfg.out, f"seed{seed}", method),
                                                  inter_steps=cfg.inter_steps if method in PHASE_ONE else 0)))
         for v in values if "bupo" in methods else []:
             group = "BuPO" if key is None else f"BuPO {key}={v}"
             same = key is None or v == getattr(cfg, key)  # the unswept BuPO run: one dir, shared with a sweep over it
-            run = replace(base, methods="bupo", adv_estimator="grpo", out=os.path.join(cfg.out, f"seed{seed}", "bupo" if same else f"bupo-{key}{v}"),
+            run = replace(base, methods="bupo", adv_estimator="grpo",
+                          out=os.path.join(cfg.out, f"seed{seed}", "bupo" if same else f"bupo-{key}{v}"),
                           **({key: v} if key == "inter_steps" else {}))
             runs.append((group, seed, replace(run, layer=v) if key == "layer" else run))
     return runs
@@ -107,7 +113,8 @@ def check_run(cfg, run_cfg):
     path = os.path.join(run_cfg.out, "config.json")
     diff = settings_diff(read_json(path), asdict(run_cfg), resume_safe(run_cfg)) if os.path.exists(path) else []
     saved = read_json(path) if diff else {}
-    what = ", ".join(f"{k} ({saved.get(k)!r} in the run, {getattr(run_cfg, k, None)!r} in the experiment)" for k in diff)
+    what = ", ".join(f"{k} ({saved.get(k)!r} in the run, {getattr(run_cfg, k, None)!r} in the experiment)"
+                     for k in diff)
     check(not diff, f"{path} and {cfg.out}/config.json disagree: {what}; one was edited by hand: put back the value(s) "
           "the run was trained with, or start the experiment afresh with --overwrite (or another --out)")
 
@@ -118,12 +125,15 @@ def check_experiment(cfg):
     methods = cfg.methods.split(",")
     check(methods and set(methods) <= set(METHODS) and len(set(methods)) == len(methods),
           f"--methods must be a comma list of distinct methods out of {', '.join(METHODS)}; got '{cfg.methods}'")
-    check(cfg.eval_every >= 1, "--eval-every must be >= 1: the experiment compares the runs' held-out accuracy after the last step")
+    check(cfg.eval_every >= 1,
+          "--eval-every must be >= 1: the experiment compares the runs' held-out accuracy after the last step")
     key, values = parse_sweep(cfg)
     check(key is None or "bupo" in methods, "--sweep varies BuPO: include bupo in --methods")
     steps = [cfg.inter_steps] + (values if key == "inter_steps" else [])
-    check(all(0 <= v <= cfg.steps for v in steps), f"--inter-steps must lie in 0..--steps ({cfg.steps}), got {', '.join(map(str, steps))}")
-    check(cfg.profile_samples >= 1 and cfg.profile_every >= 0, "--profile-samples must be >= 1 and --profile-every >= 0")
+    check(all(0 <= v <= cfg.steps for v in steps),
+          f"--inter-steps must lie in 0..--steps ({cfg.steps}), got {', '.join(map(str, steps))}")
+    check(cfg.profile_samples >= 1 and cfg.profile_every >= 0,
+          "--profile-samples must be >= 1 and --profile-every >= 0")
     check(cfg.probe_samples >= 1 and cfg.probe_every >= 0, "--probe-samples must be >= 1 and --probe-every >= 0")
     config = model_config(cfg.model)
     for k in ([cfg.layer] if cfg.layer is not None else []) + (values if key == "layer" else []):
@@ -138,7 +148,8 @@ def experiment(cfg):
     """BuPO and GRPO on paired seeds, from the same weights; per-seed results, intervals, curves (rank 0)."""
     d = distributed.init()
     seeds, _ = check_experiment(cfg)
-    with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=resume_safe(cfg), writer=d.main):
+    with claim_run_dir(cfg.out, cfg, resume=cfg.resume, overwrite=cfg.overwrite, mutable=resume_safe(cfg),
+                       writer=d.main):
         model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
         start = _initial(cfg, model, tok, d)  # the shared start: its layer k, held-out accuracy and profile
         init = model.cpu()  # the starting weights, kept off the device; each run trains a copy
@@ -151,7 +162,8 @@ def experiment(cfg):
             if hist is None:
                 hist = train_run(cfg, run_cfg, init, tok, d, f"{group}, seed {seed}", layers, start.get("probe_set"))
             if not cfg.keep_checkpoints and d.main:
-                remove_checkpoint(run_cfg.out)  # its metrics hold all the report needs (also one stopped after its last step)
+                # its metrics hold all the report needs (also one stopped after its last step)
+                remove_checkpoint(run_cfg.out)
             runs.setdefault(group, {})[seed] = hist
         distributed.close()
         if d.main:
@@ -160,7 +172,8 @@ def experiment(cfg):
 
 def train_run(cfg, run_cfg, init, tok, d, name, layers, probes):
     """One run of the experiment from its checkpoint, or afresh (killed before any checkpoint); its metrics. A stop
-    request (also in its last step) stops the experiment; a non-finite stop or a damaged run names the experiment's way on."""
+    request (also in its last step) stops the experiment; a non-finite stop or a damaged run names the experiment's
+    way on."""
     has_ckpt = checkpoint_path(run_cfg.out) is not None
     run_cfg = replace(run_cfg, resume=has_ckpt, overwrite=not has_ckpt)
     try:
@@ -172,8 +185,8 @@ def train_run(cfg, run_cfg, init, tok, d, name, layers, probes):
         raise Diverged(f"{name}: {e.what}", f"the experiment's runs share one lr: start it afresh with a lower --lr "
                        f"(e.g. --lr {cfg.lr / 10:g}) and --overwrite, or another --out") from None
     except RunDamaged as e:
-        raise InputError(f"{name}: {e.what}; move {run_cfg.out} aside (mv it to a new name: nothing is lost) and continue "
-                         f"the experiment with --resume --out {cfg.out}: that run is trained again") from None
+        raise InputError(f"{name}: {e.what}; move {run_cfg.out} aside (mv it to a new name: nothing is lost) and "
+                         f"continue the experiment with --resume --out {cfg.out}: that run is trained again") from None
     return hist
 
 
@@ -200,7 +213,8 @@ def _initial(cfg, model, tok, d):
 
 
 def main(argv=None):
-    cfg = parse_config(BuPOConfig, BUPO_PRESETS, "BuPO vs GRPO on paired seeds (arXiv 2512.19673). " + preset_help(BUPO_PRESETS), argv)
+    cfg = parse_config(BuPOConfig, BUPO_PRESETS,
+                       "BuPO vs GRPO on paired seeds (arXiv 2512.19673). " + preset_help(BUPO_PRESETS), argv)
     check(not cfg.bench, "experiment.py --bench: the benchmark is python bench.py bupo (the same flags)")
     configure_sampling(cfg.compile, cfg.attention)  # the sampling before the runs too (profiles, probe set)
     experiment(cfg)

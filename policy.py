@@ -33,7 +33,8 @@ from cli import InputError
 from decompose import check_inputs, unembed
 
 LOGITS_BUDGET = 1 << 30  # bytes of float32 logits materialized at once (a chunk of rows x V)
-SHARE_PROMPTS = ("cpu",)  # devices where residuals() runs a group's prompt once (FLOPs bound); a GPU runs one forward per micro-batch
+# devices where residuals() runs a group's prompt once (FLOPs bound); a GPU runs one forward per micro-batch
+SHARE_PROMPTS = ("cpu",)
 PRECISIONS = ("float32", "bfloat16")
 LOGP_FLOOR = -1e30  # a -inf logit's log-prob in TokenLogprobs: exp gives 0, and times a gradient it stays finite
 
@@ -78,9 +79,11 @@ class Batch:
     lengths: tuple = None         # ([row length], [response length]) on the host; read from the masks once if None
 
     def host_lengths(self):
-        """(row lengths, response lengths), lists of N ints: what micro-batching needs, without waiting for the device."""
+        """(row lengths, response lengths), lists of N ints: what micro-batching needs, without waiting for the
+        device."""
         if self.lengths is None:
-            self.lengths = tuple(torch.stack([self.attention_mask.sum(1), self.response_mask.sum(1)]).tolist())  # one host sync
+            # one host sync
+            self.lengths = tuple(torch.stack([self.attention_mask.sum(1), self.response_mask.sum(1)]).tolist())
         return self.lengths
 
 
@@ -150,8 +153,10 @@ class TokenLogprobs(torch.autograd.Function):
         logits, targets, lse, ent = ctx.saved_tensors
         logp = _scaled(logits, ctx.temperature).sub_(lse[:, None]).clamp_(min=LOGP_FLOOR)  # (c, V)
         p = logp.exp()  # (c, V)
-        w = logp.add_(ent[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None]) if ctx.entropy_grad else g_lp[:, None]  # (c, V) or (c, 1)
-        grad = p.mul_(w).neg_().scatter_add_(1, targets[:, None], g_lp[:, None])  # g_lp (onehot - p) - g_ent p (log p + H)
+        w = (logp.add_(ent[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None]) if ctx.entropy_grad
+             else g_lp[:, None])  # (c, V) or (c, 1)
+        # g_lp (onehot - p) - g_ent p (log p + H)
+        grad = p.mul_(w).neg_().scatter_add_(1, targets[:, None], g_lp[:, None])
         return (grad.div_(ctx.temperature) if ctx.temperature != 1 else grad).to(logits.dtype), None, None, None
 
 
@@ -176,7 +181,8 @@ def scored_positions(mask, n=None):
     return (~pos).to(torch.uint8).argsort(stable=True)[:n]  # (n,): the True positions first, in their order
 
 
-def logprobs_from_hidden(model, h, input_ids, mask, temperature=1.0, final_norm=False, entropy_grad=False, n_scored=None):
+def logprobs_from_hidden(model, h, input_ids, mask, temperature=1.0, final_norm=False, entropy_grad=False,
+                         n_scored=None):
     """Log-probs and entropies (B, T) of pi(h) = softmax(unembed(h) / temperature), token-aligned as a policy's.
 
     h: residuals (B, T, D); position t-1 produces token t. Only tokens where mask is True
@@ -195,8 +201,10 @@ def logprobs_from_hidden(model, h, input_ids, mask, temperature=1.0, final_norm=
         args = (model, flat[i:i + c], targets[i:i + c], temperature, final_norm, entropy_grad)
         many = flat.shape[0] > c and torch.is_grad_enabled()
         parts.append(checkpoint(_chunk, *args, use_reentrant=False) if many else _chunk(*args))
-    logp, ent = (torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts)) if parts else (flat.new_zeros(0, dtype=torch.float),) * 2
-    full = lambda v: torch.zeros(B * T, dtype=v.dtype, device=h.device).index_put((b * T + t + 1,), v).view(B, T)  # token t+1's
+    logp, ent = ((torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts)) if parts
+                 else (flat.new_zeros(0, dtype=torch.float),) * 2)
+    # token t+1's
+    full = lambda v: torch.zeros(B * T, dtype=v.dtype, device=h.device).index_put((b * T + t + 1,), v).view(B, T)
     return full(logp), full(ent)
 
 
@@ -237,7 +245,8 @@ def residuals(model, input_ids, attention_mask, mask, k=None, trusted=False):
     if not trusted:
         check_inputs(model, input_ids, attention_mask)
     B, T = input_ids.shape
-    checkpointing = model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") else model.is_gradient_checkpointing
+    checkpointing = (model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing")
+                     else model.is_gradient_checkpointing)
     groups = None if checkpointing else prompt_groups(input_ids, mask)
     if groups is None:
         if trusted:
@@ -248,13 +257,15 @@ def residuals(model, input_ids, attention_mask, mask, k=None, trusted=False):
         P, rows = len(prompt), torch.tensor(rows, device=input_ids.device)
         end = int(attention_mask[rows].sum(1).max())  # the group's longest row
         cache = DynamicCache(config=model.config)
-        h_prompt = _forward(model, input_ids[rows[:1], :P], None, k, cache=cache)[:, -1:]  # (1, 1, D): produces the first response token
+        # (1, 1, D): produces the first response token
+        h_prompt = _forward(model, input_ids[rows[:1], :P], None, k, cache=cache)[:, -1:]
         cache.batch_repeat_interleave(len(rows))  # (n, ...) views of one prompt's keys and values, gradients included
         att = torch.cat([attention_mask.new_ones(len(rows), P), attention_mask[rows, P:end]], 1)  # (n, end)
         pos = torch.arange(P, end, device=input_ids.device).expand(len(rows), -1)  # (n, end-P)
         h_resp = _forward(model, input_ids[rows, P:end], att, k, cache=cache, position_ids=pos)  # (n, end-P, D)
         h = h if h is not None else h_resp.new_zeros(B, T, h_resp.shape[-1])
-        h = h.index_put((rows[:, None], torch.arange(P - 1, end, device=h.device)), torch.cat([h_prompt.expand(len(rows), -1, -1), h_resp], 1))
+        h = h.index_put((rows[:, None], torch.arange(P - 1, end, device=h.device)),
+                        torch.cat([h_prompt.expand(len(rows), -1, -1), h_resp], 1))
     return h
 
 
@@ -272,7 +283,8 @@ def prompt_groups(input_ids, mask):
 
 
 def decoder_tokens(input_ids, attention_mask, mask):
-    """Token positions the decoder runs in residuals() (its FLOP count): each distinct prompt once, or the whole batch."""
+    """Token positions the decoder runs in residuals() (its FLOP count): each distinct prompt once, or the whole
+    batch."""
     groups = prompt_groups(input_ids, mask)
     if groups is None:
         return input_ids.numel()
@@ -282,8 +294,10 @@ def decoder_tokens(input_ids, attention_mask, mask):
 def _forward(model, input_ids, attention_mask, k=None, cache=None, position_ids=None):
     """model.model's last hidden state (final-normed), or with k the raw residual after layer k (early exit);
     with a cache, its keys and values are read and extended."""
-    cache_arg = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"  # renamed in transformers 5.2x
-    kw = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, cache_arg: cache, "use_cache": cache is not None}
+    # renamed in transformers 5.2x
+    cache_arg = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+    kw = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, cache_arg: cache,
+          "use_cache": cache is not None}
     if k is None:
         return model.model(**kw).last_hidden_state
 
@@ -312,8 +326,10 @@ def check_layer(model_config, k):
                          f"(k={L - 1} is the last layer, whose policy GRPO already trains)")
 
 
-def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0, mask=None, entropy_grad=False, final_norm=False, n_scored=None):
-    """Log-probs and entropies (B, T) under pi_k = softmax(lm_head(h_k) / T); mask None scores every token after the first.
+def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0, mask=None, entropy_grad=False,
+                   final_norm=False, n_scored=None):
+    """Log-probs and entropies (B, T) under pi_k = softmax(lm_head(h_k) / T); mask None scores every token after the
+    first.
 
     final_norm=True applies the model's final norm to h_k first (the logit-lens convention;
     the paper's Table 5 ablation); the paper's BuPO uses the raw residual.
@@ -334,7 +350,8 @@ def layer_logprobs(model, input_ids, attention_mask, k, temperature=1.0, mask=No
 def layer_policy(k, final_norm=False):
     """The policy fn of pi_k (BuPO's first phase); final_norm: the logit-lens variant (Table 5)."""
     def policy(model, input_ids, attention_mask, temperature=1.0, mask=None, entropy_grad=False, n_scored=None):
-        return layer_logprobs(model, input_ids, attention_mask, k, temperature, mask, entropy_grad, final_norm, n_scored)
+        return layer_logprobs(model, input_ids, attention_mask, k, temperature, mask, entropy_grad, final_norm,
+                              n_scored)
     policy.layer, policy.final_norm = k, final_norm
     return policy
 
