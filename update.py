@@ -1,4 +1,5 @@
-"""The parts of a training step of GRPO and of the paper's other methods: sample, reward, advantages, old log-probs, PPO updates.
+"""The parts of a training step of GRPO and of the paper's other methods: sample, reward, advantages, old log-probs,
+PPO updates.
 
 Tan et al., arXiv 2512.19673, Sec. 3 and Table 1. A step samples a group of responses per
 prompt with rollout.py, rewards them (grade.py), turns the rewards into advantages by
@@ -38,19 +39,22 @@ def rollout_step(model, tok, problems, cfg, step, prompt_index=None):
     r = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=cfg.seed * 1_000_003 + step,
                  dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None, batch_index=rows,
-                 batch_rows=(len(problems) if prompt_index is None else cfg.prompts_per_step) * G, max_batch=cfg.rollout_batch)
+                 batch_rows=(len(problems) if prompt_index is None else cfg.prompts_per_step) * G,
+                 max_batch=cfg.rollout_batch)
     responses = [t[:n] for t, n in zip(r.tokens.tolist(), r.lengths.tolist())]
     texts = tok.batch_decode(responses, skip_special_tokens=True)
     rewards = torch.tensor([problem_reward(t, problems[i // G]) for i, t in enumerate(texts)])
     results = {"reward": rewards, "length": r.lengths.float().cpu(), "truncated": (~r.finished).float().cpu()}
     ids, att, resp = pad_rows(prompts, responses, tok.pad_token_id, model.device)
-    lengths = ([len(p) + len(r) for p, r in zip(prompts, responses)], [len(r) for r in responses])  # host: no sync later
+    # host: no sync later
+    lengths = ([len(p) + len(r) for p, r in zip(prompts, responses)], [len(r) for r in responses])
     return Batch(ids, att, resp, outcome_advantages(cfg, rewards.to(model.device), resp), lengths), results
 
 
 def outcome_advantages(cfg, rewards, mask):
     """The advantages of cfg.adv_estimator from the rewards (N,) alone: (N,) for grpo and rloo, (N, T) for
-    reinforce_plus_plus (whitened over all ranks' tokens); zeros for gae, whose advantages need the critic (train_step)."""
+    reinforce_plus_plus (whitened over all ranks' tokens); zeros for gae, whose advantages need the critic
+    (train_step)."""
     est, G = cfg.adv_estimator, cfg.group_size
     if est == "grpo":
         return group_advantages(rewards, G, scale=cfg.scale_adv)
@@ -66,7 +70,8 @@ def rollout_metrics(results, group_size):
     rewards, lengths = results["reward"], results["length"]
     groups = rewards.view(-1, group_size)
     return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-            "accuracy": (rewards == 1).float().mean().item(), "zero_std_groups": (groups.std(1) == 0).float().mean().item(),
+            "accuracy": (rewards == 1).float().mean().item(),
+            "zero_std_groups": (groups.std(1) == 0).float().mean().item(),
             "response_len_mean": lengths.mean().item(), "response_len_max": lengths.max().item(),
             "truncated": results["truncated"].mean().item()}
 
@@ -81,7 +86,8 @@ def policy_logprobs(policy, runner, batch, cfg, rows=None, world=1):
     logp = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
     ent = torch.zeros_like(logp)
     rows = range(batch.input_ids.shape[0]) if rows is None else rows  # a range or list: no index read back
-    for j, ids, att, resp, _ in update_slices(batch, rows, cfg.mini_batch_prompts // world * cfg.group_size, cfg.micro_batch, cfg.micro_tokens):
+    for j, ids, att, resp, _ in update_slices(batch, rows, cfg.mini_batch_prompts // world * cfg.group_size,
+                                              cfg.micro_batch, cfg.micro_tokens):
         with compute_precision(cfg.precision, ids.device):
             lp, en = runner(policy, ids, att, cfg.temperature, resp, n_scored=scored_count(batch, j))
         logp[j, :lp.shape[1]], ent[j, :lp.shape[1]] = lp, en
@@ -89,7 +95,8 @@ def policy_logprobs(policy, runner, batch, cfg, rows=None, world=1):
 
 
 def ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, cfg, world=1, on_policy_first=True):
-    """PPO updates of one step: consecutive mini-batches of whole groups (the rows come shuffled), micro-batch accumulation.
+    """PPO updates of one step: consecutive mini-batches of whole groups (the rows come shuffled), micro-batch
+    accumulation.
     Returns (metrics, the entropies (N, T) of the on-policy first mini-batch's rows, 0 elsewhere).
 
     old_logp (N, T) holds the log-probs of the rows from before the first update. The
@@ -102,14 +109,17 @@ def ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, cfg, world=
     mini-batch. Statistics are token-weighted and summed over ranks; they stay on the
     device until one read per mini-batch (with the gradient norm, which decides the step).
     """
-    rows, N = cfg.mini_batch_prompts // world * cfg.group_size, batch.input_ids.shape[0]  # this rank's rows of a mini-batch
+    # this rank's rows of a mini-batch
+    rows, N = cfg.mini_batch_prompts // world * cfg.group_size, batch.input_ids.shape[0]
     starts = range(0, N, rows)
     resp_len = batch.host_lengths()[1]
-    counts = distributed.all_sum([float(sum(resp_len[m:m + rows])) for m in starts])  # each mini-batch's tokens, all ranks
+    # each mini-batch's tokens, all ranks
+    counts = distributed.all_sum([float(sum(resp_len[m:m + rows])) for m in starts])
     stats, skipped = [], 0
     ent = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)  # (N, T) all 0 without on_policy_first
     for m, n_tokens in zip(starts, counts):
-        agg_kw = dict(n_tokens=max(n_tokens, 1.0), n_seqs=rows * world, max_len=cfg.max_new_tokens)  # Dr. GRPO's is the budget
+        # Dr. GRPO's is the budget
+        agg_kw = dict(n_tokens=max(n_tokens, 1.0), n_seqs=rows * world, max_len=cfg.max_new_tokens)
         sums, entropies = micro_batch_steps(runner, policy, batch, range(m, min(m + rows, N)), old_logp, ref_logp, cfg,
                                             world, fresh=m == 0 and on_policy_first, agg_kw=agg_kw)
         for j, en in entropies:
@@ -147,14 +157,17 @@ def micro_batch_steps(runner, policy, batch, idx, old_logp, ref_logp, cfg, world
         n = scored_count(batch, j)
         with distributed.accumulate(runner, last=i == len(micro) - 1):
             with compute_precision(cfg.precision, ids.device):
-                logp, en = runner(policy, ids, att, cfg.temperature, resp, entropy_grad=cfg.entropy_coef > 0, n_scored=n)
+                logp, en = runner(policy, ids, att, cfg.temperature, resp, entropy_grad=cfg.entropy_coef > 0,
+                                  n_scored=n)
             old = logp.detach() if fresh else old_logp[j, :logp.shape[1]]
             if fresh:
                 entropies.append((j, en.detach()))
-            loss, st = policy_loss(logp, old, adv, resp, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.loss_agg, **agg_kw)
+            loss, st = policy_loss(logp, old, adv, resp, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.loss_agg,
+                                   **agg_kw)
             add("pg_loss", loss)
             if cfg.kl_coef:
-                kl = aggregate(kl_penalty(logp, ref_logp[j, :logp.shape[1]], cfg.kl_estimator), resp, cfg.loss_agg, **agg_kw)
+                kl = aggregate(kl_penalty(logp, ref_logp[j, :logp.shape[1]], cfg.kl_estimator), resp, cfg.loss_agg,
+                               **agg_kw)
                 loss = loss + cfg.kl_coef * kl
                 add("kl", kl)
             if cfg.entropy_coef:
@@ -172,7 +185,8 @@ def param_groups(runner, upper_k=None):
         return [{"params": list(runner.parameters())}]
     upper = set(upper_parameters(runner.named_parameters(), upper_k))
     named = list(runner.named_parameters())
-    return [{"params": [p for n, p in named if n not in upper]}, {"params": [p for n, p in named if n in upper], "upper": True}]
+    return [{"params": [p for n, p in named if n not in upper]},
+            {"params": [p for n, p in named if n in upper], "upper": True}]
 
 
 def scale_upper(optimizer, lr, scale):
