@@ -38,14 +38,16 @@ from update import rollout_step
 # ----------------------------------------------------------------------------- BuPO
 
 def resolve_layer(cfg, model, tok):
-    """k: cfg.layer, or with cfg.layer None (auto) the end of the exploration stage found by entropy.py on this model."""
+    """k: cfg.layer, or with cfg.layer None (auto) the end of the exploration stage found by entropy.py on this
+    model."""
     if cfg.layer is not None:
         return cfg.layer
     dh = entropy_profile(model, tok, cfg)["dH_ffn"]
     stages = eic_stages(dh)
-    check(stages["boundary_layer"] is not None, f"--layer auto: this model has no boundary layer by the paper's rule (Sec. 5.3): "
-          f"its first FFN does not raise the entropy (dH_ffn = {', '.join(f'{d:+.3f}' for d in dh[:4])}, ...), so there is "
-          "no exploration stage to end; pass --layer k (the paper: 5 for Qwen3, 26 for Llama/OctoThinker)")
+    check(stages["boundary_layer"] is not None,
+          f"--layer auto: this model has no boundary layer by the paper's rule (Sec. 5.3): "
+          f"its first FFN does not raise the entropy (dH_ffn = {', '.join(f'{d:+.3f}' for d in dh[:4])}, ...), "
+          "so there is no exploration stage to end; pass --layer k (the paper: 5 for Qwen3, 26 for Llama/OctoThinker)")
     print(f"layer=auto: the boundary layer is k={stages['suggested_layer']} ({stages})")
     return stages["suggested_layer"]
 
@@ -61,7 +63,8 @@ def entropy_profile(model, tok, cfg):
 @torch.no_grad()
 def readout_entropies(model, ids, att, resp, temperature, layers, precision, output=True):
     """Token-mean entropies of pi_k for each k in layers (and with `output` of the output policy), under `precision`,
-    as the update runs them (pi_k: layers 0..k in float32, the lm_head under the autocast; see policy.layer_logprobs)."""
+    as the update runs them (pi_k: layers 0..k in float32, the lm_head under the autocast; see
+    policy.layer_logprobs)."""
     n = max(int(resp[:, 1:].sum()), 1)
     with compute_precision(precision, ids.device):
         out = {"output": output_policy(model, ids, att, temperature, resp)[1].sum().item() / n} if output else {}
@@ -99,7 +102,8 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=(), probes=None):
         m["phase"] = "internal" if step < cfg.inter_steps and variant else "full"
         if step == cfg.inter_steps > 0 and variant and distributed.init().main:
             tqdm.write(f"step {step}: {desc}: phase 1 ends, plain GRPO from now on")
-        _, ids, att, resp, _ = next(micro_slices(batch, range(batch.input_ids.shape[0]), cfg.micro_batch, cfg.micro_tokens))
+        _, ids, att, resp, _ = next(micro_slices(batch, range(batch.input_ids.shape[0]), cfg.micro_batch,
+                                                 cfg.micro_tokens))
         with distributed.full_weights(runner) as model:
             # this rank's first micro-batch; the output policy's entropy is train_step's, over the whole batch (Fig. 7)
             ent = readout_entropies(model, ids, att, resp, cfg.temperature, layers, cfg.precision, output=False)
@@ -114,7 +118,8 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=(), probes=None):
             device = distributed.init().device
             t = clock(device)
             with distributed.full_weights(runner) as model:  # every rank probes the same responses
-                m |= {f"probe_{key}": v for key, v in probe(model, probes, k, tok.pad_token_id).items()} | {"probe_layer": k}
+                m |= ({f"probe_{key}": v for key, v in probe(model, probes, k, tok.pad_token_id).items()}
+                      | {"probe_layer": k})
             m["time_probe"] = clock(device) - t
     upper = {} if scale is None else dict(upper_k=k, upper_scale=lambda step: scale if step < cfg.inter_steps else 1.0)
     return grpo.train(cfg, policy_for_step, on_step, model=model, tok=tok, desc=desc, **upper)
@@ -122,11 +127,13 @@ def train_bupo(cfg, k, model, tok, desc="BuPO", layers=(), probes=None):
 
 def main(argv=None):
     """One BuPO run, as grpo.py runs one GRPO run; the experiment against GRPO on paired seeds is experiment.py."""
-    cfg = parse_config(BuPOConfig, BUPO_PRESETS, "One BuPO run (arXiv 2512.19673, Sec. 3); the BuPO-vs-GRPO experiment is "
+    cfg = parse_config(BuPOConfig, BUPO_PRESETS,
+                       "One BuPO run (arXiv 2512.19673, Sec. 3); the BuPO-vs-GRPO experiment is "
                        "python experiment.py. " + preset_help(BUPO_PRESETS), argv)
     check(not cfg.bench, "bupo.py --bench moved: python bench.py bupo (the same flags)")
-    check(phase_one(cfg.methods), f"bupo.py trains BuPO or a variant of its phase 1: --methods must be one of "
-          f"{', '.join(PHASE_ONE)} (or a list naming bupo), got '{cfg.methods}'; the other methods: python experiment.py")
+    check(phase_one(cfg.methods),
+          f"bupo.py trains BuPO or a variant of its phase 1: --methods must be one of {', '.join(PHASE_ONE)} "
+          f"(or a list naming bupo), got '{cfg.methods}'; the other methods: python experiment.py")
     config = model_config(cfg.model)
     if cfg.layer is not None:
         check_layer(config, cfg.layer)
@@ -143,8 +150,9 @@ def main(argv=None):
     distributed.close()
     if d.main:
         first, last = history[0], history[-1]
-        print(f"BuPO, k={k}, s_inter={cfg.inter_steps}: reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f}; held-out "
-              f"{first.get('eval/avg_before', float('nan')):.1f}% -> {last.get('eval/avg', float('nan')):.1f}%; wrote {cfg.out}/metrics.jsonl")
+        print(f"BuPO, k={k}, s_inter={cfg.inter_steps}: reward {first['reward_mean']:.3f} -> "
+              f"{last['reward_mean']:.3f}; held-out {first.get('eval/avg_before', float('nan')):.1f}% -> "
+              f"{last.get('eval/avg', float('nan')):.1f}%; wrote {cfg.out}/metrics.jsonl")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from decompose import is_sandwich, softcap
 
 def cast_copy(model, dtype):
     """A copy of the model in dtype whose rotary frequencies stay float32, as in a model built in that dtype:
-    inv_freq rounded to bf16 would give each frequency its own slightly wrong base, an error that grows with position."""
+    inv_freq rounded to bf16 would give each frequency its own slightly wrong base, an error that grows with
+    position."""
     out = copy.deepcopy(model).to(dtype)
     for mod, src in zip(out.modules(), model.modules()):
         for name in [n for n in mod._buffers if "inv_freq" in n]:
@@ -35,9 +36,11 @@ def pack_linears(model):
     weight would sample from an old policy. {} off CPU or where oneDNN is unavailable:
     the modules are then called as they are.
     """
-    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+    if (model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16)
+            or not torch.backends.mkldnn.is_available()):
         return {}
-    return {m: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 64) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return {m: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 64) for m in model.modules()
+            if isinstance(m, torch.nn.Linear)}
 
 
 def _linear(packed, mod, x):
@@ -148,7 +151,8 @@ def forward(model, ids, pos, cache, slots, span, mask, packed, sdpa):
     masks = {w: _window_mask(mask, slots, span, w) for w in set(windows)}  # built once per call, not per layer
     for l, layer in enumerate(model.model.layers):
         K, V = (c[:B, :, :span] for c in cache[l])  # views: the call's one cache, read in place
-        a = _attend(layer, layer.input_layernorm(x), rope[types[l] if types else "full_attention"], K, V, slots, masks[windows[l]], packed, sdpa)
+        a = _attend(layer, layer.input_layernorm(x), rope[types[l] if types else "full_attention"], K, V, slots,
+                    masks[windows[l]], packed, sdpa)
         if is_sandwich(layer):
             x = x + layer.post_attention_layernorm(a)
             x = x + layer.post_feedforward_layernorm(_mlp(packed, layer.mlp, layer.pre_feedforward_layernorm(x)))
@@ -193,18 +197,23 @@ def prefill(model, prompts, cache, key_ok, end, pad_token_id, packed, sdpa):
     if C:  # the shared prefix, once, then copied to every distinct prompt's row
         prefix = torch.tensor([uniq[0][:C]], device=dev)  # (1, C)
         causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril()[None, None]  # (1, 1, C, C)
-        forward(model, prefix, torch.arange(C, device=dev)[None], cache, torch.arange(C, device=dev), C, causal, packed, sdpa)
+        forward(model, prefix, torch.arange(C, device=dev)[None], cache, torch.arange(C, device=dev), C, causal,
+                packed, sdpa)
         for K, V in cache:
             K[1:len(uniq), :, :C], V[1:len(uniq), :, :C] = K[:1, :, :C], V[:1, :, :C]
     ids = torch.tensor([[pad_token_id] * (R - len(p) + C) + list(p[C:]) for p in uniq], device=dev)  # (U, R)
-    ok = torch.arange(R, device=dev) >= torch.tensor([R - len(p) + C for p in uniq], device=dev)[:, None]  # (U, R) real tokens
+    # (U, R) real tokens
+    ok = torch.arange(R, device=dev) >= torch.tensor([R - len(p) + C for p in uniq], device=dev)[:, None]
     pos = C + (ok.cumsum(-1) - 1).clamp(min=0)  # (U, R) positions continue after the prefix
     causal = torch.ones(R, R, dtype=torch.bool, device=dev).tril()
-    visible = torch.cat([torch.ones(len(uniq), R, C, dtype=torch.bool, device=dev),  # (U, R, C+R): the prefix, then the
-                         (ok[:, None, :] & causal) | torch.eye(R, dtype=torch.bool, device=dev)], -1)  # real rest; pad rows see themselves
-    logits = forward(model, ids, pos, cache, torch.arange(C, C + R, device=dev), C + R, visible[:, None], packed, sdpa)[inverse]  # (B, V)
+    # (U, R, C+R): the prefix, then the real rest; pad rows see themselves
+    visible = torch.cat([torch.ones(len(uniq), R, C, dtype=torch.bool, device=dev),
+                         (ok[:, None, :] & causal) | torch.eye(R, dtype=torch.bool, device=dev)], -1)
+    logits = forward(model, ids, pos, cache, torch.arange(C, C + R, device=dev), C + R, visible[:, None],
+                     packed, sdpa)[inverse]  # (B, V)
     if len(uniq) < B:
         for K, V in cache:
-            K[:, :, :C + R], V[:, :, :C + R] = K[inverse, :, :C + R], V[inverse, :, :C + R]  # (B, Hkv, C+R, hd) from the U prefilled rows
+            # (B, Hkv, C+R, hd) from the U prefilled rows
+            K[:, :, :C + R], V[:, :, :C + R] = K[inverse, :, :C + R], V[inverse, :, :C + R]
     key_ok[:, :off], key_ok[:, off:end - R], key_ok[:, end - R:end], key_ok[:, end:] = False, True, ok[inverse], True
     return logits, pos[inverse, -1] + 1, off > 0 or not bool(ok.all())
