@@ -1,4 +1,5 @@
-"""A run's persistence: checkpoints that survive a kill at any instant and resume on any number of ranks, the metrics log, Ctrl-C.
+"""A run's persistence: checkpoints that survive a kill at any instant and resume on any number of ranks, the metrics
+log, Ctrl-C.
 
 Used by grpo.train (and so bupo.py). A checkpoint is out/checkpoint/: the model in
 Hugging Face format plus trainer.pt with the AdamW state keyed by parameter name, the RNG
@@ -33,8 +34,8 @@ class RunDamaged(InputError):
     run afresh (experiment.py catches it and names its own way: the run moved aside is trained again)."""
 
     def __init__(self, what, out):
-        super().__init__(f"{what}; start the run afresh: move {out} aside (mv it to a new name: nothing is lost) and rerun "
-                         "without --resume, or rerun with --overwrite")
+        super().__init__(f"{what}; start the run afresh: move {out} aside (mv it to a new name: nothing is lost) "
+                         "and rerun without --resume, or rerun with --overwrite")
         self.what = what
 
 
@@ -75,9 +76,11 @@ def save_checkpoint(out, runner, tok, optimizer, step, cfg, d, critic=None):
         distributed.inner(runner).model.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)
         tok.save_pretrained(os.path.join(tmp, "model"))
         torch.save({"optimizer": optim_sd, "step": step, "config": asdict(cfg), "world": d.world,
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, os.path.join(tmp, "trainer.pt"))
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
+                   os.path.join(tmp, "trainer.pt"))
         if critic is not None:
-            torch.save({"model": critic[0].state_dict(), "optimizer": critic[1].state_dict()}, os.path.join(tmp, "critic.pt"))
+            torch.save({"model": critic[0].state_dict(), "optimizer": critic[1].state_dict()},
+                       os.path.join(tmp, "critic.pt"))
         _fsync_tree(tmp)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -94,7 +97,8 @@ def save_checkpoint(out, runner, tok, optimizer, step, cfg, d, critic=None):
 
 
 def checkpoint_path(out):
-    """The whole checkpoint of a run dir: checkpoint/, or checkpoint.old/ after a kill between the two renames; else None."""
+    """The whole checkpoint of a run dir: checkpoint/, or checkpoint.old/ after a kill between the two renames; else
+    None."""
     for name in ("checkpoint", "checkpoint.old"):
         path = os.path.join(out, name)
         if os.path.exists(os.path.join(path, "trainer.pt")):
@@ -132,7 +136,8 @@ def _load_state(path, device, weights_only, keys=()):
     else:
         err = None if isinstance(state, dict) and set(keys) <= set(state) else "not a trainer state"
     if err is not None:
-        raise RunDamaged(f"{path} is damaged ({err}): the checkpoint cannot be resumed", os.path.dirname(os.path.dirname(path)))
+        raise RunDamaged(f"{path} is damaged ({err}): the checkpoint cannot be resumed",
+                         os.path.dirname(os.path.dirname(path)))
     return state
 
 
@@ -155,7 +160,8 @@ def check_resume(out, state, settings, mutable, history):
     if missing:
         steps = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
         raise RunDamaged(f"{out}/metrics.jsonl lacks the record of step(s) {steps}, which its checkpoint (after step "
-                         f"{state['step'] - 1}) has trained: a line was cut or deleted, and the checkpoint cannot recompute it", out)
+                         f"{state['step'] - 1}) has trained: a line was cut or deleted, and the checkpoint cannot "
+                         "recompute it", out)
 
 
 # ----------------------------------------------------------------------------- the non-finite stop
@@ -202,7 +208,8 @@ class StopRequest:
         self.requested = True
         signal.signal(signum, self.old[signum] if self.world == 1 else signal.SIG_IGN)
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        tqdm.write(f"{name}: finishing this step, saving a checkpoint, then stopping" + (" (Ctrl-C again to abort)" if self.world == 1 else ""))
+        tqdm.write(f"{name}: finishing this step, saving a checkpoint, then stopping"
+                   + (" (Ctrl-C again to abort)" if self.world == 1 else ""))
 
     def __exit__(self, *exc):
         for s, old in self.old.items():
