@@ -49,7 +49,8 @@ def read_rows(name):
         try:
             return pq.read_table(path).to_pylist()
         except (pyarrow.ArrowException, OSError) as e:
-            raise InputError(f"{path} is not a readable parquet file ({e}); pass a parquet file in verl's schema") from e
+            raise InputError(f"{path} is not a readable parquet file ({e}); "
+                             "pass a parquet file in verl's schema") from e
     ext = os.path.splitext(name)[1].lower()
     local = os.path.exists(name) or ext in FORMATS or os.path.isabs(name) or name.startswith(".")
     if (local and not os.path.exists(name)) or (not local and name.count("/") != 1):
@@ -65,7 +66,8 @@ def read_rows(name):
               else datasets.load_dataset(repo, split=split or "train"))
     except Exception as e:  # datasets raises many kinds: a bad file, no such id, no network, no such split
         what = f"a readable {FORMATS.get(ext, 'data')} file" if local else "a reachable hub dataset"
-        raise InputError(f"{name} is not {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        raise InputError(f"{name} is not {what} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     return ds.to_list()
 
 
@@ -82,20 +84,23 @@ def row_problem(row, i, name):
     if "prompt" in row and "reward_model" in row:
         messages, gold = row["prompt"], (row["reward_model"] or {}).get("ground_truth")
     elif "problem" in row and "answer" in row:
-        messages, gold = row["problem"] and [{"role": "system", "content": SYSTEM}, {"role": "user", "content": row["problem"]}], row["answer"]
+        messages, gold = row["problem"] and [{"role": "system", "content": SYSTEM},
+                                             {"role": "user", "content": row["problem"]}], row["answer"]
     else:
-        raise InputError(f"{name} has neither verl's columns (prompt: chat messages, reward_model: {{ground_truth}}) nor plain "
-                         f"problem and answer columns; it has {', '.join(row)}")
+        raise InputError(f"{name} has neither verl's columns (prompt: chat messages, reward_model: {{ground_truth}}) "
+                         f"nor plain problem and answer columns; it has {', '.join(row)}")
     if not messages or not all(isinstance(m, dict) and m.get("content") for m in messages):
         raise InputError(f"{name}, row {i}: the prompt is empty or not a list of chat messages; fix or drop that row")
-    source = name if name in DATASETS else row.get("data_source") or os.path.splitext(os.path.basename(name.rstrip("/")))[0]
+    source = (name if name in DATASETS
+              else row.get("data_source") or os.path.splitext(os.path.basename(name.rstrip("/")))[0])
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages], "answer": gold_text(gold),
             "source": source, "set": name, "id": i, "grader": grader_of(row, name)}
 
 
 def grader_of(row, name):
-    """How a row's answer is scored (rewards.py): its "answer_type" column (math, choice or exact) if it has one, else by
-    its data_source or file name: MMLU-Pro, GPQA and ARC by option letter, BBH by exact match, the rest as math."""
+    """How a row's answer is scored (rewards.py): its "answer_type" column (math, choice or exact) if it has one,
+    else by its data_source or file name: MMLU-Pro, GPQA and ARC by option letter, BBH by exact match, the rest as
+    math."""
     kind = row.get("answer_type")
     if kind:
         if kind not in ("math", "choice", "exact"):
@@ -121,7 +126,8 @@ def epoch_order(problems, seed, epoch):
 
 
 def epoch_problems(problems, step, prompts_per_step, positions, seed):
-    """The problems at `positions` (0..prompts_per_step-1) of a step's batch: consecutive slices of the epochs' orders."""
+    """The problems at `positions` (0..prompts_per_step-1) of a step's batch: consecutive slices of the epochs'
+    orders."""
     out = []
     for i in positions:
         j = step * prompts_per_step + i
