@@ -26,7 +26,8 @@ from cli import InputError
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "gemma3_text")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-WEIGHTS = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")  # what from_pretrained loads a model from
+# what from_pretrained loads a model from
+WEIGHTS = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 RANDOM = "random:"  # --model random:NAME: configs/NAME.json with random weights (benchmarks, no download)
 
 
@@ -128,19 +129,22 @@ def model_config(name_or_path):
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise InputError(f"could not load the config of '{path}' (no such hub id, no network, or not a model): {e}") from e
+        raise InputError(f"could not load the config of '{path}' "
+                         f"(no such hub id, no network, or not a model): {e}") from e
     finally:
         hub.setLevel(level)
     archs = getattr(config, "architectures", None) or []
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or archs and not any(
             a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        raise InputError(f"'{path}' is not a causal LM (architectures: {archs}); supported model types: {', '.join(SUPPORTED)}")
+        raise InputError(f"'{path}' is not a causal LM (architectures: {archs}); "
+                         f"supported model types: {', '.join(SUPPORTED)}")
     if config.model_type not in SUPPORTED:
-        hint = " (for Gemma 3 load the text-only checkpoint, model_type gemma3_text)" if config.model_type == "gemma3" else ""
+        hint = (" (for Gemma 3 load the text-only checkpoint, model_type gemma3_text)" if config.model_type == "gemma3"
+                else "")
         raise InputError(f"unsupported architecture '{config.model_type}'{hint}; supported: {', '.join(SUPPORTED)}")
     if looks_local and not any(f.endswith(WEIGHTS) for f in os.listdir(path)):
-        raise InputError(f"'{path}' has a config.json but no weights (model.safetensors, pytorch_model.bin or their shards): "
-                         "copy or download the whole checkpoint, or pass another --model")
+        raise InputError(f"'{path}' has a config.json but no weights (model.safetensors, pytorch_model.bin or their "
+                         "shards): copy or download the whole checkpoint, or pass another --model")
     return config
 
 
@@ -148,7 +152,8 @@ def _random_config_path(name):
     path = os.path.join(CONFIG_DIR, name[len(RANDOM):] + ".json")
     if not os.path.exists(path):
         shipped = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
-        raise InputError(f"no shipped config '{name[len(RANDOM):]}' for {name}: use random:NAME with NAME one of {', '.join(shipped)}")
+        raise InputError(f"no shipped config '{name[len(RANDOM):]}' for {name}: "
+                         f"use random:NAME with NAME one of {', '.join(shipped)}")
     return path
 
 
@@ -195,5 +200,6 @@ def load_model(name_or_path=None, *, dtype=None, device=None):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     except SafetensorError as e:
         hint = f"delete {path} to convert it again" if path.startswith(cache_dir()) else "copy or download it again"
-        raise InputError(f"the weights in {path} could not be read ({e}): the file is damaged or incomplete; {hint}") from e
+        raise InputError(f"the weights in {path} could not be read ({e}): "
+                         f"the file is damaged or incomplete; {hint}") from e
     return model, _tokenizer(path)
