@@ -23,7 +23,8 @@ from fractions import Fraction
 from functools import lru_cache
 
 import sympy
-from sympy.parsing.sympy_parser import convert_xor, implicit_multiplication_application, parse_expr, standard_transformations
+from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
+                                        standard_transformations)
 
 from answers import GREEK, as_tuple, clean, items, named_items, option, repeating, unit
 
@@ -73,10 +74,12 @@ def _functions_to_text(s):
     """\\log_2 8 -> (log(8)/log(2)); \\binom{a}{b} -> binomial((a),(b)); \\sin x, \\ln 2 -> sin(x), ln(2) where the
     argument is one atom; other function applications are left to sympy's implicit application."""
     arg = rf"(?:\{{([^{{}}]+)\}}|\(([^()]+)\)|({_ATOM}))"
-    s = re.sub(rf"\\log_(?:\{{([^{{}}]+)\}}|(\w)){arg}", lambda m: f"(log({m.group(3) or m.group(4) or m.group(5)})/log({m.group(1) or m.group(2)}))", s)
+    s = re.sub(rf"\\log_(?:\{{([^{{}}]+)\}}|(\w)){arg}",
+               lambda m: f"(log({m.group(3) or m.group(4) or m.group(5)})/log({m.group(1) or m.group(2)}))", s)
     s = re.sub(r"\\binom\{([^{}]*)\}\{([^{}]*)\}", r"binomial((\1),(\2))", s)
     s = re.sub(rf"\\({_FN})\{{([^{{}}]*)\}}", r" \1(\2)", s)
-    s = re.sub(rf"\\({_FN})(\d+(?:[a-zA-Z]|\\pi|\\(?:{GREEK}))|{_ATOM})(?![\w{{(^])", r" \1(\2)", s)  # \sin 2x = sin(2x)
+    # \sin 2x = sin(2x)
+    s = re.sub(rf"\\({_FN})(\d+(?:[a-zA-Z]|\\pi|\\(?:{GREEK}))|{_ATOM})(?![\w{{(^])", r" \1(\2)", s)
     return re.sub(rf"\\({_FN})", r" \1 ", s)
 
 
@@ -105,11 +108,13 @@ def _latex_to_sympy_text(s):
             break
         s = t
     s = re.sub(r"(?<![\d.])0+(?=\d)", "", s)  # 08 is 8 (sympy reads it as 0*8)
-    s = s.replace("\\infty", "oo").replace("\\pi", " pi ").replace("\\cdot", "*").replace("\\times", "*").replace("\\lambda", "lamda")
+    s = (s.replace("\\infty", "oo").replace("\\pi", " pi ").replace("\\cdot", "*").replace("\\times", "*")
+         .replace("\\lambda", "lamda"))
     s = re.sub(rf"\\({GREEK})", r" \1 ", s).replace("{", "(").replace("}", ")").replace("^", "**")
     if re.search(r"[^0-9a-zA-Z+\-*/().!, ]", s) or "\\" in s:
         return None
-    if re.search(r"[)a-zA-Z]\d|!\d(?!\d*!)", s.replace(" ", "")) or re.search(r"\d\s+\d", s):  # "(14/3)1", "x1": never a product
+    # "(14/3)1", "x1": never a product
+    if re.search(r"[)a-zA-Z]\d|!\d(?!\d*!)", s.replace(" ", "")) or re.search(r"\d\s+\d", s):
         return None
     if max(_depths(s), default=0) > MAX_DEPTH:  # (((((...))))): sympy's parser recurses per level
         return None
@@ -148,7 +153,8 @@ def _number(s):
     mixed = re.fullmatch(r"(\d+)\\frac\{(\d+)\}\{(\d+)\}", s)
     try:  # int() refuses strings of over 4300 digits: those stay text
         if m:
-            return None if int(m.group(3)) == 0 else (-1 if m.group(1) else 1) * Fraction(int(m.group(2)), int(m.group(3)))
+            return (None if int(m.group(3)) == 0
+                    else (-1 if m.group(1) else 1) * Fraction(int(m.group(2)), int(m.group(3))))
         if mixed and int(mixed.group(1)) > 0 and 0 < int(mixed.group(2)) < int(mixed.group(3)):
             return int(mixed.group(1)) + Fraction(int(mixed.group(2)), int(mixed.group(3)))
         if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)", s):
