@@ -30,7 +30,8 @@ def t_cdf(t, df):
     for i in range(2 if df % 2 else 1, df - 1, 2):  # the series in cos^2, up to cos^(df-2)
         term *= c2 * i / (i + 1)
         total += term
-    a = (2 / math.pi) * (th + (math.sin(th) * math.cos(th) * total if df > 1 else 0.0)) if df % 2 else math.sin(th) * total
+    a = ((2 / math.pi) * (th + (math.sin(th) * math.cos(th) * total if df > 1 else 0.0)) if df % 2
+         else math.sin(th) * total)
     return 0.5 + math.copysign(a / 2, t)
 
 
@@ -75,8 +76,8 @@ def fmt_interval(s):
 
 # ----------------------------------------------------------------------------- curves of training runs (metrics.jsonl)
 
-CURVES = [("reward_mean", "train reward (mean)"), ("eval", "held-out accuracy (%)"), ("entropy", "entropy of the output policy (nats)"),
-          ("response_len_mean", "response length")]
+CURVES = [("reward_mean", "train reward (mean)"), ("eval", "held-out accuracy (%)"),
+          ("entropy", "entropy of the output policy (nats)"), ("response_len_mean", "response length")]
 
 
 def eval_points(hist):
@@ -103,7 +104,8 @@ def plot_panels(path, groups, panels, title=None, marks=(), xlabel="step", logx=
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
     others = [name for name in groups if name != "initial"]  # a group keeps its colour in every panel and figure
-    colors = {name: f"C{i % 10}" for i, name in enumerate(others)} | {"initial": "k"}  # tab10 has a grey of its own (C7)
+    # tab10 has a grey of its own (C7)
+    colors = {name: f"C{i % 10}" for i, name in enumerate(others)} | {"initial": "k"}
     for ax, (key, panel_title) in zip(axes[0], panels):
         for name, runs in groups.items():
             curves = [r[key] for r in runs if r.get(key) and r[key][0]]
@@ -112,10 +114,11 @@ def plot_panels(path, groups, panels, title=None, marks=(), xlabel="step", logx=
             n = min(len(c[0]) for c in curves)
             steps = curves[0][0][:n]
             vals = [[c[1][i] for c in curves] for i in range(n)]
-            line, = ax.plot(steps, [statistics.fmean(v) for v in vals], marker="o" if n < 12 else None, ms=3, color=colors[name],
-                            label=f"{name} (n={len(curves)})" if len(curves) > 1 else name)
+            line, = ax.plot(steps, [statistics.fmean(v) for v in vals], marker="o" if n < 12 else None, ms=3,
+                            color=colors[name], label=f"{name} (n={len(curves)})" if len(curves) > 1 else name)
             if len(curves) > 1:
-                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15)
+                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(),
+                                alpha=0.15)
         for x in marks:
             ax.axvline(x, color="k", ls=":", lw=0.8)
         ax.set(title=panel_title, xlabel=xlabel)
