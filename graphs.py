@@ -23,9 +23,12 @@ import torch
 
 from hardware import clock
 
-COMPILE = dict(dynamic=True, fullgraph=True)  # torch.compile's settings for the forward: one compile serves every bucket and span
-RECOMPILES = 6  # the most compiles of the forward a GRPO run makes (tests/test_fastpaths.py), below dynamo's recompile_limit (8)
-COMPILE_FIXED_IN = (2, 12)  # pytorch/pytorch#180221 (split-scan codegen crash) fixed by PR #180369, merged 2026-04-17, after 2.11
+# torch.compile's settings for the forward: one compile serves every bucket and span
+COMPILE = dict(dynamic=True, fullgraph=True)
+# the most compiles of the forward a GRPO run makes (tests/test_fastpaths.py), below dynamo's recompile_limit (8)
+RECOMPILES = 6
+# pytorch/pytorch#180221 (split-scan codegen crash) fixed by PR #180369, merged 2026-04-17, after 2.11
+COMPILE_FIXED_IN = (2, 12)
 FELL_BACK = {}  # "compile" / "graphs" -> the reason this process stopped using it
 
 
@@ -105,7 +108,8 @@ class Steps:
 
     @property
     def mode(self):
-        return "graphs+compile" if self.graphed and self.compiled else "graphs" if self.graphed else "compile" if self.compiled else "eager"
+        return ("graphs+compile" if self.graphed and self.compiled else "graphs" if self.graphed
+                else "compile" if self.compiled else "eager")
 
     def run(self, key, step):
         """step(forward): the step of `key` (run with the forward given), on the fixed buffers."""

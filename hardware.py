@@ -54,16 +54,19 @@ def profile_summary(prof, top=8):
     cuda = any(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     kernel = (lambda e: getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) if cuda else (lambda e: True)
-    rows = sorted((e for e in prof.key_averages() if getattr(e, key) > 0 and kernel(e)),  # not the CPU ops launching them too
+    # not the CPU ops launching them too
+    rows = sorted((e for e in prof.key_averages() if getattr(e, key) > 0 and kernel(e)),
                   key=lambda e: -getattr(e, key))
     total = sum(getattr(e, key) for e in rows)
     lines = [f"{'calls':>7} {'ms':>9} {'share':>6}  top {'kernels' if cuda else 'ops (CPU)'} by own time"]
-    lines += [f"{e.count:>7} {getattr(e, key) / 1e3:>9.2f} {getattr(e, key) / total:>6.1%}  {e.key[:90]}" for e in rows[:top]]
+    lines += [f"{e.count:>7} {getattr(e, key) / 1e3:>9.2f} {getattr(e, key) / total:>6.1%}  {e.key[:90]}"
+              for e in rows[:top]]
     if cuda:
-        spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA]
         busy, wall = busy_time(spans)
-        lines.append(f"{len(spans)} kernels over {wall / 1e3:.1f} ms: GPU busy {busy / 1e3:.1f} ms ({busy / wall:.0%}), "
-                     f"idle between kernels {(wall - busy) / 1e3:.1f} ms")
+        lines.append(f"{len(spans)} kernels over {wall / 1e3:.1f} ms: GPU busy {busy / 1e3:.1f} ms "
+                     f"({busy / wall:.0%}), idle between kernels {(wall - busy) / 1e3:.1f} ms")
     return lines
 
 

@@ -26,8 +26,8 @@ REWARDS = ("math", "verl")  # what --reward may choose for the math sets
 
 def last_boxed(text):
     r"""'\boxed{...}' (or '\fbox{...}') of the last box, braces balanced from its start; None without one or unclosed.
-    As verl's last_boxed_only_string: a response holding '\boxed ' (with a space) anywhere gives '\boxed ' and what follows
-    its last one up to a '$', whatever boxes come after it."""
+    As verl's last_boxed_only_string: a response holding '\boxed ' (with a space) anywhere gives '\boxed ' and what
+    follows its last one up to a '$', whatever boxes come after it."""
     if "\\boxed " in text:
         return "\\boxed " + text.split("\\boxed ")[-1].split("$")[0]
     start = text.rfind("\\boxed")
@@ -117,7 +117,8 @@ def verl_equiv(a, b):
 
 
 def verl_math_score(response, gold):
-    """verl's math.compute_score: 1.0 when the last boxed answer of the response equals gold after strip_string, else 0.0."""
+    """verl's math.compute_score: 1.0 when the last boxed answer of the response equals gold after strip_string, else
+    0.0."""
     try:
         box = last_boxed(grade.as_text(response) or "")
         return float(box is not None and verl_equiv(unbox(box), str(gold)))
@@ -140,7 +141,8 @@ def choice_letter(text):
         if m:
             return m.group(1)
     # after "answer": a letter in parentheses, or a bare capital that ends the phrase ("Answer: I cannot" names none)
-    found = re.findall(r"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*(?:(?i:option)\s*)?(?:\(\s*([A-J])\s*\)|([A-J])(?=\s*(?:$|[.,;:)\]\n])))", text)
+    found = re.findall(r"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*(?:(?i:option)\s*)?"
+                       r"(?:\(\s*([A-J])\s*\)|([A-J])(?=\s*(?:$|[.,;:)\]\n])))", text)
     found = [a or b for a, b in found]
     listed = set(re.findall(r"\(([A-J])\)", text)) or set(re.findall(r"(?<![A-Za-z])([A-J])\)", text))
     found = found or (sorted(listed) if len(listed) == 1 else [])  # a lone "(B)"; a list of options names none
@@ -160,7 +162,8 @@ def exact_text(s):
 
 
 def problem_reward(response, problem):
-    """The reward of a response under its problem's grader (problem["grader"], default math): 0.0 or 1.0, never raises."""
+    """The reward of a response under its problem's grader (problem["grader"], default math): 0.0 or 1.0, never
+    raises."""
     gold, rule = problem["answer"], problem.get("grader", "math")
     try:
         if rule == "verl":
