@@ -1,7 +1,9 @@
 """Every benchmark of the project, one subcommand each; speed is measured here, never asserted in a test.
 
-    python bench.py rollout [--device cuda --random-weights qwen3-0.6b ...]   # the rollout engine vs HF generate (bench_rollout.py)
-    python bench.py grpo [grpo.py's flags]   # one GRPO step's parts, each speed-up switched off in turn (bench_train.py)
+    python bench.py rollout [--device cuda --random-weights qwen3-0.6b ...]
+        # the rollout engine vs HF generate (bench_rollout.py)
+    python bench.py grpo [grpo.py's flags]
+        # one GRPO step's parts, each speed-up switched off in turn (bench_train.py)
     python bench.py bupo [bupo.py's flags]   # one BuPO phase-1 update against a full one (bench_train.py)
 
 `python bench.py SUBCOMMAND --help` lists a subcommand's flags.
@@ -25,8 +27,10 @@ def main(argv=None):
     if what == "rollout":
         return bench_rollout(rollout_args(rest))
     if what == "grpo":
-        return bench_grpo_step(parse_config(GRPOConfig, PRESETS, "Time one GRPO step's parts. " + preset_help(PRESETS), rest))
-    return bench_bupo_update(parse_config(BuPOConfig, BUPO_PRESETS, "Time one BuPO phase-1 update. " + preset_help(BUPO_PRESETS), rest))
+        return bench_grpo_step(parse_config(GRPOConfig, PRESETS,
+                                            "Time one GRPO step's parts. " + preset_help(PRESETS), rest))
+    return bench_bupo_update(parse_config(BuPOConfig, BUPO_PRESETS,
+                                          "Time one BuPO phase-1 update. " + preset_help(BUPO_PRESETS), rest))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ class InputError(ValueError):
 
 
 class RunEnded(Exception):
-    """A run ended by a stop, not by finishing: `what` says where, `advice` how to go on (experiment.py gives its own)."""
+    """A run ended by a stop, not by finishing: `what` says where, `advice` how to go on (experiment.py gives its
+    own)."""
 
     def __init__(self, what, advice):
         super().__init__(f"{what}; {advice}")
@@ -102,7 +103,8 @@ def parse_config(cls, presets, description=None, argv=None, default_preset="cpu"
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=helps.get(f.name, ""))
         else:
             typ = {int: int, float: float}.get(f.type, str)
-            p.add_argument(flag, type=typ, metavar=f.name.upper(), help=f"{helps.get(f.name, '')} (preset {default_preset}: {default})")
+            p.add_argument(flag, type=typ, metavar=f.name.upper(),
+                           help=f"{helps.get(f.name, '')} (preset {default_preset}: {default})")
     given = vars(p.parse_args(argv))
     start = presets[given.pop("preset", default_preset)]
     out = given.get("out", start.get("out", getattr(base, "out", None)))
@@ -244,9 +246,9 @@ def _reconcile(path, settings, resume, overwrite, mutable):
     if not os.path.exists(saved_path):
         held = sorted(n for n in os.listdir(path) if not n.startswith("."))
         if held:  # outputs whose settings are unknown: never overwritten, whatever --resume says
-            raise InputError(f"{path} holds outputs ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) but no config.json, "
-                             f"so what made them is unknown; move {path} aside (mv it to a new name: nothing is lost) and "
-                             "rerun, or pass --overwrite to delete them")
+            raise InputError(f"{path} holds outputs ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) "
+                             f"but no config.json, so what made them is unknown; move {path} aside "
+                             "(mv it to a new name: nothing is lost) and rerun, or pass --overwrite to delete them")
         return
     if not resume:
         raise InputError(f"{path} holds a run already; continue it with --resume, replace it with --overwrite, "
