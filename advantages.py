@@ -100,7 +100,8 @@ def gae_advantages(rewards, values, mask, gamma=1.0, lam=1.0, reduce=None):
 
 
 def value_loss(vpreds, returns, old_values, mask, cliprange=0.5):
-    """verl's clipped value loss per token, 0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2); returns (loss (B, T), clipfrac).
+    """verl's clipped value loss per token, 0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2); returns (loss (B, T),
+    clipfrac).
 
     The caller aggregates the per-token loss as the policy's (loss.aggregate)."""
     clipped = old_values + (vpreds - old_values).clamp(-cliprange, cliprange)

@@ -51,8 +51,10 @@ def critic_values(critic, batch, cfg):
     """Values (N, T) of every row of the step before any update (GAE's V and the value clip's V_old)."""
     out = torch.zeros(batch.input_ids.shape, device=batch.input_ids.device)
     rows = torch.arange(batch.input_ids.shape[0])
-    for j, ids, att, resp, _ in update_slices(batch, rows, cfg.mini_batch_prompts * cfg.group_size, cfg.micro_batch, cfg.micro_tokens):
-        v = critic(ids, att, resp, cfg.precision)  # the update's micro-batches: V_old is the update's first V, also in bf16
+    for j, ids, att, resp, _ in update_slices(batch, rows, cfg.mini_batch_prompts * cfg.group_size, cfg.micro_batch,
+                                              cfg.micro_tokens):
+        # the update's micro-batches: V_old is the update's first V, also in bf16
+        v = critic(ids, att, resp, cfg.precision)
         out[j, :v.shape[1]] = v
     return out
 

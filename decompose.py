@@ -104,7 +104,8 @@ def check_inputs(model, input_ids, attention_mask=None):
     if n_ctx and input_ids.shape[1] > n_ctx:
         raise InputError(f"sequence of {input_ids.shape[1]} tokens is longer than the model's context ({n_ctx})")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} "
+                         f"!= input_ids shape {tuple(input_ids.shape)}")
 
 
 @torch.no_grad()
@@ -149,7 +150,8 @@ def entropy_of_logp(logp):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help=f"HF checkpoint dir, hub id or short name ({', '.join(EMBEDDED)}; default: smollm2)")
+    p.add_argument("--model", default=None,
+                   help=f"HF checkpoint dir, hub id or short name ({', '.join(EMBEDDED)}; default: smollm2)")
     p.add_argument("--prompt", default="What is 12 + 7?", help="user turn to decompose")
     args = p.parse_args(argv)
     model, tok = load_model(args.model)
@@ -162,7 +164,8 @@ def main(argv=None):
     print(f"{L} layers; max |lm_head(norm(h_0 + sum A + sum F)) - logits| = {err:.2e}")
     print("top next token of each internal layer policy: raw residual (paper) | final norm (logit lens)")
     for l in range(L + 1):
-        raw, lens = (unembed(model, d.hidden(l)[0, -1], final_norm=fn or l == L).argmax().item() for fn in (False, True))
+        raw, lens = (unembed(model, d.hidden(l)[0, -1], final_norm=fn or l == L).argmax().item()
+                     for fn in (False, True))
         print(f"  layer {l:2d}: {tok.decode([raw])!r:>16} | {tok.decode([lens])!r}")
 
 

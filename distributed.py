@@ -180,7 +180,8 @@ def full_weights(runner):
             m.reshard()
 
 
-# ----------------------------------------------------------------------------- checkpoints (all ranks call; rank 0 gets the data)
+# ----------------------------------------------------------------------------- checkpoints
+# (all ranks call; rank 0 gets the data)
 
 def model_state(runner):
     """The HF model's full state dict on rank 0 ({} on the others)."""
@@ -200,14 +201,16 @@ def load_optimizer_state(runner, optimizer, state):
     and get none here: torch initializes every state with a zero-gradient step, which would
     start their Adam step count at 1 instead of 0.
     """
-    set_optimizer_state_dict(inner(runner), optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(inner(runner), optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
     for name, p in inner(runner).named_parameters():
         if name not in state["state"]:
             optimizer.state.pop(p, None)
 
 
 def plain_model(runner):
-    """The trained HF model, unwrapped: as is for one process or DDP; for FSDP a full copy on rank 0 (None elsewhere)."""
+    """The trained HF model, unwrapped: as is for one process or DDP; for FSDP a full copy on rank 0 (None
+    elsewhere)."""
     model = inner(runner).model
     if not isinstance(inner(runner), FSDPModule):
         return model

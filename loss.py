@@ -9,7 +9,8 @@ KL. Pure functions on tensors; grpo.py runs them (advantages.py estimates the ad
 """
 import torch
 
-AGGREGATIONS = ("token-mean", "micro-token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGGREGATIONS = ("token-mean", "micro-token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k3")
 
 
@@ -68,7 +69,8 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, c
 
 
 def kl_penalty(logp, ref_logp, kind="k3"):
-    """Per-token estimate of KL(pi || ref) on tokens sampled from pi (Schulman 2020, http://joschu.net/blog/kl-approx.html).
+    """Per-token estimate of KL(pi || ref) on tokens sampled from pi (Schulman 2020,
+    http://joschu.net/blog/kl-approx.html).
 
     With r = ref / pi on the token: k1 = -log r = log pi - log ref (unbiased, can be < 0);
     k3 = r - 1 - log r (unbiased, always >= 0).

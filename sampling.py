@@ -35,5 +35,6 @@ def sample(logits, temperature, top_k, top_p, u):
     logp = (logits if temperature == 1 else logits / temperature).log_softmax(-1)  # (B, V)
     probs = filter_logits(logp, top_k, top_p).softmax(-1) if top_k or top_p < 1 else logp.exp()
     cdf = probs.cumsum(-1)  # (B, V)
-    tok = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)  # zero-mass tokens never hit
+    # zero-mass tokens never hit
+    tok = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
