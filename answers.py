@@ -16,12 +16,14 @@ GREEK = "alpha|beta|gamma|delta|epsilon|theta|lambda|mu|sigma|phi|omega"
 SPELLINGS = [  # (pattern, replacement), in order: one spelling per symbol
     (r"\u2212|\u2013", "-"), (r"∞", r"\\infty "), (r"≤|\\leqslant|\\leq|\\le(?![a-zA-Z])", "<="),
     (r"≥|\\geqslant|\\geq|\\ge(?![a-zA-Z])", ">="), (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
-    (r"\\left(?![a-zA-Z])\s*\.?|\\right(?![a-zA-Z])\s*\.?|\\[bB]igg?[lr]?(?![a-zA-Z])", ""), (r"\\displaystyle|\\limits", ""),
-    (r"\\[dtc]frac", r"\\frac"), (r"\\[dt]binom", r"\\binom"), (r"\\lbrace", r"\\{"), (r"\\rbrace", r"\\}"), (r"\\langle", "("), (r"\\rangle", ")"),
+    (r"\\left(?![a-zA-Z])\s*\.?|\\right(?![a-zA-Z])\s*\.?|\\[bB]igg?[lr]?(?![a-zA-Z])", ""),
+    (r"\\displaystyle|\\limits", ""), (r"\\[dtc]frac", r"\\frac"), (r"\\[dt]binom", r"\\binom"), (r"\\lbrace", r"\\{"),
+    (r"\\rbrace", r"\\}"), (r"\\langle", "("), (r"\\rangle", ")"),
     (r"\{\s*([^{}]+?)\s*\\choose\s*([^{}]+?)\s*\}", r"\\binom{\1}{\2}"), (r"\\varnothing|\\\{\s*\\\}", r"\\emptyset"),
     (r"\\(?:textbf|textrm|textit|textnormal|mbox|mathrm|mathbf|mathit|operatorname|boldsymbol)\s*\{", r"\\text{"),
     (r"\\text\{\s*([ei])\s*\}", r"\1"), (r"\\text\{\s*(-?\d[^{}]*)\}", r"\1"),  # \text{5 cm}: its text
-    (r"\\text\{\s*\+?\s*infinity\s*\}|^\+?\s*infinity$", r"\\infty"), (r"\\mathbb\{R\}", r"(-\\infty,\\infty)"), (r"\\dots|\\ldots|\\cdots", "..."),
+    (r"\\text\{\s*\+?\s*infinity\s*\}|^\+?\s*infinity$", r"\\infty"), (r"\\mathbb\{R\}", r"(-\\infty,\\infty)"),
+    (r"\\dots|\\ldots|\\cdots", "..."),
     (r"(?<=\d),\\!\s*(?=\d{3}(?!\d))", "{,}"),  # 11,\! 111: a thousands separator as MATH writes it
     (r"(?<!\\)\\[,;:! ]|\\q?quad|~", " "), (r"(?<!\\)\$", ""),  # spacing; math delimiters (\$ stays: a currency)
     (r"(^|[(\[,=]|\\cup|\\in)\s*\+\s*\\infty", r"\1\\infty"),  # +\infty
@@ -30,7 +32,8 @@ SPELLINGS = [  # (pattern, replacement), in order: one spelling per symbol
 
 def clean(s):
     """One spelling per symbol, matrices as tuples; spaces kept (they tell a list "1, 500" from 1,500)."""
-    s = re.sub(r"\\begin\{[pbvB]?matrix\}(.*?)\\end\{[pbvB]?matrix\}", lambda m: _matrix_to_tuple(m.group(1)), s, flags=re.S)
+    s = re.sub(r"\\begin\{[pbvB]?matrix\}(.*?)\\end\{[pbvB]?matrix\}", lambda m: _matrix_to_tuple(m.group(1)), s,
+               flags=re.S)
     for pattern, repl in SPELLINGS:
         s = re.sub(pattern, repl, s)
     return s.strip()
@@ -50,22 +53,26 @@ def option(s):
     t = re.sub(r"^\\text\{([^{}]*)\}$", r"\1", s.strip())  # \text{(B) 12}
     t = re.sub(r"\\text\{\s*(\(?[A-E]\)?[.:]?)\s*\}", r"\1 ", t).strip()
     t = re.sub(r"^(?:\\text\{)?\s*(?:option|choice)\s*([A-E])\s*\}?", r"\1.", t, flags=re.I)  # "Option B"
-    m = re.fullmatch(r"\(([A-E])\)\s*([^\s+*/^=_,].*|)", t, re.S) or re.fullmatch(r"([A-E])(?:[.:)]\s*([^\s+*/^=_,].*)|[.:]?)", t, re.S)
+    m = (re.fullmatch(r"\(([A-E])\)\s*([^\s+*/^=_,].*|)", t, re.S)
+         or re.fullmatch(r"([A-E])(?:[.:)]\s*([^\s+*/^=_,].*)|[.:]?)", t, re.S))
     if not m or re.search(r"\([A-E]\)|^(?:and|or)\b|^[A-E](?:\W|$)", m.group(2) or ""):  # (A) or (B): no choice
         return None, s
     return m.group(1), (m.group(2) or "").strip()
 
 
-UNIT_WORDS = {"m": ["meter", "metre"], "cm": ["centimeter", "centimetre"], "mm": ["millimeter"], "km": ["kilometer", "kilometre"],
-              "in": ["inch"], "ft": ["feet", "foot"], "yd": ["yard"], "mi": ["mile"], "s": ["second", "sec"], "min": ["minute"],
-              "h": ["hour", "hr"], "g": ["gram"], "kg": ["kilogram"], "lb": ["pound"], "l": ["liter", "litre"], "ml": ["milliliter"],
-              "dollar": ["\\$", "usd"], "cent": ["¢", "\\cent", "\\textcent"], "unit": [], "degree": ["deg", "°"], "day": [],
-              "week": [], "month": [], "year": ["yr"], "mph": ["mile per hour", "miles per hour", "mi/h"],
-              "km/h": ["km/hr", "kph", "kilometer per hour", "kilometers per hour"], "m/s": ["meter per second", "meters per second"]}
+UNIT_WORDS = {"m": ["meter", "metre"], "cm": ["centimeter", "centimetre"], "mm": ["millimeter"],
+              "km": ["kilometer", "kilometre"], "in": ["inch"], "ft": ["feet", "foot"], "yd": ["yard"], "mi": ["mile"],
+              "s": ["second", "sec"], "min": ["minute"], "h": ["hour", "hr"], "g": ["gram"], "kg": ["kilogram"],
+              "lb": ["pound"], "l": ["liter", "litre"], "ml": ["milliliter"], "dollar": ["\\$", "usd"],
+              "cent": ["¢", "\\cent", "\\textcent"], "unit": [], "degree": ["deg", "°"], "day": [], "week": [],
+              "month": [], "year": ["yr"], "mph": ["mile per hour", "miles per hour", "mi/h"],
+              "km/h": ["km/hr", "kph", "kilometer per hour", "kilometers per hour"],
+              "m/s": ["meter per second", "meters per second"]}
 SAME_UNIT = {w + e: u for u, ws in UNIT_WORDS.items() for w in ws + [u] for e in ("", "s", "es")}
-PLAIN_UNITS = ("mm|cm|km|m|meters?|centimeters?|kilometers?|inch|inches|in|feet|foot|ft|yards?|yd|miles?|mi|units?|square units|"
-               "sq units|degrees?|dollars?|cents?|hours?|hrs?|minutes?|mins?|seconds?|secs?|s|days?|weeks?|months?|years?|kg|g|grams?|"
-               "kilograms?|lbs?|pounds?|ounces?|oz|liters?|l|ml|mph|km/h|m/s|cm/s|people|students|ways|times")
+PLAIN_UNITS = ("mm|cm|km|m|meters?|centimeters?|kilometers?|inch|inches|in|feet|foot|ft|yards?|yd|miles?|mi|units?|"
+               "square units|sq units|degrees?|dollars?|cents?|hours?|hrs?|minutes?|mins?|seconds?|secs?|s|days?|"
+               "weeks?|months?|years?|kg|g|grams?|kilograms?|lbs?|pounds?|ounces?|oz|liters?|l|ml|mph|km/h|m/s|cm/s|"
+               "people|students|ways|times")
 
 
 def unit_name(words, power=""):
@@ -92,7 +99,8 @@ def unit(s):
         if not re.fullmatch(r"\s*(and|or|if|for|when|where)\b.*", words):
             return m.group(1).strip(), unit_name(words, m.group(4) or "")
     m = re.fullmatch(rf"(.*[\d}}])\s*({PLAIN_UNITS})(\^\{{?[23]\}}?)?", s)
-    if m and re.search(r"\d", m.group(1)) and (m.group(2) not in ("m", "s", "g", "l", "in") or re.search(r"\d\s+\S+$", s)):
+    if m and re.search(r"\d", m.group(1)) and (m.group(2) not in ("m", "s", "g", "l", "in")
+                                                or re.search(r"\d\s+\S+$", s)):
         return m.group(1).strip(), unit_name(m.group(2), m.group(3) or "")
     return s, None
 
@@ -165,7 +173,8 @@ def items(s, gold_len=None):
     return ("list" if len(parts) > 1 else None), parts
 
 
-NAME = (r"[a-zA-Z](?:_\{?\w+\}?)?|[A-Z]{2,3}|(?:m)?\\angle[A-Z]{1,3}|\\(?:vec|text|overrightarrow|overline|hat|bar)\{\w+\}|\|[A-Z]{2}\||"
+NAME = (r"[a-zA-Z](?:_\{?\w+\}?)?|[A-Z]{2,3}|(?:m)?\\angle[A-Z]{1,3}|"
+        r"\\(?:vec|text|overrightarrow|overline|hat|bar)\{\w+\}|\|[A-Z]{2}\||"
         rf"\\(?:{GREEK})|[a-zA-Z]\(\w(?:,\w)*\)")
 QUANTITY = r"[a-z](?:[+-]?[a-z]){1,3}"  # a+b = 10, ab = 6: the quantity asked for, on the answer's side only
 
@@ -205,17 +214,19 @@ def inequality(s):
 def repeating(s):
     """A repeating decimal as its fraction: 0.\\overline{3}, 0.(3) -> \\frac{1}{3}; 0.1\\overline{6} -> \\frac{1}{6};
     anything else unchanged."""
-    m = re.fullmatch(r"(-?)(\d*)\.(\d*)(?:\\(?:overline|bar)\{(\d+)\}|\\(?:overline|bar)(\d)|\((\d+)\)|\\dot\{?(\d)\}?)", s)
+    m = re.fullmatch(r"(-?)(\d*)\.(\d*)"
+                     r"(?:\\(?:overline|bar)\{(\d+)\}|\\(?:overline|bar)(\d)|\((\d+)\)|\\dot\{?(\d)\}?)", s)
     if not m or len(s) > 60:
         return s
     whole, fixed, rep = m.group(2) or "0", m.group(3), next(g for g in m.groups()[3:] if g)
-    value = int(whole) + Fraction(int(fixed or "0"), 10 ** len(fixed)) + Fraction(int(rep), 10 ** len(fixed) * (10 ** len(rep) - 1))
+    value = (int(whole) + Fraction(int(fixed or "0"), 10 ** len(fixed))
+             + Fraction(int(rep), 10 ** len(fixed) * (10 ** len(rep) - 1)))
     return f"{m.group(1)}\\frac{{{value.numerator}}}{{{value.denominator}}}"
 
 
 def named_items(parts, answer=False):
-    """[(name, value)] of a list's items: the name an item gives itself ("x = 3", "x > 2" -> its interval), and a \\pm
-    item as its two values (1 \\pm \\sqrt{2} -> 1+\\sqrt{2}, 1-\\sqrt{2}; \\pm 2 -> 2, -2)."""
+    """[(name, value)] of a list's items: the name an item gives itself ("x = 3", "x > 2" -> its interval), and a
+    \\pm item as its two values (1 \\pm \\sqrt{2} -> 1+\\sqrt{2}, 1-\\sqrt{2}; \\pm 2 -> 2, -2)."""
     out = []
     for part in parts:
         name, value = named(part, answer)
@@ -223,6 +234,8 @@ def named_items(parts, answer=False):
         if ineq:
             name, value = ineq[0] if name is None else name, ineq[1]
         m = re.fullmatch(r"(.*?)\\pm(.+)", value, re.S)
-        values = [value] if not m else [f"{m.group(1)}+{m.group(2)}", f"{m.group(1)}-{m.group(2)}"] if m.group(1).strip() else [m.group(2), "-" + m.group(2)]
+        values = ([value] if not m
+                  else [f"{m.group(1)}+{m.group(2)}", f"{m.group(1)}-{m.group(2)}"] if m.group(1).strip()
+                  else [m.group(2), "-" + m.group(2)])
         out += [(name, value_text(v)) for v in values]
     return out

@@ -35,7 +35,8 @@ from update import policy_logprobs, ppo_update, rollout_step
 
 BENCH_OFF = {  # each change to a training step, as `bench.py grpo` switches it off: the code before it
     "bf16 autocast": {"precision": "float32"},
-    "logits by memory budget": {"logits_budget": 1 << 24},  # 85 rows at V=49k, each chunk checkpointed: the lm_head ran twice
+    # 85 rows at V=49k, each chunk checkpointed: the lm_head ran twice
+    "logits by memory budget": {"logits_budget": 1 << 24},
     "on-policy first mini-batch": {"on_policy_first": False},
     "denormals flushed": {"flush": False},
     "prompts shared by a group": {"share_prompts": False},
@@ -44,7 +45,8 @@ BENCH_OFF = {  # each change to a training step, as `bench.py grpo` switches it 
 }
 
 
-GPU_CHECK = dict(prompts_per_step=16, group_size=8, mini_batch_prompts=8, max_new_tokens=256, precision="bfloat16")  # .ci/gpu-check's step
+# .ci/gpu-check's step
+GPU_CHECK = dict(prompts_per_step=16, group_size=8, mini_batch_prompts=8, max_new_tokens=256, precision="bfloat16")
 
 
 class OpCounter(TorchDispatchMode):
@@ -65,14 +67,16 @@ def update_ops(name="random:qwen3-0.6b", prompt_len=35, vocab=1024):
     Meant for a fresh process (it sets policy.py's globals)."""
     config, cfg = model_config(name), GRPOConfig(**GPU_CHECK)
     tiny = copy.deepcopy(config)
-    tiny.update(dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=vocab))
+    tiny.update(dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                     vocab_size=vocab))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny, dtype=torch.float32).train()
     policy_lib.SHARE_PROMPTS, policy_lib.LOGITS_BUDGET = (), policy_lib.LOGITS_BUDGET * vocab // config.vocab_size
     N, T = cfg.prompts_per_step * cfg.group_size, prompt_len + cfg.max_new_tokens
     ids = torch.randint(3, vocab, (N, T))  # (N, T) every response as long as allowed
     resp = (torch.arange(T) >= prompt_len).expand(N, T)  # (N, T)
-    batch = Batch(ids, torch.ones_like(ids), resp, group_advantages(torch.rand(N), cfg.group_size), ([T] * N, [T - prompt_len] * N))
+    batch = Batch(ids, torch.ones_like(ids), resp, group_advantages(torch.rand(N), cfg.group_size),
+                  ([T] * N, [T - prompt_len] * N))
     runner = distributed.Wrapped(model)
     old = torch.zeros(N, T)
     with OpCounter() as ops:
@@ -102,10 +106,12 @@ def bench_step(cfg, off, repeats=2):
     t = clock(model.device)
     batch, _ = rollout_step(model, tok, task_problems(cfg.task, cfg.prompts_per_step, cfg.seed, "train"), cfg, 0)
     r = {"rollout": clock(model.device) - t, "old": [], "update": [], "tokens": int(batch.attention_mask.sum())}
-    N, first = batch.input_ids.shape[0], cfg.mini_batch_prompts * cfg.group_size if off.get("on_policy_first", True) else 0
+    N, first = (batch.input_ids.shape[0],
+                cfg.mini_batch_prompts * cfg.group_size if off.get("on_policy_first", True) else 0)
     for _ in range(repeats + 1):  # the first is a warm-up
         runner = distributed.Wrapped(copy.deepcopy(model).train())
-        opt = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=off.get("fused_adam", True))
+        opt = torch.optim.AdamW(runner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                fused=off.get("fused_adam", True))
         t = clock(model.device)
         old, _ = policy_logprobs(output_policy, runner, batch, cfg, rows=range(first, N))
         t1 = clock(model.device)
@@ -119,25 +125,30 @@ def bench_step(cfg, off, repeats=2):
 
 
 def bench_grpo_step(cfg):
-    """Time one step's parts as configured, then with each change switched off, and all of them: each in a fresh process."""
+    """Time one step's parts as configured, then with each change switched off, and all of them: each in a fresh
+    process."""
     configs = {"as configured": {}, **{f"without {k}": v for k, v in BENCH_OFF.items()},
                "without all (the code before)": {k: v for c in BENCH_OFF.values() for k, v in c.items()}}
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         ops, flops = pool.submit(update_ops).result()
-    print(f"one update at .ci/gpu-check's settings ({GPU_CHECK['prompts_per_step']} prompts x {GPU_CHECK['group_size']}, "
-          f"{GPU_CHECK['max_new_tokens']} new tokens, Qwen3-0.6B's 28 layers), CUDA's path: {ops:,} aten ops dispatched "
-          f"(counted on the CPU at a tiny width) for {flops / 1e12:.0f} TFLOP at full width")
-    print(f"one step: {cfg.prompts_per_step} prompts x {cfg.group_size}, <= {cfg.max_new_tokens} new tokens, mini-batches of "
-          f"{cfg.mini_batch_prompts} prompts, micro-batches of <= {cfg.micro_batch} rows and {cfg.micro_tokens} tokens, {cfg.precision}; {torch.get_num_threads()} threads")
-    print(f"{'':<36}{'rollout s':>10}{'old lp s':>10}{'update s':>10}{'step s':>8}{'tok/s':>8}{'GFLOP/s':>9}{'peak':>7}{'of peak':>8}")
+    print(f"one update at .ci/gpu-check's settings ({GPU_CHECK['prompts_per_step']} prompts x "
+          f"{GPU_CHECK['group_size']}, {GPU_CHECK['max_new_tokens']} new tokens, Qwen3-0.6B's 28 layers), "
+          f"CUDA's path: {ops:,} aten ops dispatched (counted on the CPU at a tiny width) "
+          f"for {flops / 1e12:.0f} TFLOP at full width")
+    print(f"one step: {cfg.prompts_per_step} prompts x {cfg.group_size}, <= {cfg.max_new_tokens} new tokens, "
+          f"mini-batches of {cfg.mini_batch_prompts} prompts, micro-batches of <= {cfg.micro_batch} rows and "
+          f"{cfg.micro_tokens} tokens, {cfg.precision}; {torch.get_num_threads()} threads")
+    print(f"{'':<36}{'rollout s':>10}{'old lp s':>10}{'update s':>10}{'step s':>8}{'tok/s':>8}{'GFLOP/s':>9}{'peak':>7}"
+          f"{'of peak':>8}")
     step = {}
     for name, off in configs.items():
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             r = pool.submit(bench_step, asdict(cfg), off).result()
         train_s = r["old"] + r["update"]
         step[name] = r["rollout"] + train_s
-        print(f"{name:<36}{r['rollout']:>10.2f}{r['old']:>10.2f}{r['update']:>10.2f}{step[name]:>8.2f}{2 * r['tokens'] / train_s:>8.0f}"
-              f"{r['flops'] / train_s / 1e9:>9.1f}{r['peak'] / 1e9:>7.0f}{r['flops'] / train_s / r['peak']:>8.1%}", flush=True)
+        print(f"{name:<36}{r['rollout']:>10.2f}{r['old']:>10.2f}{r['update']:>10.2f}{step[name]:>8.2f}"
+              f"{2 * r['tokens'] / train_s:>8.0f}{r['flops'] / train_s / 1e9:>9.1f}{r['peak'] / 1e9:>7.0f}"
+              f"{r['flops'] / train_s / r['peak']:>8.1%}", flush=True)
     print(f"step time, the code before / now: {step['without all (the code before)'] / step['as configured']:.2f}x   "
           "(tok/s: tokens through the old-log-prob pass and the update; peak: a 2048^3 matmul in the step's dtype)")
 
@@ -162,7 +173,8 @@ def bench_bupo_update(cfg, repeats=2):
         logits = model(ids, attention_mask=att).logits[:, :-1].float()
         logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).sum().backward()
     times = {}
-    for name, fn in (("phase 1 (pi_k)", lambda: update(layer_policy(k))), ("full (output policy)", lambda: update(output_policy)),
+    for name, fn in (("phase 1 (pi_k)", lambda: update(layer_policy(k))),
+                     ("full (output policy)", lambda: update(output_policy)),
                      ("plain HF forward+backward", plain)):
         ts = []
         for _ in range(repeats + 1):  # the first is a warm-up
@@ -175,9 +187,11 @@ def bench_bupo_update(cfg, repeats=2):
     D, V = model.config.hidden_size, model.config.vocab_size
     per_layer = sum(m.weight.numel() for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
     bound = ((k + 1) * per_layer + D * V) / (L * per_layer + D * V)
-    print(f"batch: {ids.shape[0]} sequences x {ids.shape[1]} tokens, every position scored; k={k}, L={L}, {cfg.precision}")
+    print(f"batch: {ids.shape[0]} sequences x {ids.shape[1]} tokens, every position scored; k={k}, L={L}, "
+          f"{cfg.precision}")
     for name, t in times.items():
         print(f"{name:>28}: {t:.2f} s forward+backward")
     print(f"phase 1 / plain = {times['phase 1 (pi_k)'] / times['plain HF forward+backward']:.3f}, phase 1 / full = "
-          f"{times['phase 1 (pi_k)'] / times['full (output policy)']:.3f}  (FLOP bound ((k+1) layers + lm_head) / (L layers + lm_head) = {bound:.3f})")
+          f"{times['phase 1 (pi_k)'] / times['full (output policy)']:.3f}  "
+          f"(FLOP bound ((k+1) layers + lm_head) / (L layers + lm_head) = {bound:.3f})")
     return times

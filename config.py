@@ -83,8 +83,8 @@ class GRPOConfig:
 
     # what a --resume may change: how far and how often, and how the same work is laid out (ranks, memory)
     SAFE_ON_RESUME: ClassVar[tuple] = ("steps", "save_every", "save_final", "eval_every", "bench", "fsdp",
-                                       "activation_checkpointing", "micro_batch", "micro_tokens", "rollout_batch", "compile",
-                                       "attention")
+                                       "activation_checkpointing", "micro_batch", "micro_tokens", "rollout_batch",
+                                       "compile", "attention")
 
 
 # The paper's four backbones (Sec. 3, Table 1, 3; the authors' run_code/*.sh): hub id, shipped config (configs/, for
@@ -94,8 +94,10 @@ class GRPOConfig:
 PAPER_MODELS = {
     "paper": ("Qwen/Qwen3-4B", "qwen3-4b", 5, 8192, dict(rollout_dtype="bfloat16", rollout_batch=16)),
     "paper-qwen3-8b": ("Qwen/Qwen3-8B", "qwen3-8b", 5, 8192, dict(fsdp=True, rollout_batch=8)),
-    "paper-octothinker-3b": ("OctoThinker/OctoThinker-3B-Hybrid-Base", "octothinker-3b", 25, 3072, dict(rollout_dtype="bfloat16", rollout_batch=64)),
-    "paper-octothinker-8b": ("OctoThinker/OctoThinker-8B-Hybrid-Base", "octothinker-8b", 26, 3072, dict(fsdp=True, rollout_batch=16)),
+    "paper-octothinker-3b": ("OctoThinker/OctoThinker-3B-Hybrid-Base", "octothinker-3b", 25, 3072,
+                             dict(rollout_dtype="bfloat16", rollout_batch=64)),
+    "paper-octothinker-8b": ("OctoThinker/OctoThinker-8B-Hybrid-Base", "octothinker-8b", 26, 3072,
+                             dict(fsdp=True, rollout_batch=16)),
 }
 PAPER_COMMON = dict(  # as the authors ran it: verl's reward, 1024-token prompts cut on the left, the fork's loss,
     reward="verl", max_prompt_length=1024, loss_agg="micro-token-mean", eval_every=30,  # Avg@32 / Avg@16, bf16
@@ -116,47 +118,68 @@ def check_config(cfg, config, world=1, memory=None):
     memory: the device's bytes (default: the GPU's, else this machine's RAM)."""
     for f in fields(cfg):
         v = getattr(cfg, f.name)
-        check(not isinstance(v, float) or math.isfinite(v), f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+        check(not isinstance(v, float) or math.isfinite(v),
+              f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
     check(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}")
     check_seed(cfg.seed)
-    for name in ("prompts_per_step", "group_size", "mini_batch_prompts", "micro_batch", "micro_tokens", "max_new_tokens", "eval_max_new_tokens"):
+    for name in ("prompts_per_step", "group_size", "mini_batch_prompts", "micro_batch", "micro_tokens",
+                 "max_new_tokens", "eval_max_new_tokens"):
         check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     check(cfg.group_size >= 2, "--group-size must be >= 2: GRPO's baseline is the group mean")
     check(cfg.prompts_per_step % cfg.mini_batch_prompts == 0,
-          f"--prompts-per-step {cfg.prompts_per_step} is not a multiple of --mini-batch-prompts {cfg.mini_batch_prompts}")
+          f"--prompts-per-step {cfg.prompts_per_step} is not a multiple of "
+          f"--mini-batch-prompts {cfg.mini_batch_prompts}")
     check(cfg.rollout_batch >= 0 and cfg.rollout_batch % cfg.group_size == 0,
-          f"--rollout-batch {cfg.rollout_batch} must be a multiple of --group-size {cfg.group_size} (whole groups, each prefilled once)")
-    check(cfg.mini_batch_prompts % world == 0, f"--mini-batch-prompts {cfg.mini_batch_prompts} cannot be split over {world} ranks "
+          f"--rollout-batch {cfg.rollout_batch} must be a multiple of --group-size {cfg.group_size} "
+          "(whole groups, each prefilled once)")
+    check(cfg.mini_batch_prompts % world == 0,
+          f"--mini-batch-prompts {cfg.mini_batch_prompts} cannot be split over {world} ranks "
           f"without splitting a group (a group stays on one rank): use a multiple of {world}, or fewer ranks")
-    check(cfg.eval_limit >= 0 and cfg.eval_every >= 0 and cfg.save_every >= 0, "--eval-limit, --eval-every and --save-every must be >= 0")
-    check(0 <= cfg.clip_low < 1 and cfg.clip_high >= 0, f"--clip-low must lie in [0, 1) and --clip-high be >= 0, got {cfg.clip_low}, {cfg.clip_high}")
+    check(cfg.eval_limit >= 0 and cfg.eval_every >= 0 and cfg.save_every >= 0,
+          "--eval-limit, --eval-every and --save-every must be >= 0")
+    check(0 <= cfg.clip_low < 1 and cfg.clip_high >= 0,
+          f"--clip-low must lie in [0, 1) and --clip-high be >= 0, got {cfg.clip_low}, {cfg.clip_high}")
     check(cfg.clip_c > 1, f"--clip-c must be > 1 (the dual clip bounds -A r at -A c), got {cfg.clip_c}")
-    check(cfg.temperature > 0, f"--temperature must be > 0 for training (the log-probs divide by it), got {cfg.temperature}")
-    check(0 < cfg.top_p <= 1 and cfg.lr > 0 and cfg.grad_clip > 0, "--top-p must lie in (0, 1], --lr and --grad-clip be > 0")
+    check(cfg.temperature > 0,
+          f"--temperature must be > 0 for training (the log-probs divide by it), got {cfg.temperature}")
+    check(0 < cfg.top_p <= 1 and cfg.lr > 0 and cfg.grad_clip > 0,
+          "--top-p must lie in (0, 1], --lr and --grad-clip be > 0")
     check(cfg.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision}")
-    check(cfg.attention in ("", "sdpa", "eager"), f"--attention must be sdpa or eager (default: sdpa on CUDA, eager on CPU), got '{cfg.attention}'")
-    check(cfg.rollout_dtype in ("", "float32", "bfloat16", "float16"), f"--rollout-dtype must be float32, bfloat16 or float16, got {cfg.rollout_dtype}")
-    check(not (cfg.fsdp and cfg.rollout_dtype), "--rollout-dtype copies the model, which --fsdp does not allow: drop one of them")
+    check(cfg.attention in ("", "sdpa", "eager"),
+          f"--attention must be sdpa or eager (default: sdpa on CUDA, eager on CPU), got '{cfg.attention}'")
+    check(cfg.rollout_dtype in ("", "float32", "bfloat16", "float16"),
+          f"--rollout-dtype must be float32, bfloat16 or float16, got {cfg.rollout_dtype}")
+    check(not (cfg.fsdp and cfg.rollout_dtype),
+          "--rollout-dtype copies the model, which --fsdp does not allow: drop one of them")
     check(not (cfg.resume and cfg.overwrite), "--resume continues the run in --out, --overwrite deletes it: give one")
-    check(config.max_position_embeddings >= cfg.max_new_tokens + cfg.max_prompt_length, f"--max-new-tokens {cfg.max_new_tokens} "
-          f"(+ --max-prompt-length {cfg.max_prompt_length}) exceeds the model's context ({config.max_position_embeddings})")
-    check(cfg.loss_agg in AGGREGATIONS, f"--loss-agg must be one of {', '.join(AGGREGATIONS)} (a loss aggregation), got {cfg.loss_agg}")
+    check(config.max_position_embeddings >= cfg.max_new_tokens + cfg.max_prompt_length,
+          f"--max-new-tokens {cfg.max_new_tokens} (+ --max-prompt-length {cfg.max_prompt_length}) "
+          f"exceeds the model's context ({config.max_position_embeddings})")
+    check(cfg.loss_agg in AGGREGATIONS,
+          f"--loss-agg must be one of {', '.join(AGGREGATIONS)} (a loss aggregation), got {cfg.loss_agg}")
     check(cfg.kl_coef >= 0 and cfg.entropy_coef >= 0 and cfg.weight_decay >= 0,
-          f"--kl-coef, --entropy-coef and --weight-decay must be >= 0, got {cfg.kl_coef}, {cfg.entropy_coef}, {cfg.weight_decay}")
-    check(cfg.max_nonfinite >= 1, f"--max-nonfinite must be >= 1 (non-finite updates in a row before stopping), got {cfg.max_nonfinite}")
+          f"--kl-coef, --entropy-coef and --weight-decay must be >= 0, "
+          f"got {cfg.kl_coef}, {cfg.entropy_coef}, {cfg.weight_decay}")
+    check(cfg.max_nonfinite >= 1,
+          f"--max-nonfinite must be >= 1 (non-finite updates in a row before stopping), got {cfg.max_nonfinite}")
     check(config.max_position_embeddings >= cfg.eval_max_new_tokens,
-          f"--eval-max-new-tokens {cfg.eval_max_new_tokens} exceeds the model's context ({config.max_position_embeddings})")
-    check(cfg.adv_estimator in ESTIMATORS, f"--adv-estimator must be one of {', '.join(ESTIMATORS)}, got {cfg.adv_estimator}")
+          f"--eval-max-new-tokens {cfg.eval_max_new_tokens} exceeds the model's context "
+          f"({config.max_position_embeddings})")
+    check(cfg.adv_estimator in ESTIMATORS,
+          f"--adv-estimator must be one of {', '.join(ESTIMATORS)}, got {cfg.adv_estimator}")
     check(cfg.critic_lr > 0 and cfg.cliprange_value > 0, "--critic-lr and --cliprange-value must be > 0")
-    check(0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1, f"--gamma and --lam must lie in [0, 1], got {cfg.gamma}, {cfg.lam}")
-    check(cfg.adv_estimator != "gae" or world == 1, "PPO (--adv-estimator gae) trains its critic on one process: run it without torchrun")
+    check(0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1,
+          f"--gamma and --lam must lie in [0, 1], got {cfg.gamma}, {cfg.lam}")
+    check(cfg.adv_estimator != "gae" or world == 1,
+          "PPO (--adv-estimator gae) trains its critic on one process: run it without torchrun")
     check(cfg.eval_samples >= 0 and cfg.eval_samples_limit >= 0, "--eval-samples and --eval-samples-limit must be >= 0")
     check(cfg.reward in REWARDS, f"--reward must be one of {', '.join(REWARDS)}, got {cfg.reward}")
     check(cfg.max_prompt_length >= 0, f"--max-prompt-length must be >= 0 (0 = no cap), got {cfg.max_prompt_length}")
     ks = parse_k(cfg.eval_k) if cfg.eval_k else {}
     check(isinstance(ks, dict) and set(ks) <= set(cfg.eval_data.split(",")),
           f"--eval-k must name held-out sets of --eval-data ({cfg.eval_data}) as set=K, got '{cfg.eval_k}'")
-    check(cfg.kl_estimator in KL_ESTIMATORS, f"--kl-estimator must be one of {', '.join(KL_ESTIMATORS)}, got {cfg.kl_estimator}")
+    check(cfg.kl_estimator in KL_ESTIMATORS,
+          f"--kl-estimator must be one of {', '.join(KL_ESTIMATORS)}, got {cfg.kl_estimator}")
     check_rollout_memory(cfg, config, world, memory)
     if cfg.adv_estimator == "gae":
         check_ppo_memory(config, memory)
@@ -174,13 +197,16 @@ def check_rollout_memory(cfg, config, world=1, memory=None):
     --rollout-batch that fits. The paper's 1024 rows x 8k slots of Qwen3-4B would need 1.2 TB."""
     rows = cfg.rollout_batch or cfg.prompts_per_step // world * cfg.group_size
     itemsize = 2 if cfg.rollout_dtype in ("bfloat16", "float16") or torch.cuda.is_available() else 4
-    need, per_row = kv_cache_bytes(config, rows, cfg.max_new_tokens, itemsize), kv_cache_bytes(config, 1, cfg.max_new_tokens, itemsize)
+    need, per_row = (kv_cache_bytes(config, rows, cfg.max_new_tokens, itemsize),
+                     kv_cache_bytes(config, 1, cfg.max_new_tokens, itemsize))
     memory = device_memory() if memory is None else memory
     fit = int(memory / 2 // per_row) // cfg.group_size * cfg.group_size
-    check(need <= memory / 2, f"the rollout's KV cache needs at least {need / 1e9:.1f} GB ({rows} rows x {cfg.max_new_tokens} slots) "
-          f"but half this device's memory is {memory / 2e9:.1f} GB: pass --rollout-batch {fit}" if fit >= cfg.group_size else
-          f"the rollout's KV cache of one group ({cfg.group_size} rows x {cfg.max_new_tokens} slots) exceeds half this device's "
-          f"memory ({memory / 2e9:.1f} GB): lower --max-new-tokens or --group-size")
+    check(need <= memory / 2,
+          f"the rollout's KV cache needs at least {need / 1e9:.1f} GB ({rows} rows x {cfg.max_new_tokens} slots) "
+          f"but half this device's memory is {memory / 2e9:.1f} GB: pass --rollout-batch {fit}"
+          if fit >= cfg.group_size
+          else f"the rollout's KV cache of one group ({cfg.group_size} rows x {cfg.max_new_tokens} slots) "
+               f"exceeds half this device's memory ({memory / 2e9:.1f} GB): lower --max-new-tokens or --group-size")
 
 
 @dataclass
@@ -203,8 +229,8 @@ class BuPOConfig(GRPOConfig):
 
 
 def resume_safe(cfg):
-    """The settings a --resume of this run may change. Under the authors' loss (micro-token-mean) each micro-batch's mean
-    is weighted by its rows, so the micro-batch split is part of the objective and may not change."""
+    """The settings a --resume of this run may change. Under the authors' loss (micro-token-mean) each micro-batch's
+    mean is weighted by its rows, so the micro-batch split is part of the objective and may not change."""
     fixed = ("micro_batch", "micro_tokens") if cfg.loss_agg == "micro-token-mean" else ()
     return tuple(f for f in cfg.SAFE_ON_RESUME if f not in fixed)
 
@@ -217,7 +243,8 @@ BUPO_PRESETS = {**{name: dict(PRESETS[name], layer=k, inter_steps=30, out="runs/
 
 def device_memory():
     """Bytes of the GPU's memory, else of this machine's RAM."""
-    return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return (torch.cuda.mem_get_info()[1] if torch.cuda.is_available()
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def param_count(config):
@@ -238,12 +265,15 @@ def memory_plan(cfg, config, world=1):
     layer's fp32 input, one layer recomputed, one chunk of logits), and the peak (on CUDA the rollout's stay)."""
     P, D, I, L = param_count(config), config.hidden_size, config.intermediate_size, config.num_hidden_layers
     hd = getattr(config, "head_dim", None) or D // config.num_attention_heads
-    H, KV, seq = config.num_attention_heads * hd, config.num_key_value_heads * hd, cfg.max_prompt_length + cfg.max_new_tokens
+    H, KV, seq = (config.num_attention_heads * hd, config.num_key_value_heads * hd,
+                  cfg.max_prompt_length + cfg.max_new_tokens)
     bf16 = cfg.rollout_dtype in ("bfloat16", "float16")
     rows = cfg.rollout_batch or cfg.prompts_per_step // world * cfg.group_size
-    one_layer = 4 * (2 * D + 4 * H + 2 * KV + 4 * I)  # bytes a token: normed inputs, q/k/v and norms, GQA-expanded k/v, MLP
+    # bytes a token: normed inputs, q/k/v and norms, GQA-expanded k/v, MLP
+    one_layer = 4 * (2 * D + 4 * H + 2 * KV + 4 * I)
     per_token = (4 * L * D + one_layer) if cfg.activation_checkpointing else L * one_layer
-    plan = {"training state": 16 * P / (world if cfg.fsdp else 1), "rollout weights": (2 if bf16 else 4) * P if (bf16 or cfg.fsdp) else 0,
+    plan = {"training state": 16 * P / (world if cfg.fsdp else 1),
+            "rollout weights": (2 if bf16 else 4) * P if (bf16 or cfg.fsdp) else 0,
             "KV cache": kv_cache_bytes(config, rows, seq, 2 if bf16 else 4),
             "activations": cfg.micro_batch * seq * per_token + 2 * (1 << 30)}
     return {k: v / 1e9 for k, v in plan.items()} | {"peak": sum(plan.values()) / 1e9, "params (B)": P / 1e9}
@@ -253,11 +283,13 @@ def check_ppo_memory(config, memory=None):
     """Refuse PPO where the policy's and the critic's training states (16 B/param each: the critic is a float32 copy of
     the decoder with its own AdamW, critic.py, on one process) exceed half the device's memory, with the arithmetic."""
     memory, P = device_memory() if memory is None else memory, param_count(config)
-    check(32 * P <= memory / 2, f"PPO (--adv-estimator gae / --methods ppo) does not fit: the policy's training state (16 B/param x "
-          f"{P / 1e9:.2f} B = {16 * P / 1e9:.1f} GB) plus its critic's (a float32 copy of the decoder with AdamW, the same "
-          f"{16 * P / 1e9:.1f} GB) need {32 * P / 1e9:.1f} GB before any activation or rollout, on one process (the critic is "
-          f"not sharded under torchrun here), against half this device's {memory / 1e9:.0f} GB; leave ppo out at this scale (verl runs "
-          "it with an FSDP-sharded critic), or use a smaller model")
+    check(32 * P <= memory / 2,
+          f"PPO (--adv-estimator gae / --methods ppo) does not fit: the policy's training state (16 B/param x "
+          f"{P / 1e9:.2f} B = {16 * P / 1e9:.1f} GB) plus its critic's (a float32 copy of the decoder with AdamW, "
+          f"the same {16 * P / 1e9:.1f} GB) need {32 * P / 1e9:.1f} GB before any activation or rollout, on one "
+          "process (the critic is not sharded under torchrun here), against half this device's "
+          f"{memory / 1e9:.0f} GB; leave ppo out at this scale (verl runs it with an FSDP-sharded critic), "
+          "or use a smaller model")
 
 
 def preset_help(presets):

@@ -37,9 +37,11 @@ from rollout import configure, generate
 matplotlib.use("Agg")  # figures to files, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-CHUNK_BUDGET = LOGITS_BUDGET // 8  # bytes of float32 logits per chunk: ~4 such blocks exist at once (logits, log-softmax, exp, product)
+# bytes of float32 logits per chunk: ~4 such blocks exist at once (logits, log-softmax, exp, product)
+CHUNK_BUDGET = LOGITS_BUDGET // 8
 KEYS = {"attn_in": "attn_in", "attn": "attn_out", "ffn_in": "ffn_in", "ffn": "ffn_out"}
-COLUMNS = ("attn_in", "attn_out", "dH_attn", "ffn_in", "ffn_out", "dH_ffn", "cos_attn", "cos_ffn")  # per layer, in tables and CSVs
+# per layer, in tables and CSVs
+COLUMNS = ("attn_in", "attn_out", "dH_attn", "ffn_in", "ffn_out", "dH_ffn", "cos_attn", "cos_ffn")
 
 
 def _entropy_sum(model, x, final_norm, chunk):
@@ -61,7 +63,8 @@ def entropy_sums(model, input_ids, response_mask, attention_mask=None, final_nor
     """
     check_inputs(model, input_ids, attention_mask)
     if response_mask.shape != input_ids.shape:
-        raise InputError(f"response_mask shape {tuple(response_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        raise InputError(f"response_mask shape {tuple(response_mask.shape)} "
+                         f"!= input_ids shape {tuple(input_ids.shape)}")
     L, V = model.config.num_hidden_layers, model.config.vocab_size
     pos = torch.zeros_like(response_mask, dtype=torch.bool)
     pos[:, :-1] = response_mask[:, 1:].bool()  # (B, T): positions predicting a response token
@@ -179,7 +182,8 @@ def write_csv(path, result, stages):
         w = csv.writer(f)
         w.writerow(["layer", "H_layer"] + cols + ["stage"])
         for l in range(L + 1):
-            w.writerow([l, result["layer"][l]] + [result[k][l] if l < L else "" for k in cols] + [stage_of(l, stages) if l < L else "output"])
+            w.writerow([l, result["layer"][l]] + [result[k][l] if l < L else "" for k in cols]
+                       + [stage_of(l, stages) if l < L else "output"])
 
 
 def plot(path, results, title):
@@ -190,7 +194,8 @@ def plot(path, results, title):
         L = len(res["dH_ffn"])
         top, bottom = axes[0, j], axes[1, j]
         top.plot(range(L + 1), res["layer"], marker="o", ms=3)
-        top.set(title=f"{title}\n{name}: entropy of internal layer policy", xlabel="layer l (0 = embedding, L = output)", ylabel="H (nats)")
+        top.set(title=f"{title}\n{name}: entropy of internal layer policy",
+                xlabel="layer l (0 = embedding, L = output)", ylabel="H (nats)")
         x = torch.arange(L)
         bottom.bar(x - 0.2, res["dH_attn"], width=0.4, label="dH attention")
         bottom.bar(x + 0.2, res["dH_ffn"], width=0.4, label="dH FFN")
@@ -198,7 +203,8 @@ def plot(path, results, title):
             if stages[stage]:
                 bottom.axvspan(stages[stage][0] - 0.5, stages[stage][1] + 0.5, color=color, alpha=0.08, label=stage)
         bottom.axhline(0, color="k", lw=0.5)
-        bottom.axvline(stages["suggested_layer"], color="k", ls="--", lw=0.8, label=f"suggested k={stages['suggested_layer']}")
+        bottom.axvline(stages["suggested_layer"], color="k", ls="--", lw=0.8,
+                       label=f"suggested k={stages['suggested_layer']}")
         bottom.set(title="entropy change of each module", xlabel="layer (0-indexed)", ylabel="dH (nats)")
         bottom.legend(fontsize=7)
     fig.tight_layout()
@@ -207,8 +213,8 @@ def plot(path, results, title):
 
 
 def flow_points(res):
-    """Fig. 2's continuous entropy flow: (x, H) through layer input -> attention output -> FFN output -> next layer input,
-    x = l, l + 1/3, l + 2/3, l + 1 for layer l (the last point is the output policy)."""
+    """Fig. 2's continuous entropy flow: (x, H) through layer input -> attention output -> FFN output -> next layer
+    input, x = l, l + 1/3, l + 2/3, l + 1 for layer l (the last point is the output policy)."""
     L = len(res["dH_ffn"])
     xs, hs = [0.0], [res["layer"][0]]
     for l in range(L):
@@ -218,7 +224,8 @@ def flow_points(res):
 
 
 def plot_flow(path, results, title):
-    """Fig. 2 and Fig. 12 for one model: the continuous entropy flow, and the residual cosines per layer (convention-free)."""
+    """Fig. 2 and Fig. 12 for one model: the continuous entropy flow, and the residual cosines per layer
+    (convention-free)."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7))
     for name, (res, _) in results.items():
         top.plot(*flow_points(res), marker=".", ms=3, lw=0.9, label=name)
@@ -230,7 +237,8 @@ def plot_flow(path, results, title):
     bottom.bar(x - 0.2, res["cos_attn"], width=0.4, label="cos(A_l, h_l)  attention")
     bottom.bar(x + 0.2, res["cos_ffn"], width=0.4, label="cos(F_l, h_l + A_l)  FFN")
     bottom.axhline(0, color="k", lw=0.5)
-    bottom.set(title="residual cosine: > 0 amplifies, ~ 0 writes new features, < 0 suppresses", xlabel="layer (0-indexed)", ylabel="cosine")
+    bottom.set(title="residual cosine: > 0 amplifies, ~ 0 writes new features, < 0 suppresses",
+               xlabel="layer (0-indexed)", ylabel="cosine")
     bottom.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -238,7 +246,8 @@ def plot_flow(path, results, title):
 
 
 def plot_families(path, families, title):
-    """The comparison of families: per convention, layer entropy and dH_ffn of each model with depth normalized to 0..1."""
+    """The comparison of families: per convention, layer entropy and dH_ffn of each model with depth
+    normalized to 0..1."""
     convs = list(next(iter(families.values())))
     fig, axes = plt.subplots(len(convs), 2, figsize=(12, 4 * len(convs)), squeeze=False)
     for i, conv in enumerate(convs):
@@ -246,11 +255,13 @@ def plot_families(path, families, title):
             res, stages = results[conv]
             L, k = len(res["dH_ffn"]), stages["suggested_layer"]
             axes[i, 0].plot([l / L for l in range(L + 1)], res["layer"], marker="o", ms=3, label=f"{name} ({L} layers)")
-            line, = axes[i, 1].plot([(l + 0.5) / L for l in range(L)], res["dH_ffn"], marker="o", ms=3, label=f"{name}, k={k}")
+            line, = axes[i, 1].plot([(l + 0.5) / L for l in range(L)], res["dH_ffn"], marker="o", ms=3,
+                                    label=f"{name}, k={k}")
             axes[i, 1].axvline((k + 0.5) / L, color=line.get_color(), ls="--", lw=0.8)
-        axes[i, 0].set(title=f"{conv}: entropy of the internal layer policy", xlabel="depth l / L (0 = embedding, 1 = output)",
-                       ylabel="H (nats)")
-        axes[i, 1].set(title=f"{conv}: FFN entropy change (dashed: suggested k)", xlabel="depth (layer + 0.5) / L", ylabel="dH (nats)")
+        axes[i, 0].set(title=f"{conv}: entropy of the internal layer policy",
+                       xlabel="depth l / L (0 = embedding, 1 = output)", ylabel="H (nats)")
+        axes[i, 1].set(title=f"{conv}: FFN entropy change (dashed: suggested k)", xlabel="depth (layer + 0.5) / L",
+                       ylabel="dH (nats)")
         axes[i, 1].axhline(0, color="k", lw=0.5)
         for ax in axes[i]:
             ax.legend(fontsize=8)
@@ -263,15 +274,16 @@ def plot_families(path, families, title):
 # ----------------------------------------------------------------------------- CLI
 
 def sample_responses(model, tok, problems, max_new_tokens, temperature, seed, path, batch=8):
-    """Prompt and response token ids per problem, kept in a JSONL file and resumed from it (the run dir keys the settings)."""
+    """Prompt and response token ids per problem, kept in a JSONL file and resumed from it (the run dir keys the
+    settings)."""
     done = read_jsonl(path)[:len(problems)]
     prompts = prompt_ids(tok, problems)
     with open(path, "w") as f:  # rewritten: drops a line cut off by a kill
         f.writelines(json.dumps(r) + "\n" for r in done)
         for i in tqdm(range(len(done), len(problems), batch), desc="sample answers", initial=len(done) // batch,
                       total=(len(problems) + batch - 1) // batch):
-            r = generate(model, prompts[i:i + batch], max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            r = generate(model, prompts[i:i + batch], max_new_tokens=max_new_tokens, temperature=temperature,
+                         seed=seed + i, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
             for p, toks, n in zip(prompts[i:i + batch], r.tokens.tolist(), r.lengths.tolist()):
                 done.append({"prompt": p, "response": toks[:n]})
                 f.write(json.dumps(done[-1]) + "\n")
@@ -282,7 +294,8 @@ def sample_responses(model, tok, problems, max_new_tokens, temperature, seed, pa
 def analyse(model, samples, final_norm, batch_size=4):
     """internal_entropy over all samples (token-weighted), right-padded batches, with a progress bar."""
     total, n = None, 0
-    for i in tqdm(range(0, len(samples), batch_size), desc=f"entropy ({'logit lens' if final_norm else 'raw residual'})"):
+    for i in tqdm(range(0, len(samples), batch_size),
+                  desc=f"entropy ({'logit lens' if final_norm else 'raw residual'})"):
         batch = samples[i:i + batch_size]
         ids, att, resp = pad_rows([s["prompt"] for s in batch], [s["response"] for s in batch], 0, model.device)
         sums, count = entropy_sums(model, ids, resp, att, final_norm)
@@ -300,7 +313,8 @@ def analyse_model(name, args, out):
     samples = sample_responses(model, tok, problems, args.max_new_tokens, args.temperature, args.seed,
                                os.path.join(out, "responses.jsonl"))
     path = os.path.join(out, "summary.json")
-    summary = read_json(path) if os.path.exists(path) else {"model": label, "num_layers": model.config.num_hidden_layers}
+    summary = (read_json(path) if os.path.exists(path)
+               else {"model": label, "num_layers": model.config.num_hidden_layers})
     results = {}
     for fn in ([False, True] if args.compare_norm else [args.final_norm]):
         conv, tag = ("logit lens (final norm)", "final_norm") if fn else ("raw residual (paper)", "raw")
@@ -327,28 +341,37 @@ def family_dir(name):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Entropy of internal layer and modular policies (BuPO Sec. 2).")
-    p.add_argument("--model", default=None, help=f"HF checkpoint dir, hub id or short name ({', '.join(EMBEDDED)}; default: smollm2); "
-                   "a comma list compares the models on one figure")
-    p.add_argument("--data", default="math500", help=f"problem set ({', '.join(TASKS)}), a parquet, JSON, JSONL or CSV file or a hub dataset id")
+    p.add_argument("--model", default=None,
+                   help=f"HF checkpoint dir, hub id or short name ({', '.join(EMBEDDED)}; default: smollm2); "
+                        "a comma list compares the models on one figure")
+    p.add_argument("--data", default="math500",
+                   help=f"problem set ({', '.join(TASKS)}), a parquet, JSON, JSONL or CSV file or a hub dataset id")
     p.add_argument("--n", type=int, default=16, help="number of problems to answer")
     p.add_argument("--max-new-tokens", type=int, default=256, help="response length limit")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the answers")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--final-norm", action="store_true", help="apply the final norm to every policy (logit lens) instead of the paper's raw residual")
+    p.add_argument("--final-norm", action="store_true",
+                   help="apply the final norm to every policy (logit lens) instead of the paper's raw residual")
     p.add_argument("--compare-norm", action="store_true", help="compute both conventions and draw them side by side")
-    p.add_argument("--out", default="runs/entropy", help="output dir; rerun with the same settings to resume the sampling")
+    p.add_argument("--out", default="runs/entropy",
+                   help="output dir; rerun with the same settings to resume the sampling")
     p.add_argument("--overwrite", action="store_true", help="empty --out first (it holds another analysis)")
-    p.add_argument("--compile", action="store_true", help="compile the rollout's decode step with torch.compile (opt-in; graphs.py)")
-    p.add_argument("--attention", default="", help="the rollout's attention: sdpa or eager (default: sdpa on CUDA, eager on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the rollout's decode step with torch.compile (opt-in; graphs.py)")
+    p.add_argument("--attention", default="",
+                   help="the rollout's attention: sdpa or eager (default: sdpa on CUDA, eager on CPU)")
     args = p.parse_args(argv)
     configure(args.compile, args.attention)
     check(args.n >= 1 and args.max_new_tokens >= 1, "--n and --max-new-tokens must be >= 1")
-    check(math.isfinite(args.temperature) and args.temperature >= 0, f"--temperature must be a finite number >= 0, got {args.temperature}")
+    check(math.isfinite(args.temperature) and args.temperature >= 0,
+          f"--temperature must be a finite number >= 0, got {args.temperature}")
     names = args.model.split(",") if args.model else [None]
-    check(len({family_dir(n) for n in names}) == len(names), f"--model {args.model}: name each model once (by distinct dir names)")
+    check(len({family_dir(n) for n in names}) == len(names),
+          f"--model {args.model}: name each model once (by distinct dir names)")
     for name in names:  # a bad --model fails here, before any work, and so does a response limit beyond its context
         n_ctx = getattr(model_config(name), "max_position_embeddings", None)
-        check(n_ctx is None or args.max_new_tokens < n_ctx, f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
+        check(n_ctx is None or args.max_new_tokens < n_ctx,
+              f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
               f"in the context of {name or 'smollm2'} ({n_ctx} tokens); lower it")
     task_problems(args.data, 1, 0, "test")  # and a bad --data
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}
@@ -360,8 +383,10 @@ def main(argv=None):
             label, results = analyse_model(name, args, out)
             families[label] = results
         if len(names) > 1:
-            plot_families(os.path.join(args.out, "families.png"), families, f"{args.data}, n={args.n} answers per model")
-    print(f"wrote {args.out}: entropy.png, flow.png, summary.json and the CSVs" + (", families.png" if len(names) > 1 else ""))
+            plot_families(os.path.join(args.out, "families.png"), families,
+                          f"{args.data}, n={args.n} answers per model")
+    print(f"wrote {args.out}: entropy.png, flow.png, summary.json and the CSVs"
+          + (", families.png" if len(names) > 1 else ""))
 
 
 if __name__ == "__main__":

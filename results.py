@@ -12,7 +12,8 @@ import json
 import os
 import statistics
 
-from stats import fmt_interval, markdown_table, mean_interval, paired_difference, plot_intervals, plot_panels, run_series
+from stats import (fmt_interval, markdown_table, mean_interval, paired_difference, plot_intervals, plot_panels,
+                   run_series)
 
 GREEDY = "eval/avg"
 
@@ -55,14 +56,16 @@ def results_table(summary, title="held-out accuracy (%)"):
     for g, p in summary["paired"].items():
         diffs = {s: summary["per_seed"][g][s] - summary["per_seed"]["GRPO"][s] for s in seeds
                  if summary["per_seed"][g].get(s) is not None and summary["per_seed"]["GRPO"].get(s) is not None}
-        rows.append([f"{g} − GRPO (paired)"] + [f"{diffs[s]:+.1f}" if s in diffs else "-" for s in seeds] + _interval_cells(p, signed=True))
+        rows.append([f"{g} − GRPO (paired)"] + [f"{diffs[s]:+.1f}" if s in diffs else "-" for s in seeds]
+                    + _interval_cells(p, signed=True))
     return markdown_table([title] + [f"seed {s}" for s in seeds] + ["mean ± sd", "95% interval"], rows)
 
 
 def verdicts(summary, what):
     """One line per paired comparison: the difference, its interval, significant or not."""
     return "\n".join(f"{g} − GRPO, {what}: {fmt_interval(p)} points ("
-                     + ("one seed: no test" if p["n"] < 2 else "significant" if p["significant"] else "no significant difference")
+                     + ("one seed: no test" if p["n"] < 2
+                        else "significant" if p["significant"] else "no significant difference")
                      + f" at 95%, {p['n']} paired seeds)" for g, p in summary["paired"].items())
 
 
@@ -97,18 +100,22 @@ def plot_comparison(path, start, runs, k, inter_steps):
     """One panel per quantity, each line one quantity: held-out accuracy (from the start), train reward, the output
     policy's entropy, pi_k's entropy, response length; mean over seeds with the min-max band (Fig. 4, Fig. 7)."""
     panels = [("eval", "held-out accuracy (%), greedy"), ("reward_mean", "train reward"),
-              ("entropy_output", "entropy of the output policy (nats)"), (f"entropy_layer{k}", f"entropy of pi_{k} (layer {k + 1})"),
+              ("entropy_output", "entropy of the output policy (nats)"),
+              (f"entropy_layer{k}", f"entropy of pi_{k} (layer {k + 1})"),
               ("response_len_mean", "response length (tokens)")]
-    groups = {g: [with_start(run_series(h, [p for p, _ in panels]), start) for h in r.values()] for g, r in runs.items()}
+    groups = {g: [with_start(run_series(h, [p for p, _ in panels]), start) for h in r.values()]
+              for g, r in runs.items()}
     plot_panels(path, groups, panels, marks=[inter_steps - 0.5] if inter_steps else (),
                 title=f"mean over seeds, band: min-max; dotted: end of phase 1 ({inter_steps} steps on pi_{k})")
 
 
 def plot_profiles(path, start, runs, k):
     """Entropy of every internal layer policy and dH_ffn before and after training (mean over seeds)."""
-    profiles = {"initial": [start["profile"]]} | {f"after {g}": [{"layer": h[-1]["profile_layer"], "dH_ffn": h[-1]["profile_dH_ffn"]}
-                                                              for h in r.values()] for g, r in runs.items()}
-    groups = {n: [{key: (list(range(len(p[key]))), p[key]) for key in ("layer", "dH_ffn")} for p in ps] for n, ps in profiles.items()}
+    profiles = {"initial": [start["profile"]]} | {
+        f"after {g}": [{"layer": h[-1]["profile_layer"], "dH_ffn": h[-1]["profile_dH_ffn"]} for h in r.values()]
+        for g, r in runs.items()}
+    groups = {n: [{key: (list(range(len(p[key]))), p[key]) for key in ("layer", "dH_ffn")} for p in ps]
+              for n, ps in profiles.items()}
     plot_panels(path, groups, [("layer", "entropy of pi_l (0 = embedding)"), ("dH_ffn", "FFN entropy change dH_ffn")],
                 marks=[k + 1], xlabel="layer")
 
@@ -120,12 +127,13 @@ def probe_points(start, hist, k):
         return []
     first = (start.get("probe") or {}).get(str(k))
     pts = [(0, first)] if first else []
-    return pts + [(m["step"] + 1, {key: m[f"probe_{key}"] for key in ("cos", "dH", "ppl", "kl")}) for m in hist if "probe_cos" in m]
+    return pts + [(m["step"] + 1, {key: m[f"probe_{key}"] for key in ("cos", "dH", "ppl", "kl")})
+                  for m in hist if "probe_cos" in m]
 
 
 def probe_summary(start, runs, k):
-    """({group: {steps done: {"cos", "cos_top", "dH", "ppl", "kl", "kl_top"}}} with means over seeds (cos and kl averaged
-    over the later layers j; _top: with the last layer), {group: [probe_points of each run]})."""
+    """({group: {steps done: {"cos", "cos_top", "dH", "ppl", "kl", "kl_top"}}} with means over seeds (cos and kl
+    averaged over the later layers j; _top: with the last layer), {group: [probe_points of each run]})."""
     flat = lambda p: {"cos": statistics.fmean(p["cos"]), "cos_top": p["cos"][-1], "dH": p["dH"], "ppl": p["ppl"],
                       "kl": statistics.fmean(p["kl"]), "kl_top": p["kl"][-1]}
     out, points = {}, {}
@@ -152,7 +160,8 @@ def plot_probes(out_dir, start, runs, k):
                  ("ppl", "(c) output-policy perplexity"), ("kl", f"(d) mean KL(pi_{k} || pi_j), j > {k}")],
                 title="on the fixed probe set: mean over seeds, band: min-max")
     first = next(iter(points.values()))
-    by_layer = {f"after {st} steps": [{g: (list(range(k + 1, k + 1 + len(per_run[r][i][1]["cos"]))), per_run[r][i][1]["cos"])
+    by_layer = {f"after {st} steps": [{g: (list(range(k + 1, k + 1 + len(per_run[r][i][1]["cos"]))),
+                                           per_run[r][i][1]["cos"])
                                        for g, per_run in points.items() if r < len(per_run) and i < len(per_run[r])}
                                       for r in range(len(first))] for i, st in enumerate(steps_of(first[0]))}
     plot_panels(os.path.join(out_dir, "probe_layers.png"), by_layer, [(g, f"(a) {g}: cos(h_{k}, h_j)") for g in points],
@@ -166,7 +175,8 @@ def probe_table(summary, k):
     for g, by_step in summary.items():
         for step in (min(by_step), max(by_step)):
             p = by_step[step]
-            rows.append([g, step] + [f"{p[q]:.4f}" for q in ("cos", "cos_top", "dH")] + [f"{p[q]:.3f}" for q in ("ppl", "kl", "kl_top")])
+            rows.append([g, step] + [f"{p[q]:.4f}" for q in ("cos", "cos_top", "dH")]
+                        + [f"{p[q]:.3f}" for q in ("ppl", "kl", "kl_top")])
     return markdown_table([f"probe of layer {k} (Fig. 5)", "steps", "mean cos(h_k, h_j)", "cos with the top layer",
                            "dH_k", "output PPL", "mean KL(pi_k||pi_j)", "KL to the output policy"], rows)
 
@@ -192,7 +202,8 @@ def report(cfg, start, runs, sweep):
         tables += [results_table(sampled, f"held-out Avg@{n} (%), temperature 1"), verdicts(sampled, f"Avg@{n}")]
     if len(curves) > 1:
         tables.append(passk_table(curves, len(next(iter(runs.values())))))
-        plot_panels(os.path.join(cfg.out, "passk.png"), {g: [{"passk": (list(c), list(c.values()))}] for g, c in curves.items()},
+        plot_panels(os.path.join(cfg.out, "passk.png"),
+                    {g: [{"passk": (list(c), list(c.values()))}] for g, c in curves.items()},
                     [("passk", f"unbiased Pass@K (%), n = {n} per question")], xlabel="K", logx=True)
     plot_comparison(os.path.join(cfg.out, "comparison.png"), start, runs, k, cfg.inter_steps)
     if start["profile"]:
@@ -202,15 +213,18 @@ def report(cfg, start, runs, sweep):
     probes = plot_probes(cfg.out, start, runs, k)
     if probes:
         tables.append(probe_table(probes, k))
-    tables.append(f"reward: {cfg.reward} (rewards.py); loss aggregation: {cfg.loss_agg}; prompts cut at: {cfg.max_prompt_length or 'no cap'}")
+    tables.append(f"reward: {cfg.reward} (rewards.py); loss aggregation: {cfg.loss_agg}; "
+                  f"prompts cut at: {cfg.max_prompt_length or 'no cap'}")
     text = "\n".join(t for t in tables if t)
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump({"layer": k, "inter_steps": cfg.inter_steps, "steps": cfg.steps, "sweep": cfg.sweep, "reward": cfg.reward, **greedy,
-                   "sampled": sampled, "pass_at_k": curves, "probes": probes,
-                   "reward_first_last": {g: {s: [h[0]["reward_mean"], h[-1]["reward_mean"]] for s, h in r.items()} for g, r in runs.items()},
+        json.dump({"layer": k, "inter_steps": cfg.inter_steps, "steps": cfg.steps, "sweep": cfg.sweep,
+                   "reward": cfg.reward, **greedy, "sampled": sampled, "pass_at_k": curves, "probes": probes,
+                   "reward_first_last": {g: {s: [h[0]["reward_mean"], h[-1]["reward_mean"]] for s, h in r.items()}
+                                         for g, r in runs.items()},
                    "profile_initial": start["profile"] and start["profile"]["layer"]}, f, indent=1)
     print(f"\nafter {cfg.steps} steps; k={k}, s_inter={cfg.inter_steps}:\n{text}")
     print(f"wrote {cfg.out}/results.md, results.json, comparison.png" + (", passk.png" if len(curves) > 1 else "")
-          + (", profiles.png" if start["profile"] else "") + (", sweep.png" if key else "") + (", probes.png, probe_layers.png" if probes else ""))
+          + (", profiles.png" if start["profile"] else "") + (", sweep.png" if key else "")
+          + (", probes.png, probe_layers.png" if probes else ""))
