@@ -76,13 +76,19 @@ def run_main(main, argv=None):
 # ----------------------------------------------------------------------------- flags
 
 def _field_help(cls):
-    """{field: the comment beside it in the class body}."""
+    """{field: the comment beside it in the class body, with the comment-only lines right below it indented past it}."""
     src = "".join(inspect.getsource(c) for c in cls.__mro__ if c is not object)
-    out = {}
+    out, last, indent = {}, None, 0
     for line in src.splitlines():
         name, _, rest = line.strip().partition(":")
         if "#" in rest and name.isidentifier():
+            last = name if name not in out else None  # a subclass's field comes first and wins
             out.setdefault(name, rest.split("#", 1)[1].strip())
+            indent = len(line) - len(line.lstrip())
+        elif line.strip().startswith("#") and last and len(line) - len(line.lstrip()) > indent:
+            out[last] += " " + line.strip()[1:].strip()  # the comment goes on below the field, indented past it
+        else:
+            last = None
     return out
 
 

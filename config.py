@@ -28,32 +28,47 @@ from rewards import REWARDS
 @dataclass
 class GRPOConfig:
     """Defaults are the paper's (BuPO Sec. 3); PRESETS["cpu"] fits a 2-core CPU."""
-    model: str = None                  # HF checkpoint dir, hub id, short name (smollm2, gemma3-270m) or random:CONFIG; None: smollm2
-    task: str = "deepmath"             # training problems: arithmetic, deepmath, math500, ... or a data file or hub id (problems.py)
-    eval_data: str = "aime24,aime25,amc23,math500"  # held-out sets (comma list; "arithmetic" = the held-out half of the task)
+    model: str = None                  # HF checkpoint dir, hub id, short name (smollm2, gemma3-270m) or random:CONFIG;
+                                       # None: smollm2
+    task: str = "deepmath"             # training problems: arithmetic, deepmath, math500, ... or a data file or hub id
+                                       # (problems.py)
+    eval_data: str = "aime24,aime25,amc23,math500"  # held-out sets (comma list; "arithmetic" = the held-out half of the
+                                                    # task)
     eval_limit: int = 0                # first N problems of each held-out set (0 = all)
     eval_every: int = 10               # evaluate every N steps (and before the first, after the last; 0 = never)
     eval_max_new_tokens: int = 8192    # response limit of the evaluation
-    eval_before: bool = True           # evaluate before the first step (experiment.py evaluates the shared start once instead)
-    eval_samples: int = 16             # Avg@K and Pass@K: K samples per held-out question at temperature 1.0, at the start and after the last step (0 = off)
-    eval_samples_limit: int = 0        # first N questions of each held-out set for the sampled metric (0 = --eval-limit's)
-    eval_k: str = ""                   # a K per held-out set for the sampled metric, e.g. aime24=32,amc23=16 (the paper's); others: --eval-samples
-    reward: str = "math"               # math: grade.py's symbolic grader | verl: the authors' (verl's math.compute_score: last \boxed{}, strip_string, exact strings)
-    max_prompt_length: int = 0         # keep a longer prompt's last N tokens (verl's truncation='left'; the authors: 1024); 0 = no cap
+    eval_before: bool = True           # evaluate before the first step (experiment.py evaluates the shared start once
+                                       # instead)
+    eval_samples: int = 16             # Avg@K and Pass@K: K samples per held-out question at temperature 1.0, at the
+                                       # start and after the last step (0 = off)
+    eval_samples_limit: int = 0        # first N questions of each held-out set for the sampled metric (0 =
+                                       # --eval-limit's)
+    eval_k: str = ""                   # a K per held-out set for the sampled metric, e.g. aime24=32,amc23=16 (the
+                                       # paper's); others: --eval-samples
+    reward: str = "math"               # math: grade.py's symbolic grader | verl: the authors' (verl's
+                                       # math.compute_score: last \boxed{}, strip_string, exact strings)
+    max_prompt_length: int = 0         # keep a longer prompt's last N tokens (verl's truncation='left'; the authors:
+                                       # 1024); 0 = no cap
     steps: int = 300                   # training steps
     prompts_per_step: int = 128        # prompts per step (the paper's batch)
     group_size: int = 8                # responses per prompt
     mini_batch_prompts: int = 32       # prompts per PPO update (128 / 32 = 4 updates a step)
     micro_batch: int = 256             # at most this many sequences per forward/backward (gradient accumulation)
-    micro_tokens: int = 32768          # and at most this many tokens (sequences x the longest): the memory budget that sizes micro-batches
-    precision: str = "float32"         # float32 | bfloat16: autocast of the policy's forward and backward (float32 master weights)
-    activation_checkpointing: bool = False  # recompute each decoder layer in the backward: memory for long responses, ~1/3 more compute
+    micro_tokens: int = 32768          # and at most this many tokens (sequences x the longest): the memory budget that
+                                       # sizes micro-batches
+    precision: str = "float32"         # float32 | bfloat16: autocast of the policy's forward and backward (float32
+                                       # master weights)
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward: memory for long responses,
+                                            # ~1/3 more compute
     max_new_tokens: int = 8192         # response limit of the rollouts
     temperature: float = 1.0           # rollout temperature (also divides the training logits, as verl)
     top_p: float = 1.0                 # rollout nucleus
-    rollout_dtype: str = ""            # sample with a copy of the weights in this dtype (e.g. bfloat16); "" = the model's
-    rollout_batch: int = 0             # rows decoded at once (continuous batching), a multiple of group_size (0 = all): bounds the KV cache
-    compile: bool = False              # compile the rollout's decode step with torch.compile (opt-in; off on torch < 2.12, graphs.py)
+    rollout_dtype: str = ""            # sample with a copy of the weights in this dtype (e.g. bfloat16); "" = the
+                                       # model's
+    rollout_batch: int = 0             # rows decoded at once (continuous batching), a multiple of group_size (0 = all):
+                                       # bounds the KV cache
+    compile: bool = False              # compile the rollout's decode step with torch.compile (opt-in; off on torch <
+                                       # 2.12, graphs.py)
     attention: str = ""                # the rollout's attention: sdpa | eager ("" = sdpa on CUDA, eager on CPU)
     lr: float = 1e-6                   # AdamW learning rate (constant)
     weight_decay: float = 0.01         # AdamW weight decay (verl's default)
@@ -61,12 +76,14 @@ class GRPOConfig:
     clip_low: float = 0.2              # PPO ratio clip below 1
     clip_high: float = 0.2             # PPO ratio clip above 1
     clip_c: float = 10.0               # dual clip for negative advantages
-    adv_estimator: str = "grpo"        # verl's algorithm.adv_estimator: grpo | rloo | reinforce_plus_plus | gae (PPO, with a critic)
+    adv_estimator: str = "grpo"        # verl's algorithm.adv_estimator: grpo | rloo | reinforce_plus_plus | gae (PPO,
+                                       # with a critic)
     critic_lr: float = 1e-5            # PPO: the critic's AdamW learning rate (the paper's)
     cliprange_value: float = 0.5       # PPO: the value clip (verl's cliprange_value)
     gamma: float = 1.0                 # PPO and Reinforce++: discount (verl's default)
     lam: float = 1.0                   # PPO: GAE's lambda (verl's default)
-    loss_agg: str = "token-mean"       # token-mean (verl's, over the mini-batch) | micro-token-mean (the authors' fork) | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    loss_agg: str = "token-mean"       # token-mean (verl's, over the mini-batch) | micro-token-mean (the authors' fork)
+                                       # | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     scale_adv: bool = True             # divide by the group std (False: Dr. GRPO)
     kl_coef: float = 0.0               # KL penalty to the frozen initial policy (0 = off, as the paper)
     kl_estimator: str = "k3"           # k1 | k3
@@ -213,13 +230,18 @@ def check_rollout_memory(cfg, config, world=1, memory=None):
 class BuPOConfig(GRPOConfig):
     layer: int | None = None           # internal layer k (0-indexed; the paper's k+1), or auto: entropy.py's EIC layer
     inter_steps: int = 30              # s_inter: steps that optimize pi_k before plain GRPO
-    seeds: str = "1"                   # N: seeds seed..seed+N-1; or a comma list of seeds (e.g. 3,7); BuPO and GRPO share each
-    methods: str = "bupo,grpo"         # which runs the experiment trains (bupo alone saves half the compute at the paper's scale)
-    sweep: str = ""                    # an ablation of BuPO: layer=4,14,24 or inter_steps=2,5,10 (each value on every seed)
+    seeds: str = "1"                   # N: seeds seed..seed+N-1; or a comma list of seeds (e.g. 3,7); BuPO and GRPO
+                                       # share each
+    methods: str = "bupo,grpo"         # which runs the experiment trains (bupo alone saves half the compute at the
+                                       # paper's scale)
+    sweep: str = ""                    # an ablation of BuPO: layer=4,14,24 or inter_steps=2,5,10 (each value on every
+                                       # seed)
     profile_samples: int = 8           # responses used for the internal entropy profiles and layer=auto
     profile_every: int = 10            # log the internal entropy profile every N steps and after the last (0 = never)
-    probe_every: int = 0               # Fig. 5: probe layer k's feature refinement every N steps and after the last (0 = never)
-    probe_samples: int = 4             # the fixed probe set: responses of the start model to the first N held-out questions
+    probe_every: int = 0               # Fig. 5: probe layer k's feature refinement every N steps and after the last (0
+                                       # = never)
+    probe_samples: int = 4             # the fixed probe set: responses of the start model to the first N held-out
+                                       # questions
     keep_checkpoints: bool = False     # keep each finished run's final checkpoint (1.6 GB for the default model)
     out: str = "runs/bupo"             # output dir: seed*/<run>/, results.md, results.json and the figures
 

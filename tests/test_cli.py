@@ -193,6 +193,24 @@ def test_an_int_or_none_setting_is_parsed_once(tmp_path):
     assert parse_config(LayerCfg, presets, argv=["--resume", "--out", str(tmp_path)]).layer == 4
 
 
+@dataclass
+class WrappedHelpCfg:
+    layer: int = 4  # the layer k of pi_k,
+                    # from the entropy analysis
+    # not help: a comment of its own
+    out: str = "x"  # output dir
+
+
+def test_a_flags_help_is_its_comment_with_the_comment_lines_below_it(capsys):
+    """A field's --help is the comment beside it plus the comment-only lines right below it, indented past the field
+    (config.py wraps its long ones so); a comment line at the field's own indent is nobody's help."""
+    with pytest.raises(SystemExit):
+        parse_config(WrappedHelpCfg, {"cpu": {}}, argv=["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the layer k of pi_k, from the entropy analysis (preset cpu: 4)" in text
+    assert "output dir (preset cpu: x)" in text and "not help" not in text
+
+
 def test_read_jsonl_drops_a_cut_last_line_and_names_a_bad_one(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"step": 0}\n{"step": 1}\n{"st')
