@@ -161,8 +161,8 @@ def test_huge_numbers_never_raise():
 
 def _adversarial(rng):
     pieces = ["\\boxed{", "}", "{", "\\frac{", "^{", "\\sqrt{", "9" * rng.randint(1, 6000), "\\fbox", "\\pm", ",", "(",
-              "]", "\\left(", "x=", "\\text{", "$", "\x00", "\x1b[2J", "\u202e", "!", "**", "e", "\\infty", "0.333333333",
-              "10^{10^{10}}"]
+              "]", "\\left(", "x=", "\\text{", "$", "\x00", "\x1b[2J", "\u202e", "!", "**", "e", "\\infty",
+              "0.333333333", "10^{10^{10}}"]
     return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 60)))
 
 
