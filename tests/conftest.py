@@ -19,7 +19,8 @@ def tiny_model(arch, seed=0, **overrides):
               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
               tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if arch == "gemma3_text":
-        kw.update(sliding_window=6, query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+        kw.update(sliding_window=6, query_pre_attn_scalar=8,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     if arch == "qwen2":
         kw.update(tie_word_embeddings=False)
     kw.update(overrides)

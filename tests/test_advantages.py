@@ -33,7 +33,8 @@ def test_grpo_advantages_hand_computed():
 
 def test_outcome_rewards_sit_on_the_last_response_token():
     mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
-    assert outcome_token_rewards(torch.tensor([2.0, 3.0, 4.0]), mask).tolist() == [[0, 0, 2, 0], [0, 0, 0, 3], [0, 0, 0, 0]]
+    assert (outcome_token_rewards(torch.tensor([2.0, 3.0, 4.0]), mask).tolist()
+            == [[0, 0, 2, 0], [0, 0, 0, 3], [0, 0, 0, 0]])
 
 
 def test_reinforce_pp_hand_computed():
@@ -51,7 +52,8 @@ def test_reinforce_pp_hand_computed():
 
 
 def test_masked_whiten_over_ranks_equals_one_batch():
-    """reduce sums over ranks: each half of a batch, whitened with sums over both halves, equals the whole batch whitened."""
+    """reduce sums over ranks: each half of a batch, whitened with sums over both halves, equals the whole
+    batch whitened."""
     g = torch.Generator().manual_seed(0)
     x, mask = torch.randn(6, 5, generator=g), torch.rand(6, 5, generator=g) > 0.3
     whole = masked_whiten(x, mask)
@@ -63,7 +65,8 @@ def test_masked_whiten_over_ranks_equals_one_batch():
         return [n, s] if len(vals) == 2 else [sq]
     got = torch.cat([masked_whiten(v, m, reduce) for v, m in halves])
     assert torch.allclose(got, whole, atol=1e-6)
-    assert whole[mask].mean().item() == pytest.approx(0, abs=1e-6) and whole[mask].std().item() == pytest.approx(1, abs=1e-5)
+    assert (whole[mask].mean().item() == pytest.approx(0, abs=1e-6)
+            and whole[mask].std().item() == pytest.approx(1, abs=1e-5))
 
 
 def gae_by_the_book(r, v, gamma, lam):
@@ -77,7 +80,8 @@ def gae_by_the_book(r, v, gamma, lam):
 @pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.8)])
 def test_gae_against_the_definition(gamma, lam):
     mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
-    values = torch.tensor([[9.0, 0.2, 0.5, 0.1, 9.0], [9.0, 9.0, -0.3, 0.4, 0.6]])  # 9s are outside the responses: unread
+    # 9s are outside the responses: unread
+    values = torch.tensor([[9.0, 0.2, 0.5, 0.1, 9.0], [9.0, 9.0, -0.3, 0.4, 0.6]])
     rewards = torch.tensor([1.0, 0.0])
     adv, ret = gae_advantages(rewards, values, mask, gamma, lam)
     raw = [gae_by_the_book(1.0, [0.2, 0.5, 0.1], gamma, lam), gae_by_the_book(0.0, [-0.3, 0.4, 0.6], gamma, lam)]
@@ -104,7 +108,8 @@ def ppo_batch(model, seed=0):
 
 
 def test_critic_values_read_only_the_tokens_before():
-    """values[b, t] values the state before response token t: changing token t leaves it, and all before it, unchanged."""
+    """values[b, t] values the state before response token t: changing token t leaves it, and all before it,
+    unchanged."""
     model = tiny_model("qwen3")
     critic, batch = Critic(model), ppo_batch(model)
     cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=8, max_new_tokens=6, precision="float32")
@@ -121,7 +126,8 @@ def test_the_critic_learns_a_constant_reward():
     torch.manual_seed(0)
     model = tiny_model("llama")
     critic, batch = Critic(model), ppo_batch(model)
-    cfg = replace(grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=3, max_new_tokens=6, precision="float32"),
+    cfg = replace(grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=3, max_new_tokens=6,
+                                  precision="float32"),
                   cliprange_value=0.5)
     opt = torch.optim.AdamW(critic.parameters(), lr=3e-3, weight_decay=0.0)
     returns = batch.response_mask.float()

@@ -1,4 +1,5 @@
-"""bupo.py: which weights each phase moves, the switch, layer=auto, resume (the experiment: tests/test_experiment.py)."""
+"""bupo.py: which weights each phase moves, the switch, layer=auto, resume
+(the experiment: tests/test_experiment.py)."""
 import json
 import os
 import signal
@@ -20,17 +21,20 @@ from rollout import generate
 
 def test_phase_one_update_moves_only_layers_up_to_k_and_the_unembedding():
     model = tiny_model("llama", num_hidden_layers=4, tie_word_embeddings=False)
-    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=4, lr=1e-2, weight_decay=0.0, precision="float32")
+    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=4, lr=1e-2, weight_decay=0.0,
+                          precision="float32")
     prompts = [[5, 6, 7, 8]] * 4
     r = generate(model, prompts, max_new_tokens=6, seed=0)
-    batch = Batch(*pad_rows(prompts, [r.tokens[i, :r.lengths[i]].tolist() for i in range(4)], 0), torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    batch = Batch(*pad_rows(prompts, [r.tokens[i, :r.lengths[i]].tolist() for i in range(4)], 0),
+                  torch.tensor([1.0, -1.0, 0.5, -0.5]))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     policy, runner = layer_policy(1), Wrapped(model)
     old, _ = update.policy_logprobs(policy, runner, batch, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     update.ppo_update(runner, opt, policy, batch, old, None, cfg)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert any(n.startswith("model.layers.0.") for n in changed) and any(n.startswith("model.layers.1.") for n in changed)
+    assert (any(n.startswith("model.layers.0.") for n in changed)
+            and any(n.startswith("model.layers.1.") for n in changed))
     assert "lm_head.weight" in changed and "model.embed_tokens.weight" in changed
     assert not any(n.startswith(("model.layers.2.", "model.layers.3.", "model.norm")) for n in changed)
 
@@ -53,11 +57,13 @@ def test_layer_aware_controls(tmp_path, monkeypatch, method):
     """Table 11's controls over a phase 1 of 2 steps (no weight decay): (a) the layers above k and the final norm stay
     exactly as they were while the rest learns; (b) they move 0.1x as far (Adam moves an element ~lr an update)."""
     monkeypatch.setattr(update, "problem_reward", text_reward)
-    cfg = tiny_cfg(tmp_path, bupo.BuPOConfig, steps=2, inter_steps=2, layer=1, methods=method, weight_decay=0.0, profile_every=0)
+    cfg = tiny_cfg(tmp_path, bupo.BuPOConfig, steps=2, inter_steps=2, layer=1, methods=method, weight_decay=0.0,
+                   profile_every=0)
     hist, trained, _ = bupo.train_bupo(cfg, 1, tiny_model("llama"), FakeTok())
     init = tiny_model("llama")
     upper = set(upper_parameters(init.named_parameters(), 1))
-    delta = {n: (p - q).abs().max().item() for (n, p), (_, q) in zip(trained.named_parameters(), init.named_parameters())}
+    delta = {n: (p - q).abs().max().item()
+             for (n, p), (_, q) in zip(trained.named_parameters(), init.named_parameters())}
     lower, moved = max(v for n, v in delta.items() if n not in upper), max(delta[n] for n in upper)
     assert lower > 3.5 * cfg.lr  # 4 Adam updates of ~lr each on the layers pi_k reaches
     assert moved == 0 if method == "grpo_frozen" else 0.09 < moved / lower < 0.11
@@ -81,12 +87,14 @@ def test_the_final_norm_variant_is_the_logit_lens_of_h_k():
     """Table 5's variant: pi_k = softmax(lm_head(norm(h_k))), against HF's hidden_states[k+1] through the final norm."""
     model = tiny_model("qwen3")
     g = torch.Generator().manual_seed(0)
-    ids, att, resp = pad_rows([[5, 6, 7], [8, 9]], [torch.randint(3, 97, (n,), generator=g).tolist() for n in (4, 6)], 0)
+    ids, att, resp = pad_rows([[5, 6, 7], [8, 9]],
+                              [torch.randint(3, 97, (n,), generator=g).tolist() for n in (4, 6)], 0)
     with torch.no_grad():
         lp, _ = layer_policy(1, final_norm=True)(model, ids, att, 1.0, resp)
         raw, _ = layer_policy(1)(model, ids, att, 1.0, resp)
         h = model(ids, attention_mask=att, output_hidden_states=True).hidden_states[2]  # the raw residual after layer 1
-        ref = model.lm_head(model.model.norm(h)).log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # token t+1's
+        # token t+1's
+        ref = model.lm_head(model.model.norm(h)).log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
     m = resp[:, 1:]
     assert torch.allclose(lp[:, 1:][m], ref[m], atol=1e-5) and not torch.allclose(raw[:, 1:][m], ref[m], atol=1e-2)
 
@@ -104,7 +112,8 @@ def test_tiny_end_to_end_with_interruption_and_resume(tmp_path, monkeypatch):
     full, _, _ = bupo.train_bupo(tiny_cfg(tmp_path / "a", bupo.BuPOConfig, **base), 1, tiny_model("llama"), FakeTok())
     cfg_b = tiny_cfg(tmp_path / "b", bupo.BuPOConfig, **base)
     real = bupo.readout_entropies
-    monkeypatch.setattr(bupo, "readout_entropies", lambda *a, **kw: (os.kill(os.getpid(), signal.SIGINT), real(*a, **kw))[1])
+    monkeypatch.setattr(bupo, "readout_entropies",
+                        lambda *a, **kw: (os.kill(os.getpid(), signal.SIGINT), real(*a, **kw))[1])
     with pytest.raises(Stopped, match="after step 0 of 3"):
         bupo.train_bupo(cfg_b, 1, tiny_model("llama"), FakeTok())
     monkeypatch.setattr(bupo, "readout_entropies", real)
@@ -125,13 +134,15 @@ def test_logged_entropies_are_those_of_the_policies_trained():
                               [torch.randint(3, 97, (n,), generator=g).tolist() for n in (4, 7, 2)], 0)
     got = bupo.readout_entropies(model, ids, att, resp, 0.9, [1], "bfloat16")
     pos = resp[:, 1:]  # position t produces token t+1
-    mean_entropy = lambda logits: (-(logits.float() / 0.9).softmax(-1) * (logits.float() / 0.9).log_softmax(-1)).sum(-1)[:, :-1][pos].mean()
+    mean_entropy = lambda logits: (-(logits.float() / 0.9).softmax(-1)
+                                   * (logits.float() / 0.9).log_softmax(-1)).sum(-1)[:, :-1][pos].mean()
     with torch.no_grad():
         h1 = model(ids, attention_mask=att, output_hidden_states=True).hidden_states[2]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert got[1] == pytest.approx(mean_entropy(model.lm_head(h1)).item(), rel=2e-3)  # bf16 logits: as below
             logits = model(ids, attention_mask=att).logits
-    assert got["output"] == pytest.approx(mean_entropy(logits).item(), rel=2e-3)  # bf16: HF and ours round differently (6e-4)
+    # bf16: HF and ours round differently (6e-4)
+    assert got["output"] == pytest.approx(mean_entropy(logits).item(), rel=2e-3)
 
 
 def test_fig7_output_entropy_is_the_whole_batch_before_the_update(tmp_path, monkeypatch):
@@ -164,10 +175,11 @@ def test_bupo_py_trains_one_bupo_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bupo, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(bupo, "model_config", lambda *a: tiny_model("llama").config)
     out = tmp_path / "one"
-    argv = [f"--{k.replace('_', '-')}={v}" for k, v in [("steps", 2), ("eval_every", 1), ("inter_steps", 1), ("layer", "1"),
-            ("profile_every", 0), ("task", "arithmetic"), ("eval_data", "arithmetic"), ("eval_limit", 4), ("eval_max_new_tokens", 4),
-            ("prompts_per_step", 4), ("group_size", 4), ("mini_batch_prompts", 2), ("micro_batch", 5), ("max_new_tokens", 6),
-            ("precision", "float32"), ("lr", 0.01), ("eval_samples", 0), ("out", out)]]
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in [("steps", 2), ("eval_every", 1), ("inter_steps", 1),
+            ("layer", "1"), ("profile_every", 0), ("task", "arithmetic"), ("eval_data", "arithmetic"),
+            ("eval_limit", 4), ("eval_max_new_tokens", 4), ("prompts_per_step", 4), ("group_size", 4),
+            ("mini_batch_prompts", 2), ("micro_batch", 5), ("max_new_tokens", 6), ("precision", "float32"),
+            ("lr", 0.01), ("eval_samples", 0), ("out", out)]]
     cli.run_main(bupo.main, argv)
     hist = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [m["phase"] for m in hist] == ["internal", "full"] and all("entropy_layer1" in m for m in hist)
