@@ -17,7 +17,8 @@ class Killed(Exception):
 
 def save(out, step, model):
     runner = Wrapped(model)
-    checkpoints.save_checkpoint(str(out), runner, FakeTok(), torch.optim.AdamW(model.parameters()), step, tiny_cfg(out), Dist())
+    checkpoints.save_checkpoint(str(out), runner, FakeTok(), torch.optim.AdamW(model.parameters()), step,
+                                tiny_cfg(out), Dist())
 
 
 @pytest.mark.parametrize("kill_at", range(6))
@@ -46,7 +47,8 @@ def test_a_kill_anywhere_in_a_save_leaves_a_loadable_checkpoint(tmp_path, monkey
     model, _, state = checkpoints.load_checkpoint(str(tmp_path), "cpu")
     want = tiny_model("llama", seed=1 if state["step"] == 2 else 0)
     assert state["step"] in (1, 2) and (killed or state["step"] == 2)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), want.parameters()))  # the weights of that step, whole
+    # the weights of that step, whole
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), want.parameters()))
     save(tmp_path, 3, tiny_model("llama"))  # the next save cleans up after the killed one
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint")) == ["checkpoint"]
 

@@ -1,4 +1,5 @@
-"""cli.py and every entry script: one-line errors with exit status 2, settings checked before work, run dirs never mixed."""
+"""cli.py and every entry script: one-line errors with exit status 2, settings checked before work,
+run dirs never mixed."""
 import importlib
 import json
 import os
@@ -21,7 +22,8 @@ def bad_inputs(tmp):
     pq.write_table(pa.table({"prompt": [[{"role": "user", "content": "1+1?"}]]}), f"{tmp}/no_answers.parquet")
     pq.write_table(pa.table({"prompt": [], "reward_model": []}), f"{tmp}/empty.parquet")
     open(f"{tmp}/table.csv", "w").write("question,answer\n1+1,2\n")
-    pq.write_table(pa.table({"prompt": [[{"role": "user", "content": "1+1?"}]], "reward_model": [{"ground_truth": ""}]}), f"{tmp}/blank.parquet")
+    pq.write_table(pa.table({"prompt": [[{"role": "user", "content": "1+1?"}]],
+                             "reward_model": [{"ground_truth": ""}]}), f"{tmp}/blank.parquet")
     os.makedirs(f"{tmp}/empty_run")
     open(f"{tmp}/a_file", "w").close()
     tiny = ["--steps", "1", "--eval-every", "0", "--out", f"{tmp}/run"]
@@ -35,9 +37,11 @@ def bad_inputs(tmp):
         ("entropy.py", ["--data", "no-such-benchmark"], "no data set 'no-such-benchmark'"),
         ("evaluate.py", ["--data", f"{tmp}/no_answers.parquet", "--out", f"{tmp}/ev2"], "has neither verl's columns"),
         ("evaluate.py", ["--k", "0", "--out", f"{tmp}/ev3"], "--k must be >= 1"),
-        ("evaluate.py", ["--data", "aime24", "--k", "aime2024=32", "--out", f"{tmp}/ev3b"], "--k must name sets of --data"),
+        ("evaluate.py", ["--data", "aime24", "--k", "aime2024=32", "--out", f"{tmp}/ev3b"],
+         "--k must name sets of --data"),
         ("evaluate.py", ["--limit", "0", "--out", f"{tmp}/ev4"], "--limit must be >= 1"),
-        ("grpo.py", ["--task", f"{tmp}/table.csv"] + tiny, "nor plain problem and answer columns; it has question, answer"),
+        ("grpo.py", ["--task", f"{tmp}/table.csv"] + tiny,
+         "nor plain problem and answer columns; it has question, answer"),
         ("grpo.py", ["--task", f"{tmp}/empty.parquet"] + tiny, "holds no rows"),
         ("grpo.py", ["--task", f"{tmp}/blank.parquet"] + tiny, "every gold answer"),
         ("grpo.py", ["--mini-batch-prompts", "3"] + tiny, "not a multiple of --mini-batch-prompts"),
@@ -92,7 +96,8 @@ def assert_one_line_error(status, err, want, what):
 def test_each_script_turns_bad_input_into_one_line(tmp_path):
     """Through the interpreter, one case per script (they start together: each pays for importing torch)."""
     cases = {script: (args, want) for script, args, want in bad_inputs(tmp_path)}  # the first case of each script
-    procs = {s: subprocess.Popen([sys.executable, s] + a, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = {s: subprocess.Popen([sys.executable, s] + a, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
              for s, (a, _) in cases.items()}
     for script, p in procs.items():
         _, err = p.communicate(timeout=600)
@@ -136,7 +141,8 @@ def test_a_run_dir_is_writable_locked_and_never_mixed(tmp_path):
 
 def test_a_second_process_on_the_same_dir_stops_at_once(tmp_path):
     out = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", f"import cli, time\nwith cli.claim_run_dir({out!r}, {{}}):\n    print('in', flush=True)\n    time.sleep(30)"],
+    holder = subprocess.Popen([sys.executable, "-c", f"import cli, time\nwith cli.claim_run_dir({out!r}, {{}}):\n"
+                                                     "    print('in', flush=True)\n    time.sleep(30)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "in"
@@ -165,7 +171,8 @@ def test_parse_config_resumes_with_the_saved_settings(tmp_path):
     assert parse_config(Cfg, presets, argv=[]) == Cfg(lr=0.5)
     assert parse_config(Cfg, presets, argv=["--preset", "paper", "--steps", "4"]) == Cfg(steps=4)
     json.dump({"lr": 0.25, "steps": 9, "out": str(tmp_path), "resume": False}, open(tmp_path / "config.json", "w"))
-    assert parse_config(Cfg, presets, argv=["--resume", "--out", str(tmp_path), "--steps", "12"]) == Cfg(0.25, 12, str(tmp_path), True)
+    assert (parse_config(Cfg, presets, argv=["--resume", "--out", str(tmp_path), "--steps", "12"])
+            == Cfg(0.25, 12, str(tmp_path), True))
 
 
 @dataclass

@@ -35,8 +35,10 @@ def test_increments_are_the_module_outputs_not_the_inputs(arch):
     model = tiny_model(arch)
     ids, mask = batch(1)
     mids = []
-    norm = "pre_feedforward_layernorm" if arch == "gemma3_text" else "post_attention_layernorm"  # the norm before the MLP
-    hooks = [getattr(layer, norm).register_forward_pre_hook(lambda m, a: mids.append(a[0])) for layer in model.model.layers]
+    # the norm before the MLP
+    norm = "pre_feedforward_layernorm" if arch == "gemma3_text" else "post_attention_layernorm"
+    hooks = [getattr(layer, norm).register_forward_pre_hook(lambda m, a: mids.append(a[0]))
+             for layer in model.model.layers]
     with torch.no_grad():
         hidden = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
     for h in hooks:

@@ -1,4 +1,5 @@
-"""distributed.py: 2 gloo processes, spawned here as torchrun would start them, against 1 process on the same global batch."""
+"""distributed.py: 2 gloo processes, spawned here as torchrun would start them, against 1 process on the
+same global batch."""
 import json
 import os
 import signal
@@ -29,7 +30,8 @@ def spawn(fn, world, *args):
 
 
 def _rank_main(rank, world, port, fn, args):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
         fn(rank, *args)
@@ -38,8 +40,9 @@ def _rank_main(rank, world, port, fn, args):
 
 
 def bupo_cfg(out, **kw):
-    return tiny_cfg(out, bupo.BuPOConfig, **{**dict(steps=2, prompts_per_step=4, mini_batch_prompts=2, micro_batch=3, eval_every=1,
-                                                   lr=1e-3, inter_steps=1, layer=1, profile_every=0, profile_samples=2), **kw})
+    return tiny_cfg(out, bupo.BuPOConfig, **{**dict(steps=2, prompts_per_step=4, mini_batch_prompts=2, micro_batch=3,
+                                                    eval_every=1, lr=1e-3, inter_steps=1, layer=1, profile_every=0,
+                                                    profile_samples=2), **kw})
 
 
 PROBE = torch.tensor([[1, 5, 9, 14, 30, 2]])
@@ -51,7 +54,8 @@ def train_and_report(rank, cfg, result, writes_log):
     if rank:
         out = os.path.abspath(cfg.out)
         writes = []
-        sys.addaudithook(lambda event, a: writes.append([event, str(a[0])]) if _is_write(event, a) and os.path.abspath(str(a[0])).startswith(out) else None)
+        sys.addaudithook(lambda event, a: writes.append([event, str(a[0])])
+                         if _is_write(event, a) and os.path.abspath(str(a[0])).startswith(out) else None)
     hist, model, _ = bupo.train_bupo(cfg, 1, tiny_model("llama"), FakeTok())
     if rank == 0:
         with torch.no_grad():
@@ -84,7 +88,8 @@ def assert_same_metrics(hist2, hist1, tol=1e-4):
     (True, 1, dict(kl_coef=0.05, profile_every=2, activation_checkpointing=True)),
     (False, 0, dict(kl_coef=0.05)),
     (True, 1, dict(loss_agg="seq-mean-token-mean")),
-    (False, 0, dict(loss_agg="seq-mean-token-sum-norm"))], ids=["ddp-bupo", "fsdp-bupo", "ddp-grpo", "fsdp-shared-prompts-seq-mean", "ddp-dr-grpo"])
+    (False, 0, dict(loss_agg="seq-mean-token-sum-norm"))],
+    ids=["ddp-bupo", "fsdp-bupo", "ddp-grpo", "fsdp-shared-prompts-seq-mean", "ddp-dr-grpo"])
 def test_two_ranks_train_as_one_process_on_the_same_global_batch(tmp_path, fsdp, inter_steps, extra, monkeypatch):
     """Same weights and metrics (rewards, losses, clip fractions, grad norm, held-out accuracy); only rank 0 writes.
 
@@ -97,11 +102,13 @@ def test_two_ranks_train_as_one_process_on_the_same_global_batch(tmp_path, fsdp,
     monkeypatch.setattr(update, "problem_reward", text_reward)
     kw = dict(inter_steps=inter_steps, **{k: v for k, v in extra.items() if k != "activation_checkpointing"})
     hist1, model1, _ = bupo.train_bupo(bupo_cfg(tmp_path / "one", **kw), 1, tiny_model("llama"), FakeTok())
-    cfg2 = bupo_cfg(tmp_path / "two", fsdp=fsdp, **kw, activation_checkpointing=extra.get("activation_checkpointing", False))
+    cfg2 = bupo_cfg(tmp_path / "two", fsdp=fsdp, **kw,
+                    activation_checkpointing=extra.get("activation_checkpointing", False))
     spawn(train_and_report, 2, cfg2, str(tmp_path / "result.pt"), str(tmp_path / "writes.json"))
     res = torch.load(tmp_path / "result.pt", weights_only=False)
     assert_same_metrics(res["hist"], hist1)
-    assert hist1[0]["updates"] == 2 and hist1[0]["reward_std"] > 0  # two real updates a step, not a zero-advantage batch
+    # two real updates a step, not a zero-advantage batch
+    assert hist1[0]["updates"] == 2 and hist1[0]["reward_std"] > 0
     init = tiny_model("llama").state_dict()
     for name, p in model1.state_dict().items():
         # Adam moves a weight by ~lr whatever its gradient's size, so an entry whose gradient is
@@ -124,7 +131,8 @@ def stop_after_first_step(rank, cfg):
     real = bupo.readout_entropies
     update.problem_reward = text_reward
     steps = []
-    bupo.readout_entropies = lambda *a, **kw: (steps.append(len(steps)), ctrl_c(steps[-1], None, None, None, None), real(*a, **kw))[2]
+    bupo.readout_entropies = lambda *a, **kw: (steps.append(len(steps)), ctrl_c(steps[-1], None, None, None, None),
+                                               real(*a, **kw))[2]
     with pytest.raises(Stopped, match="after step 0 of"):
         bupo.train_bupo(cfg, 1, tiny_model("llama"), FakeTok())
 
@@ -169,7 +177,8 @@ def convert_default_model(rank, cache):
 def test_every_rank_can_convert_the_default_model(tmp_path):
     spawn(convert_default_model, 2, str(tmp_path / "cache"))
     for rank in (0, 1):
-        assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir(tmp_path / f"cache{rank}" / models.EMBEDDED["smollm2"].cache_name))
+        assert ({"model.safetensors", "config.json", "tokenizer.json"}
+                <= set(os.listdir(tmp_path / f"cache{rank}" / models.EMBEDDED["smollm2"].cache_name)))
 
 
 def test_rank_share_splits_every_mini_batch_by_whole_prompts():
