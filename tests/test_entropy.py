@@ -130,9 +130,9 @@ def test_layer_auto_refuses_a_model_without_boundary(monkeypatch):
     from config import BuPOConfig
     monkeypatch.setattr(bupo, "entropy_profile", lambda model, tok, cfg: {"dH_ffn": [-0.5, -0.2, 0.1, -2.0]})
     with pytest.raises(InputError, match="no boundary layer.*--layer k"):
-        bupo.resolve_layer(BuPOConfig(layer="auto"), None, None)
+        bupo.resolve_layer(BuPOConfig(layer=None), None, None)
     monkeypatch.setattr(bupo, "entropy_profile", lambda model, tok, cfg: {"dH_ffn": [0.3] * 27 + [-0.2] * 3 + [-1.0, -3.0]})
-    assert bupo.resolve_layer(BuPOConfig(layer="auto"), None, None) == 26
+    assert bupo.resolve_layer(BuPOConfig(layer=None), None, None) == 26
 
 
 def test_family_comparison_resumes_without_recomputing(tmp_path, monkeypatch):
