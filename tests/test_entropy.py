@@ -33,8 +33,10 @@ def direct(model, ids, resp, mask, final_norm):
     H = lambda x, fn=final_norm: entropy(unembed(model, x, fn))[pos].mean().item()
     d = decompose(model, ids, mask)
     store = {"attn_in": [], "ffn_in": []}
-    hooks = [layer.input_layernorm.register_forward_hook(lambda m, a, o: store["attn_in"].append(o)) for layer in model.model.layers]
-    hooks += [layer.mlp.register_forward_pre_hook(lambda m, a: store["ffn_in"].append(a[0])) for layer in model.model.layers]
+    hooks = [layer.input_layernorm.register_forward_hook(lambda m, a, o: store["attn_in"].append(o))
+             for layer in model.model.layers]
+    hooks += [layer.mlp.register_forward_pre_hook(lambda m, a: store["ffn_in"].append(a[0]))
+              for layer in model.model.layers]
     with torch.no_grad():
         model(ids, attention_mask=mask)
     for h in hooks:
@@ -92,9 +94,11 @@ def test_bad_masks():
 
 def test_eic_stages_rule():
     s = E.eic_stages([0.5, 0.4, 0.02, -0.01, 0.03, -0.6, -0.8])
-    assert s == {"exploration": [0, 1], "integration": [2, 4], "convergence": [5, 6], "boundary_layer": 1, "suggested_layer": 1}
+    assert s == {"exploration": [0, 1], "integration": [2, 4], "convergence": [5, 6], "boundary_layer": 1,
+                 "suggested_layer": 1}
     s = E.eic_stages([0.01, 0.02, -0.01, -2.0, -3.0])  # Llama-like: weak rises, then abrupt convergence
-    assert s["exploration"] == [0, 1] and s["convergence"] == [3, 4] and s["suggested_layer"] == 1 and s["boundary_layer"] == 1
+    assert (s["exploration"] == [0, 1] and s["convergence"] == [3, 4] and s["suggested_layer"] == 1
+            and s["boundary_layer"] == 1)
     s = E.eic_stages([-0.01, 0.02, -0.01, -2.0, -3.0])  # no rise at the bottom: no boundary
     assert s["exploration"] is None and s["boundary_layer"] is None
     s = E.eic_stages([1.0, 1.0, 1.0, 1.0])  # all exploring: k stays an internal layer
@@ -131,7 +135,8 @@ def test_layer_auto_refuses_a_model_without_boundary(monkeypatch):
     monkeypatch.setattr(bupo, "entropy_profile", lambda model, tok, cfg: {"dH_ffn": [-0.5, -0.2, 0.1, -2.0]})
     with pytest.raises(InputError, match="no boundary layer.*--layer k"):
         bupo.resolve_layer(BuPOConfig(layer=None), None, None)
-    monkeypatch.setattr(bupo, "entropy_profile", lambda model, tok, cfg: {"dH_ffn": [0.3] * 27 + [-0.2] * 3 + [-1.0, -3.0]})
+    monkeypatch.setattr(bupo, "entropy_profile",
+                        lambda model, tok, cfg: {"dH_ffn": [0.3] * 27 + [-0.2] * 3 + [-1.0, -3.0]})
     assert bupo.resolve_layer(BuPOConfig(layer=None), None, None) == 26
 
 
@@ -152,7 +157,8 @@ def test_family_comparison_resumes_without_recomputing(tmp_path, monkeypatch):
     assert {k for s in first.values() for k in s} >= {"raw", "final_norm"}
     assert first["llama"]["raw"]["entropy"] != first["llama"]["final_norm"]["entropy"]
     assert all((tmp_path / "cmp" / a / "flow.png").exists() for a in ("llama", "gemma3_text"))  # Fig. 2 and Fig. 12
-    assert first["llama"]["raw"]["entropy"]["cos_ffn"] == first["llama"]["final_norm"]["entropy"]["cos_ffn"]  # convention-free
+    # convention-free
+    assert first["llama"]["raw"]["entropy"]["cos_ffn"] == first["llama"]["final_norm"]["entropy"]["cos_ffn"]
 
     def no_pass(*a, **k):
         raise AssertionError("a finished analysis was computed again")
@@ -165,7 +171,8 @@ def test_family_comparison_resumes_without_recomputing(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_residual_cosines_against_the_decomposition(arch):
-    """Fig. 12's cos(A_l, h_l) and cos(F_l, h_l + A_l), token means over the response, from decompose()'s h_0, A_l, F_l."""
+    """Fig. 12's cos(A_l, h_l) and cos(F_l, h_l + A_l), token means over the response, from decompose()'s
+    h_0, A_l, F_l."""
     model = tiny_model(arch)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 97, (2, 9), generator=g)

@@ -40,11 +40,14 @@ def test_sdpa_with_cudas_output_strides_changes_no_token(arch, monkeypatch):
     greedy tokens equal HF generate's (the old `.view` raised here)."""
     model, prompts, calls = tiny_model(arch), prompts_for(), []
     want = [hf_greedy(model, p, 10) for p in prompts]
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(a[0].shape[2]) or cuda_layout_sdpa(*a, **kw))
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(a[0].shape[2]) or cuda_layout_sdpa(*a, **kw))
     for static in (False, True):
-        r = generate(model, prompts, max_new_tokens=10, temperature=0, pack=False, static=static, sync_every=3, attention="sdpa")
+        r = generate(model, prompts, max_new_tokens=10, temperature=0, pack=False, static=static, sync_every=3,
+                     attention="sdpa")
         assert r.tokens.tolist() == want
-    assert not cuda_layout_sdpa(torch.zeros(2, 2, 3, 4), torch.zeros(2, 2, 5, 4), torch.zeros(2, 2, 5, 4)).is_contiguous()
+    assert not cuda_layout_sdpa(torch.zeros(2, 2, 3, 4), torch.zeros(2, 2, 5, 4),
+                                torch.zeros(2, 2, 5, 4)).is_contiguous()
     assert min(calls) == 2 and max(calls) > 2  # decode steps (g*T = 2 * 1) and prefills (g*T > 2) both went through it
 
 
@@ -138,7 +141,8 @@ def test_the_first_replay_is_checked_against_its_warm_up(broken, monkeypatch, ca
         assert [g.replays for g in made] == [1]
     else:
         assert err == [] and r.mode == "graphs" and sum(g.replays for g in made) == 12
-        # every step replayed: tokens 1..11 (token 0 comes from the prefill) and one step past the end, before the host's check
+        # every step replayed: tokens 1..11 (token 0 comes from the prefill) and one step past the end,
+        # before the host's check
 
 
 def test_a_capture_that_fails_falls_back_to_the_eager_step(capsys):
@@ -161,8 +165,10 @@ def test_the_attention_switch_is_checked():
 def test_the_attention_kernel_is_named_from_the_profilers_event_names():
     """Names as torch.profiler reports them on an H100/H200 and on CPU, each mapped to the SDPA kernel that ran."""
     assert attention_kernels(["aten::mm", "aten::scaled_dot_product_attention"]) == {}
-    assert set(attention_kernels(["aten::_scaled_dot_product_efficient_attention", "fmha_cutlassF_bf16_aligned_64x64_rf_sm80"])) == {"memory-efficient"}
-    assert attention_kernels(["void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>"]).keys() == {"flash"}
+    assert set(attention_kernels(["aten::_scaled_dot_product_efficient_attention",
+                                  "fmha_cutlassF_bf16_aligned_64x64_rf_sm80"])) == {"memory-efficient"}
+    assert (attention_kernels(["void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>"]).keys()
+            == {"flash"})
     assert attention_kernels(["cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16"]).keys() == {"cuDNN"}
     assert attention_kernels(["aten::_scaled_dot_product_attention_math"]).keys() == {"math"}
     model = tiny_model("qwen3")

@@ -47,9 +47,11 @@ def test_gemma_decomposes_exactly(gemma):
 def test_gemma_greedy_rollout_equals_hf_generate(gemma):
     model, tok = gemma
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
-    r = generate(model, prompts, max_new_tokens=16, temperature=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    r = generate(model, prompts, max_new_tokens=16, temperature=0, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id)
     for i, p in enumerate(prompts):
         ids = torch.tensor([p])
-        hf = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16, pad_token_id=tok.pad_token_id)
+        hf = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
+                            pad_token_id=tok.pad_token_id)
         assert r.tokens[i, :r.lengths[i]].tolist() == hf[0, len(p):len(p) + int(r.lengths[i])].tolist(), PROMPTS[i]
     assert tok.decode(r.tokens[0, :8]).startswith(" the capital of the country of France")

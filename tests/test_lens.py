@@ -1,4 +1,5 @@
-"""lens.py: the grid's rows are the internal policies of Hugging Face's own hidden states; the CLI draws both conventions."""
+"""lens.py: the grid's rows are the internal policies of Hugging Face's own hidden states; the CLI draws
+both conventions."""
 import json
 
 import torch

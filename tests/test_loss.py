@@ -101,5 +101,6 @@ def test_micro_token_mean_is_the_authors_fork_by_hand():
     fork = sum(aggregate(l, m, "micro-token-mean", n_seqs=3) for l, m in ((l1, m1), (l2, m2)))
     verl = sum(aggregate(l, m, "token-mean", n_tokens=6) for l, m in ((l1, m1), (l2, m2)))
     assert fork.item() == pytest.approx(3.0) and verl.item() == pytest.approx(3.5)
-    one = aggregate(torch.cat([l1, l2]), torch.cat([m1, m2]), "micro-token-mean", n_seqs=3)  # one micro-batch: token-mean
+    # one micro-batch: token-mean
+    one = aggregate(torch.cat([l1, l2]), torch.cat([m1, m2]), "micro-token-mean", n_seqs=3)
     assert one.item() == pytest.approx(3.5)
