@@ -20,8 +20,9 @@ def tiny_experiment(tmp_path, monkeypatch, **kw):
     monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
-    return tiny_cfg(tmp_path, bupo.BuPOConfig, **{**dict(steps=2, eval_every=1, inter_steps=1, layer=1, profile_samples=2,
-                                                           seeds="2", out=str(tmp_path / "exp")), **kw})
+    return tiny_cfg(tmp_path, bupo.BuPOConfig, **{**dict(steps=2, eval_every=1, inter_steps=1, layer=1,
+                                                         profile_samples=2, seeds="2", out=str(tmp_path / "exp")),
+                                                  **kw})
 
 
 def test_experiment_pairs_seeds_and_reports_intervals(tmp_path, monkeypatch):
@@ -44,7 +45,8 @@ def test_experiment_pairs_seeds_and_reports_intervals(tmp_path, monkeypatch):
     table = (out / "results.md").read_text()
     assert "| BuPO − GRPO (paired) |" in table and "seed 0 | seed 1" in table
     assert "reward: math (rewards.py)" in table and json.loads((out / "results.json").read_text())["reward"] == "math"
-    assert not any((out / f"seed{s}" / r / "checkpoint").exists() for s in (0, 1) for r in ("bupo", "grpo"))  # no 1.6 GB leftovers
+    # no 1.6 GB leftovers
+    assert not any((out / f"seed{s}" / r / "checkpoint").exists() for s in (0, 1) for r in ("bupo", "grpo"))
 
 
 def test_experiment_resume_skips_finished_seeds(tmp_path, monkeypatch):
@@ -64,9 +66,11 @@ def test_experiment_resume_skips_finished_seeds(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="holds a run already"):
         experiment.experiment(cfg)  # not without --resume
     calls.clear()
-    monkeypatch.setattr(experiment, "train_bupo", lambda run_cfg, *a, **k: (calls.append(run_cfg.out), real(run_cfg, *a, **k))[1])
+    monkeypatch.setattr(experiment, "train_bupo",
+                        lambda run_cfg, *a, **k: (calls.append(run_cfg.out), real(run_cfg, *a, **k))[1])
     experiment.experiment(replace(cfg, resume=True))
-    assert sorted(calls) == sorted(str(tmp_path / "exp" / "seed1" / r) for r in ("grpo", "bupo"))  # seed 0 is not trained again
+    # seed 0 is not trained again
+    assert sorted(calls) == sorted(str(tmp_path / "exp" / "seed1" / r) for r in ("grpo", "bupo"))
     assert set(json.load(open(tmp_path / "exp" / "results.json"))["per_seed"]["BuPO"]) == {"0", "1"}
 
 
@@ -77,7 +81,8 @@ def test_sweep_and_methods(tmp_path, monkeypatch):
     assert set(res["per_seed"]) == {"BuPO inter_steps=0", "BuPO inter_steps=1"} and res["paired"] == {}
     assert (tmp_path / "exp" / "sweep.png").exists()
     for bad, match in [(dict(sweep="depth=1"), "--sweep must be"), (dict(sweep="layer=1,9"), "out of range"),
-                       (dict(methods="dpo"), "--methods"), (dict(methods="grpo,grpo"), "--methods"), (dict(seeds="0"), "--seeds")]:
+                       (dict(methods="dpo"), "--methods"), (dict(methods="grpo,grpo"), "--methods"),
+                       (dict(seeds="0"), "--seeds")]:
         with pytest.raises(InputError, match=match):
             experiment.experiment(replace(cfg, out=str(tmp_path / "bad"), **bad))
 
@@ -111,10 +116,11 @@ def test_a_stopped_experiment_keeps_its_work_and_resumes(tmp_path, monkeypatch, 
     continues it from step 1 and finishes the experiment with the uninterrupted run's metrics."""
     import cli
     cfg = tiny_experiment(tmp_path, monkeypatch, seeds="0,")
-    argv = [f"--{k.replace('_', '-')}={v}" for k, v in [("steps", 2), ("eval_every", 1), ("inter_steps", 1), ("layer", "1"),
-            ("profile_samples", 2), ("seeds", "0,"), ("task", "arithmetic"), ("eval_data", "arithmetic"), ("eval_limit", 4),
-            ("eval_max_new_tokens", 4), ("prompts_per_step", 4), ("group_size", 4), ("mini_batch_prompts", 2), ("micro_batch", 5),
-            ("max_new_tokens", 6), ("precision", "float32"), ("lr", 0.01), ("eval_samples", 0), ("out", cfg.out)]]
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in [("steps", 2), ("eval_every", 1), ("inter_steps", 1),
+            ("layer", "1"), ("profile_samples", 2), ("seeds", "0,"), ("task", "arithmetic"),
+            ("eval_data", "arithmetic"), ("eval_limit", 4), ("eval_max_new_tokens", 4), ("prompts_per_step", 4),
+            ("group_size", 4), ("mini_batch_prompts", 2), ("micro_batch", 5), ("max_new_tokens", 6),
+            ("precision", "float32"), ("lr", 0.01), ("eval_samples", 0), ("out", cfg.out)]]
     real, calls = bupo.readout_entropies, []
 
     def kill_once(*a, **kw):
