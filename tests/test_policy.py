@@ -1,4 +1,5 @@
-"""policy.py: log-probs of the output policy and of pi_k against Hugging Face's forward, chunking, precision, denormals."""
+"""policy.py: log-probs of the output policy and of pi_k against Hugging Face's forward, chunking, precision,
+denormals."""
 import subprocess
 import sys
 
@@ -39,7 +40,8 @@ def test_output_policy_equals_the_hf_logits(arch, budget, monkeypatch):
     scored[:, 0] = False
     torch.testing.assert_close(logp[scored], want_lp[scored], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent[scored], want_ent[scored].detach(), atol=1e-5, rtol=1e-5)
-    assert (logp[~scored] == 0).all() and (ent[~scored] == 0).all() and not ent.requires_grad  # no entropy graph unless asked
+    # no entropy graph unless asked
+    assert (logp[~scored] == 0).all() and (ent[~scored] == 0).all() and not ent.requires_grad
     logp.sum().backward()  # gradients through the (checkpointed) chunks equal the direct ones
     g1 = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -72,7 +74,8 @@ def test_early_exit_runs_only_layers_up_to_k():
 
 def test_early_exit_with_a_response_mask_and_shared_prompts():
     """A GRPO group (one prompt, three responses of other lengths) under a response mask: pi_1's log-probs and entropies
-    at the response tokens are HF's, 0 elsewhere, and layers above 1 never run (the shared-prompt path, not the plain one)."""
+    at the response tokens are HF's, 0 elsewhere, and layers above 1 never run (the shared-prompt path, not the plain
+    one)."""
     model = tiny_model("qwen3", num_hidden_layers=4)
     ids, att, resp = pad_rows([[5, 6, 7, 8]] * 3, [[9, 10, 11], [12], [13, 14]], pad_id=0)
     ran = []
@@ -105,7 +108,8 @@ def real_batch(model, tok):
     from problems import prompt_ids, task_problems
     from rollout import generate
     prompts = prompt_ids(tok, task_problems("math500", 4, 0, "test"))
-    r = generate(model, prompts, max_new_tokens=48, seed=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    r = generate(model, prompts, max_new_tokens=48, seed=0, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id)
     return pad_rows(prompts, [r.tokens[i, :r.lengths[i]].tolist() for i in range(4)], tok.pad_token_id)
 
 
@@ -113,7 +117,8 @@ def real_batch(model, tok):
 def test_bf16_autocast_drift_on_the_default_model(default_model):
     """The output policy under bf16 autocast stays within 0.05 nats of float32 on average (README: 0.028 measured).
     pi_k under the autocast: its layers in float32, its lm_head a bf16 GEMM, its log-softmax in float32; against that
-    route from Hugging Face's float32 hidden_states[5] to float rounding, and away from all-float32 pi_k (README: 0.15)."""
+    route from Hugging Face's float32 hidden_states[5] to float rounding, and away from all-float32 pi_k
+    (README: 0.15)."""
     model, tok = default_model
     ids, att, resp = real_batch(model, tok)
     lp32 = output_policy(model, ids, att, 1.0, resp)[0]
@@ -123,7 +128,8 @@ def test_bf16_autocast_drift_on_the_default_model(default_model):
     d = (lp16 - lp32)[resp].abs()
     assert 0 < d.mean() < 0.05 and d.max() < 0.5
     h = model(ids, attention_mask=att, output_hidden_states=True).hidden_states[5]  # (B, T, D) float32, after layer 4
-    logits = torch.nn.functional.linear(h.bfloat16(), model.lm_head.weight.bfloat16()).float()  # (B, T, V) the bf16 GEMM
+    # (B, T, V) the bf16 GEMM
+    logits = torch.nn.functional.linear(h.bfloat16(), model.lm_head.weight.bfloat16()).float()
     want = direct(logits, ids, 1.0)[0]
     scored = resp.clone()
     scored[:, 0] = False
@@ -148,7 +154,8 @@ torch.save({"lp": lp, "ent": ent, "grad": model.model.layers[2].mlp.up_proj.weig
 def test_flushing_denormals_leaves_the_results_unchanged(default_model, tmp_path):
     """pi_k's peaked softmax underflows into subnormal floats; flushing them to zero (3.5x faster) changes no result."""
     for flag in ("0", "1"):
-        subprocess.run([sys.executable, "-c", FLUSH_PROBE, flag, str(tmp_path / f"{flag}.pt")], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-c", FLUSH_PROBE, flag, str(tmp_path / f"{flag}.pt")], check=True,
+                       capture_output=True)
     a, b = (torch.load(tmp_path / f"{f}.pt") for f in ("0", "1"))
     for key in ("lp", "ent", "grad"):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
@@ -171,7 +178,8 @@ def test_shared_prompts_give_the_full_forward(arch, k):
     lp.sum().backward()
     g1 = [p.grad for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable  # renamed in 5.2x
+    # renamed in 5.2x
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable({"use_reentrant": False})  # the one-forward path (checkpointing drops the cache)
     model.train()
     lp2, ent2 = pol(model, ids, att, 0.9, resp)
@@ -203,8 +211,9 @@ def test_decoder_tokens_counts_what_the_decoder_runs(share, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_fused_logprobs_and_entropies_equal_autograd(dtype, temperature):
-    """TokenLogprobs (one float32 pass, hand-written backward) against log_softmax in float32 through autograd: values and
-    gradients of a loss on both outputs, for float32 and bf16 logits, with -inf logits (they contribute 0, no NaN)."""
+    """TokenLogprobs (one float32 pass, hand-written backward) against log_softmax in float32 through autograd:
+    values and gradients of a loss on both outputs, for float32 and bf16 logits, with -inf logits
+    (they contribute 0, no NaN)."""
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(6, 97, generator=g) * 30).to(dtype)
     logits[0, 5:9] = float("-inf")
@@ -221,11 +230,13 @@ def test_fused_logprobs_and_entropies_equal_autograd(dtype, temperature):
     (a * want_lp + b * want_ent).sum().backward()
     torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[1:], logits.grad[1:], atol=1e-5, rtol=1e-5)  # row 0: autograd's entropy gradient is NaN
+    # row 0: autograd's entropy gradient is NaN
+    torch.testing.assert_close(got[1:], logits.grad[1:], atol=1e-5, rtol=1e-5)
     assert got.dtype == dtype and torch.isfinite(got).all() and (got[0, 5:9] == 0).all()
     _, ent = policy.TokenLogprobs.apply(logits, targets, temperature, False)
     assert not ent.requires_grad  # no entropy graph unless asked
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the update's autocast: the entropies stay float32, not bf16-rounded
+    # the update's autocast: the entropies stay float32, not bf16-rounded
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         lp_ac, ent_ac = policy.TokenLogprobs.apply(logits, targets, temperature, False)
     assert lp_ac.dtype == ent_ac.dtype == torch.float32
     torch.testing.assert_close(ent_ac, want_ent.detach(), atol=1e-5, rtol=1e-5)

@@ -14,8 +14,10 @@ from models import CONFIG_DIR
 from policy import check_layer
 
 H200, H100 = 141e9, 80e9
-# the public model cards' sizes: Qwen3-4B 4.0 B, Qwen3-8B 8.2 B, Llama-3.2-3B 3.21 B, Llama-3.1-8B 8.03 B (OctoThinker's bases)
-SIZES = {"qwen3-0.6b": 0.596e9, "qwen3-4b": 4.022e9, "qwen3-8b": 8.191e9, "octothinker-3b": 3.213e9, "octothinker-8b": 8.030e9}
+# the public model cards' sizes: Qwen3-4B 4.0 B, Qwen3-8B 8.2 B, Llama-3.2-3B 3.21 B, Llama-3.1-8B 8.03 B
+# (OctoThinker's bases)
+SIZES = {"qwen3-0.6b": 0.596e9, "qwen3-4b": 4.022e9, "qwen3-8b": 8.191e9, "octothinker-3b": 3.213e9,
+         "octothinker-8b": 8.030e9}
 
 
 def shipped(name):
@@ -41,7 +43,8 @@ def test_each_paper_preset_fits_its_model(preset):
     hub, name, k, n, _ = PAPER_MODELS[preset]
     cfg, config = BuPOConfig(**BUPO_PRESETS[preset]), shipped(name)
     world = 8 if cfg.fsdp else 1
-    assert cfg.model == hub and cfg.layer == k and cfg.max_new_tokens == n and cfg.inter_steps == 30 and cfg.steps == 300
+    assert (cfg.model == hub and cfg.layer == k and cfg.max_new_tokens == n and cfg.inter_steps == 30
+            and cfg.steps == 300)
     assert (cfg.prompts_per_step, cfg.mini_batch_prompts, cfg.group_size, cfg.lr) == (128, 32, 8, 1e-6)
     assert (cfg.reward, cfg.max_prompt_length, cfg.loss_agg) == ("verl", 1024, "micro-token-mean")
     check_layer(config, k)
@@ -54,19 +57,23 @@ def test_each_paper_preset_fits_its_model(preset):
 
 def test_memory_plan_of_qwen3_4b_is_the_readmes():
     """README, "What fits where": 64.3 GB of training state, 8.0 GB of bf16 weights, ~25 GB of activations at
-    micro-batch 4 with checkpointing; the KV cache of 16 rows x (1024 + 8192) slots, 2 x 36 x 8 x 128 bf16 values a slot."""
+    micro-batch 4 with checkpointing; the KV cache of 16 rows x (1024 + 8192) slots, 2 x 36 x 8 x 128 bf16 values
+    a slot."""
     plan = memory_plan(BuPOConfig(**BUPO_PRESETS["paper"]), shipped("qwen3-4b"))
-    assert plan["training state"] == pytest.approx(64.36, abs=0.01) and plan["rollout weights"] == pytest.approx(8.04, abs=0.01)
+    assert (plan["training state"] == pytest.approx(64.36, abs=0.01)
+            and plan["rollout weights"] == pytest.approx(8.04, abs=0.01))
     assert plan["KV cache"] == pytest.approx(16 * 9216 * 2 * 36 * 8 * 128 * 2 / 1e9) and 20 < plan["activations"] < 30
 
 
 def test_ppo_is_refused_at_the_papers_scale_with_the_arithmetic():
-    """Issue 30.6: the critic is a float32 copy with AdamW on one process: 2 x 64.4 GB for Qwen3-4B, over half an H200."""
+    """Issue 30.6: the critic is a float32 copy with AdamW on one process: 2 x 64.4 GB for Qwen3-4B, over half
+    an H200."""
     with pytest.raises(InputError, match=r"16 B/param x 4.02 B = 64.4 GB.*need 128.7 GB.*141 GB"):
         check_ppo_memory(shipped("qwen3-4b"), H200)
     check_ppo_memory(shipped("qwen3-0.6b"), H200)  # 19 GB: fits
     with pytest.raises(InputError, match="PPO.*does not fit"):
-        check_config(BuPOConfig(**{**BUPO_PRESETS["paper"], "adv_estimator": "gae"}), shipped("qwen3-4b"), 1, memory=H200)
+        check_config(BuPOConfig(**{**BUPO_PRESETS["paper"], "adv_estimator": "gae"}), shipped("qwen3-4b"), 1,
+                     memory=H200)
 
 
 def test_help_prints_each_paper_preset(capsys, monkeypatch):

@@ -20,7 +20,8 @@ PROBES = {"prompts": [[1, 5, 6, 7], [1, 9, 10], [1, 11]], "responses": [[12, 13,
 
 
 def reference(model, k):
-    """The four measures from HF's hidden states (raw for layers < L-1; the top raw residual as the sum of the stream)."""
+    """The four measures from HF's hidden states (raw for layers < L-1; the top raw residual as the sum of the
+    stream)."""
     L = model.config.num_hidden_layers
     ids, att, resp = pad_rows(PROBES["prompts"], PROBES["responses"], 0)
     with torch.no_grad():
@@ -36,15 +37,17 @@ def reference(model, k):
         logits = (lambda f: lambda l: torch.tanh(f(l) / cap) * cap)(logits)
     ent = lambda l: -(logits(l).softmax(-1) * logits(l).log_softmax(-1)).sum(-1).mean()
     later = range(k + 1, L)
-    kl = [F.kl_div(logits(j).log_softmax(-1), logits(k).log_softmax(-1), log_target=True, reduction="none").sum(-1).mean() for j in later]
+    kl = [F.kl_div(logits(j).log_softmax(-1), logits(k).log_softmax(-1), log_target=True,
+                   reduction="none").sum(-1).mean() for j in later]
     nll = F.cross_entropy(out.logits[:, :-1][pos[:, :-1]], ids[:, 1:][pos[:, :-1]])
-    return {"cos": [F.cosine_similarity(h(k), h(j), dim=-1).mean().item() for j in later], "dH": (ent(k) - ent(k - 1)).item(),
-            "ppl": math.exp(nll.item()), "kl": [x.item() for x in kl]}
+    return {"cos": [F.cosine_similarity(h(k), h(j), dim=-1).mean().item() for j in later],
+            "dH": (ent(k) - ent(k - 1)).item(), "ppl": math.exp(nll.item()), "kl": [x.item() for x in kl]}
 
 
 @pytest.mark.parametrize("arch,k", [("llama", 1), ("llama", 0), ("qwen3", 2), ("gemma3_text", 1)])
 def test_probe_matches_hugging_face(arch, k):
-    extra = dict(layer_types=["sliding_attention", "full_attention"] * 2, final_logit_softcapping=5.0) if arch == "gemma3_text" else {}
+    extra = (dict(layer_types=["sliding_attention", "full_attention"] * 2, final_logit_softcapping=5.0)
+             if arch == "gemma3_text" else {})
     model = tiny_model(arch, num_hidden_layers=4, **extra)
     got, want = probe(model, PROBES, k), reference(model, k)
     assert len(got["cos"]) == len(got["kl"]) == 4 - k - 1
