@@ -8,7 +8,8 @@ from conftest import FakeTok
 from problems import DATASETS, arithmetic_problems, load_problems, plain_prompt, prompt_ids, task_problems
 
 
-@pytest.mark.parametrize("name,n", [("math500", 500), ("amc23", 40), ("aime24", 30), ("aime25", 30), ("deepmath", 5000)])
+@pytest.mark.parametrize("name,n", [("math500", 500), ("amc23", 40), ("aime24", 30), ("aime25", 30),
+                                    ("deepmath", 5000)])
 def test_load_every_shipped_set(name, n):
     problems = load_problems(name)
     assert len(problems) == n and name in DATASETS
@@ -24,7 +25,8 @@ def test_bad_data_files(tmp_path):
     with pytest.raises(InputError, match="reward_model"):
         load_problems(str(tmp_path / "bad.parquet"))
     (tmp_path / "t.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(InputError, match="t.csv has neither verl's columns .* nor plain problem and answer columns; it has a, b"):
+    with pytest.raises(InputError, match="t.csv has neither verl's columns .* nor plain problem and answer columns; "
+                                         "it has a, b"):
         load_problems(str(tmp_path / "t.csv"))
     (tmp_path / "t.txt").write_text("1+1")
     with pytest.raises(InputError, match="unknown data file type '.txt'"):
@@ -34,14 +36,16 @@ def test_bad_data_files(tmp_path):
         load_problems(str(tmp_path / "broken.parquet"))
     with pytest.raises(InputError, match="no data set 'nothere.jsonl'"):
         load_problems("nothere.jsonl")
-    pq.write_table(pa.table({"prompt": [[{"role": "user", "content": "1+1?"}], None], "reward_model": [{"ground_truth": "2"}] * 2}),
+    pq.write_table(pa.table({"prompt": [[{"role": "user", "content": "1+1?"}], None],
+                             "reward_model": [{"ground_truth": "2"}] * 2}),
                    tmp_path / "null.parquet")
     with pytest.raises(InputError, match="null.parquet, row 1: the prompt is empty"):
         load_problems(str(tmp_path / "null.parquet"))
     pq.write_table(pa.table({"prompt": [], "reward_model": []}), tmp_path / "empty.parquet")
     with pytest.raises(InputError, match="holds no rows"):
         load_problems(str(tmp_path / "empty.parquet"))
-    rows = {"prompt": [[{"role": "user", "content": "1+1?"}]] * 2, "reward_model": [{"ground_truth": ""}, {"ground_truth": " "}]}
+    rows = {"prompt": [[{"role": "user", "content": "1+1?"}]] * 2,
+            "reward_model": [{"ground_truth": ""}, {"ground_truth": " "}]}
     pq.write_table(pa.table(rows), tmp_path / "blank.parquet")
     with pytest.raises(InputError, match="every gold answer"):
         task_problems(str(tmp_path / "blank.parquet"), 0, 0, "train")
@@ -55,7 +59,8 @@ def test_arithmetic_task():
     for p in train + test:
         a, b = p["messages"][0]["content"].split("?")[0].split()[-3::2]
         assert int(p["answer"]) == int(a) + int(b) and p["last_number"]
-    assert task_problems("arithmetic", 8, 3, "test") == task_problems("arithmetic", 8, 5, "test")  # one held-out set for every seed
+    # one held-out set for every seed
+    assert task_problems("arithmetic", 8, 3, "test") == task_problems("arithmetic", 8, 5, "test")
     assert task_problems("arithmetic", 8, 3, "train") != task_problems("arithmetic", 8, 5, "train")
 
 
@@ -85,11 +90,13 @@ def test_plain_columns_in_json_jsonl_csv_and_a_dataset_dir(tmp_path, capsys):
     (tmp_path / "d" / "train.jsonl").write_text((tmp_path / "a.jsonl").read_text())
     for name in ("a.jsonl", "b.json", "c.csv", "d"):
         ps = load_problems(str(tmp_path / name))
-        assert [p["answer"] for p in ps] == ["2", "4"] and ps[1]["messages"][-1] == {"role": "user", "content": "What is 2 + 2?"}
+        assert ([p["answer"] for p in ps] == ["2", "4"]
+                and ps[1]["messages"][-1] == {"role": "user", "content": "What is 2 + 2?"})
         assert ps[0]["messages"][0]["role"] == "system" and "\\boxed{}" in ps[0]["messages"][0]["content"]
         assert ps[0]["source"] == name.split(".")[0] and ps[0]["set"] == str(tmp_path / name)
-    (tmp_path / "gaps.jsonl").write_text("".join(json.dumps({"problem": f"q{i}", "answer": a}) + "\n"
-                                                 for i, a in enumerate([None, float("nan"), " ", 7])).replace("NaN", "NaN"))
+    (tmp_path / "gaps.jsonl").write_text(
+        "".join(json.dumps({"problem": f"q{i}", "answer": a}) + "\n"
+                for i, a in enumerate([None, float("nan"), " ", 7])).replace("NaN", "NaN"))
     held_out = task_problems(str(tmp_path / "gaps.jsonl"), 0, 0, "test")
     assert [(p["id"], p["answer"]) for p in held_out] == [(3, "7")]
     assert "3 of 4 problems of" in capsys.readouterr().out
@@ -98,9 +105,11 @@ def test_plain_columns_in_json_jsonl_csv_and_a_dataset_dir(tmp_path, capsys):
 # Qwen3's chat template, its tail as shipped with Qwen/Qwen3-4B (tokenizer_config.json): the generation prompt, and
 # the empty think block that enable_thinking=False adds (the authors' "qwen3_no_thinking", rl_dataset.py).
 QWEN3_TEMPLATE = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}")
 
 
 def byte_tokenizer(template):
@@ -118,11 +127,14 @@ def test_qwen3_prompts_are_the_no_thinking_template():
     tok = byte_tokenizer(QWEN3_TEMPLATE)
     messages = [{"role": "system", "content": "Reason."}, {"role": "user", "content": "What is 2 + 3?"}]
     ids = prompt_ids(tok, [{"messages": messages}])[0]
-    ref = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False, tokenize=True, return_dict=True)["input_ids"]
-    thinking = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    ref = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False, tokenize=True,
+                                  return_dict=True)["input_ids"]
+    thinking = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"]
     assert list(ids) == list(ref) != list(thinking)
     assert tok.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    plain = byte_tokenizer(QWEN3_TEMPLATE.replace("enable_thinking", "other_flag"))  # a template without the flag: no kwarg
+    # a template without the flag: no kwarg
+    plain = byte_tokenizer(QWEN3_TEMPLATE.replace("enable_thinking", "other_flag"))
     assert prompt_ids(plain, [{"messages": messages}])[0] == thinking
 
 
@@ -141,7 +153,8 @@ def test_training_data_reshuffled_every_epoch():
     probs = list(range(10))
     assert epoch_order(probs, 0, 0) == probs
     e1, e2 = epoch_order(probs, 0, 1), epoch_order(probs, 0, 2)
-    assert sorted(e1) == sorted(e2) == probs and e1 != probs and e1 != e2 and e1 == epoch_order(probs, 0, 1) != epoch_order(probs, 1, 1)
+    assert (sorted(e1) == sorted(e2) == probs and e1 != probs and e1 != e2
+            and e1 == epoch_order(probs, 0, 1) != epoch_order(probs, 1, 1))
     seen = [p for step in range(5) for p in epoch_problems(probs, step, 4, range(4), 0)]  # 20 = two epochs
     assert seen[:10] == probs and seen[10:] == e1
     assert epoch_problems(probs, 2, 4, [3, 1], 0) == [seen[11], seen[9]]
@@ -150,10 +163,13 @@ def test_training_data_reshuffled_every_epoch():
 def test_grader_of_a_row():
     """Table 9's sets: option letters for MMLU-Pro, GPQA and ARC, exact match for BBH, by answer_type or data_source."""
     from problems import grader_of, with_reward
-    assert grader_of({"data_source": "TIGER-Lab/MMLU-Pro"}, "x.parquet") == "choice" == grader_of({}, "gpqa_diamond.jsonl")
+    assert (grader_of({"data_source": "TIGER-Lab/MMLU-Pro"}, "x.parquet") == "choice"
+            == grader_of({}, "gpqa_diamond.jsonl"))
     assert grader_of({"data_source": "bbh"}, "x") == "exact" and grader_of({}, "math500") == "math"
-    assert grader_of({"data_source": "allenai/ai2_arc"}, "x") == "choice" and grader_of({"data_source": "research_math"}, "march.jsonl") == "math"
+    assert (grader_of({"data_source": "allenai/ai2_arc"}, "x") == "choice"
+            and grader_of({"data_source": "research_math"}, "march.jsonl") == "math")
     assert grader_of({"answer_type": "exact", "data_source": "arc"}, "x") == "exact"
     with pytest.raises(InputError, match="answer_type 'code'"):
         grader_of({"answer_type": "code"}, "x")
-    assert [p["grader"] for p in with_reward([{"grader": "math"}, {"grader": "choice"}, {}], "verl")] == ["verl", "choice", "verl"]
+    assert ([p["grader"] for p in with_reward([{"grader": "math"}, {"grader": "choice"}, {}], "verl")]
+            == ["verl", "choice", "verl"])

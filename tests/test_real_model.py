@@ -25,7 +25,8 @@ def test_default_model_decomposes_exactly(default_model):
 def test_default_model_answers_like_hf_and_entropy_falls(default_model):
     model, tok = default_model
     prompt = chat(tok, "What is 2 + 3?")
-    r = generate(model, [prompt], max_new_tokens=24, temperature=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    r = generate(model, [prompt], max_new_tokens=24, temperature=0, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id)
     answer = r.tokens[0, :r.lengths[0]].tolist()
     assert tok.decode(answer, skip_special_tokens=True) == "2 + 3 = 5" and r.finished[0]
     ids = torch.tensor([prompt])

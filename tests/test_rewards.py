@@ -1,4 +1,5 @@
-"""rewards.py: verl's math scorer (the authors' reward) on known strings, and Table 9's option-letter and exact-match graders."""
+"""rewards.py: verl's math scorer (the authors' reward) on known strings, and Table 9's option-letter and
+exact-match graders."""
 import pytest
 
 from config import GRPOConfig, resume_safe
@@ -28,8 +29,10 @@ from rewards import choice_letter, exact_text, problem_reward, strip_string, ver
     ("\\boxed{10}", "10.0", 0.0),                            # strings, not numbers
     ("\\boxed{\\frac}", "1", 0.0), (None, "1", 0.0), (b"\\boxed{3}", "3", 1.0),
     ("\\boxed{\\pi/2}", "\\pi/2", 1.0), ("\\boxed{\\pi / 2}", "\\pi/2", 0.0),  # not integers: raw strings compared
-    ("so \\boxed 5$.", "5", 1.0), ("\\boxed 3 then \\boxed{5}", "5", 0.0),  # verl: the last '\\boxed ' wins, up to a '$'
-    ("\\boxed{+3/4}", "\\frac{3}{4}", 0.0), ("\\boxed{1 \\text{ m} + 2 \\text{ m}}", "1 \\text{ m} + 2 \\text{ m}", 1.0),
+    # verl: the last '\\boxed ' wins, up to a '$'
+    ("so \\boxed 5$.", "5", 1.0), ("\\boxed 3 then \\boxed{5}", "5", 0.0),
+    ("\\boxed{+3/4}", "\\frac{3}{4}", 0.0),
+    ("\\boxed{1 \\text{ m} + 2 \\text{ m}}", "1 \\text{ m} + 2 \\text{ m}", 1.0),
 ])
 def test_verl_math_score_on_known_strings(response, gold, score):
     assert verl_math_score(response, gold) == score
@@ -66,7 +69,8 @@ def test_multiple_choice_and_exact_match_rewards():
     assert problem_reward("no letter", mc) == 0.0
     bbh = {"answer": "True", "grader": "exact"}
     assert exact_text("Let's think. So the answer is True.") == "true"
-    assert problem_reward("So the answer is True.", bbh) == 1.0 and problem_reward("So the answer is False.", bbh) == 0.0
+    assert (problem_reward("So the answer is True.", bbh) == 1.0
+            and problem_reward("So the answer is False.", bbh) == 0.0)
     assert problem_reward("\\boxed{(A)}", {"answer": "(A)", "grader": "exact"}) == 1.0
     assert problem_reward("", {"answer": "", "grader": "exact"}) == 0.0
 
@@ -75,4 +79,5 @@ def test_config_refuses_a_micro_batch_change_on_resume_under_the_authors_loss():
     """micro-token-mean weights each micro-batch's mean by its rows: its split is part of the objective."""
     assert "micro_batch" in resume_safe(GRPOConfig()) and "micro_tokens" in resume_safe(GRPOConfig())
     fork = GRPOConfig(loss_agg="micro-token-mean")
-    assert "micro_batch" not in resume_safe(fork) and "micro_tokens" not in resume_safe(fork) and "steps" in resume_safe(fork)
+    assert ("micro_batch" not in resume_safe(fork) and "micro_tokens" not in resume_safe(fork)
+            and "steps" in resume_safe(fork))

@@ -28,7 +28,8 @@ def prompts_for(seed=1):
 def hf_greedy(model, prompt, n, eos=None):
     ids = torch.tensor([prompt])
     kw = dict(eos_token_id=eos) if eos is not None else dict(min_new_tokens=n, eos_token_id=None)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, pad_token_id=0, **kw)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                         pad_token_id=0, **kw)
     return out[0, len(prompt):].tolist()
 
 
@@ -45,7 +46,8 @@ def test_greedy_matches_hf_generate_one_by_one(arch, mode):
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 0.9)])
 def test_logprobs_equal_teacher_forcing(arch, temperature, top_k, top_p, mode):
     model, prompts = tiny_model(arch), prompts_for()
-    r = generate(model, prompts, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, seed=3, eos_token_id=[5, 6, 7, 8], **mode)
+    r = generate(model, prompts, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, seed=3,
+                 eos_token_id=[5, 6, 7, 8], **mode)
     for i, p in enumerate(prompts):
         n = r.lengths[i].item()
         resp = r.tokens[i, :n]
@@ -253,7 +255,8 @@ def test_attention_folds_query_groups_exactly_with_and_without_sdpa(T):
     K, V = cache[:, :, :S], cache.flip(0)[:, :, :S]  # views of a larger cache, as the engine attends
     mask = torch.rand(B, 1, T, S, generator=g) > 0.3
     mask[..., 0] = True  # every query sees a key
-    Kr, Vr = K.repeat_interleave(H // Hkv, 1), V.repeat_interleave(H // Hkv, 1)  # head h reads K/V head h // g, as HF's repeat_kv
+    # head h reads K/V head h // g, as HF's repeat_kv
+    Kr, Vr = K.repeat_interleave(H // Hkv, 1), V.repeat_interleave(H // Hkv, 1)
     want = ((q @ Kr.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf")).softmax(-1)) @ Vr
     for sdpa in (False, True):
         torch.testing.assert_close(kvcache._attention(q, K, V, mask, 0.3, sdpa), want, atol=1e-5, rtol=0)
@@ -264,7 +267,8 @@ def test_the_fused_attention_path_matches_hf_generate(arch):
     """CUDA's attention call (SDPA on the folded groups, the sliding window's mask included) run on CPU with static
     shapes (attention="sdpa"): greedy decoding equals HF generate token for token."""
     model, prompts = tiny_model(arch), prompts_for()
-    r = generate(model, prompts, max_new_tokens=12, temperature=0, pack=False, static=True, sync_every=3, attention="sdpa")
+    r = generate(model, prompts, max_new_tokens=12, temperature=0, pack=False, static=True, sync_every=3,
+                 attention="sdpa")
     for i, p in enumerate(prompts):
         assert r.tokens[i].tolist() == hf_greedy(model, p, 12)
 
@@ -293,7 +297,8 @@ def test_a_row_that_ended_runs_on_inside_the_span_beside_younger_rows(mode, monk
     whole = generate(model, prompts, **kw)
     spans_cover_every_row_that_runs(monkeypatch)
     r = generate(model, prompts, max_batch=9, **kw)
-    assert r.lengths[:9].tolist() == [5] * 8 + [8] and torch.equal(r.tokens, whole.tokens) and torch.equal(r.lengths, whole.lengths)
+    assert (r.lengths[:9].tolist() == [5] * 8 + [8] and torch.equal(r.tokens, whole.tokens)
+            and torch.equal(r.lengths, whole.lengths))
 
 
 def test_a_batch_that_ends_at_once_is_refilled_without_the_old_rows_slots(mode):
@@ -308,7 +313,8 @@ def test_a_batch_that_ends_at_once_is_refilled_without_the_old_rows_slots(mode):
     torch.testing.assert_close(r.logprobs, whole.logprobs, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("arch,rows", [("llama", 3), ("qwen3", 3), ("gemma3_text", 3), ("llama", 9), ("gemma3_text", 9)])
+@pytest.mark.parametrize("arch,rows", [("llama", 3), ("qwen3", 3), ("gemma3_text", 3), ("llama", 9),
+                                       ("gemma3_text", 9)])
 def test_continuous_batching_refills_rows_and_samples_what_one_batch_samples(arch, rows, mode, monkeypatch):
     """3 or 9 rows for 22 prompts of different lengths: a row that finishes takes the next waiting prompt,
     prefilled into it while the other rows decode on (rows at different steps; a shorter prompt ends where the
@@ -317,14 +323,16 @@ def test_continuous_batching_refills_rows_and_samples_what_one_batch_samples(arc
     model, g = tiny_model(arch), torch.Generator().manual_seed(9)
     prompts = [torch.randint(10, 97, (n,), generator=g).tolist() for n in (4, 11, 2, 7, 9, 3, 12, 5, 8, 6, 10) * 2]
     free = generate(model, prompts, max_new_tokens=14, seed=5, **mode).tokens
-    kw = dict(max_new_tokens=14, seed=5, eos_token_id=sorted({free[0, 2].item(), free[1, 6].item(), free[3, 9].item()}), **mode)
+    kw = dict(max_new_tokens=14, seed=5, eos_token_id=sorted({free[0, 2].item(), free[1, 6].item(), free[3, 9].item()}),
+              **mode)
     whole = generate(model, prompts, **kw)  # rows end at different steps
     live, real = [], decode._admit
     monkeypatch.setattr(decode, "_admit", lambda d, *a: live.append(int(d.s.alive.sum())) or real(d, *a))
     spans_cover_every_row_that_runs(monkeypatch)
     r = generate(model, prompts, max_batch=rows, **kw)  # 9 rows: an ended row may stay among live ones (no compaction)
     assert len(live) > 3 and max(live) > 0  # prompts entered while other rows were decoding
-    assert torch.equal(r.tokens, whole.tokens) and torch.equal(r.lengths, whole.lengths) and torch.equal(r.finished, whole.finished)
+    assert (torch.equal(r.tokens, whole.tokens) and torch.equal(r.lengths, whole.lengths)
+            and torch.equal(r.finished, whole.finished))
     torch.testing.assert_close(r.logprobs, whole.logprobs, atol=1e-4, rtol=0)  # other batch shapes: float32 rounding
     assert len(set(r.lengths.tolist())) > 2 and r.finished.any()
     for i, p in enumerate(prompts):
@@ -343,7 +351,8 @@ def test_a_kept_decoder_serves_later_calls_on_the_same_buffers_with_nothing_call
     monkeypatch.setattr(graphs, "COMPILE", dict(dynamic=False, fullgraph=True, backend=counter))
     model, kw = tiny_model("qwen3"), dict(temperature=0, pack=False, static=True, sync_every=3, compile=True)
     first = generate(model, prompts_for(1), max_new_tokens=12, **kw)
-    cache, frames = [x.data_ptr() for kv in next(reversed(decode._DECODERS.values())).cache for x in kv], counter.frame_count
+    cache, frames = ([x.data_ptr() for kv in next(reversed(decode._DECODERS.values())).cache for x in kv],
+                     counter.frame_count)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (4, 6, 10, 2, 8)]
     r = generate(model, prompts, max_new_tokens=9, **kw)
@@ -387,6 +396,7 @@ def test_the_compiled_step_matches_hf_generate():
         assert r.tokens[i].tolist() == hf_greedy(model, p, 10)
     again = generate(model, prompts, temperature=0, **kw)
     assert r.setup_s > 0 and again.setup_s == 0 and torch.equal(again.tokens, r.tokens)
-    sampled, eager = generate(model, prompts, seed=2, **kw), generate(model, prompts, max_new_tokens=10, seed=2, pack=False)
+    sampled, eager = (generate(model, prompts, seed=2, **kw),
+                      generate(model, prompts, max_new_tokens=10, seed=2, pack=False))
     assert torch.equal(sampled.tokens, eager.tokens)
     torch.testing.assert_close(sampled.logprobs, eager.logprobs, atol=1e-4, rtol=0)

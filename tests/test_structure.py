@@ -3,14 +3,16 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ["cli", "hardware", "stats", "problems", "models", "decompose", "policy", "sampling", "kvcache", "graphs", "decode", "rollout", "answers", "grade", "rewards", "evaluate", "entropy", "lens", "probe",
-         "distributed", "checkpoints", "loss", "advantages", "critic", "config", "update", "grpo", "results", "bupo", "experiment",
+ORDER = ["cli", "hardware", "stats", "problems", "models", "decompose", "policy", "sampling", "kvcache", "graphs",
+         "decode", "rollout", "answers", "grade", "rewards", "evaluate", "entropy", "lens", "probe", "distributed",
+         "checkpoints", "loss", "advantages", "critic", "config", "update", "grpo", "results", "bupo", "experiment",
          "bench_rollout", "bench_train", "bench"]
 
 
 def project_imports(tree):
     for node in ast.walk(tree):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) else []
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module] if isinstance(node, ast.ImportFrom) else [])
         for name in names:
             if name and name.split(".")[0] in ORDER:
                 yield node, name.split(".")[0]
@@ -41,15 +43,18 @@ def test_the_files_table_lists_the_files_in_import_order():
 def test_ci_installs_and_tests_exactly_as_the_readme_says():
     """.ci/run = README's set-up block without its last line (the main job), then README's test command."""
     setup, tests = readme_blocks()[:2]
-    ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines() if line and not line.startswith("#")]
+    ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+          if line and not line.startswith("#")]
     setup_lines = setup.strip().splitlines()
     assert setup_lines[-1] == "python experiment.py"
     for line in setup_lines[:-1]:
         assert line in ci, f".ci/run lacks the README's set-up line {line!r}"
-    assert any(line.startswith(tests.strip() + " ") or line == tests.strip() for line in ci), ".ci/run does not run the README's test command"
+    assert any(line.startswith(tests.strip() + " ") or line == tests.strip()
+               for line in ci), ".ci/run does not run the README's test command"
 
 
 def test_ci_runs_every_command_of_the_gpu_check_on_cpu():
     """.ci/run runs .ci/gpu-check --cpu, so the GPU check's flags are run on every CI run (issue 29)."""
-    ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines() if line and not line.startswith("#")]
+    ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+          if line and not line.startswith("#")]
     assert any(line.split()[-2:] == [".ci/gpu-check", "--cpu"] for line in ci)
