@@ -55,8 +55,12 @@ def test_windows_of_8_batches_decode_batch_size_rows_at_once_and_sample_what_one
     model, tok, problems = tiny_model("llama"), FakeTok(), task_problems("arithmetic", 10, 0, "test")
     one, recs_one = evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=6, batch_size=20, progress=False)
     calls, bars, real = [], [], evaluate.generate
-    monkeypatch.setattr(evaluate, "generate", lambda m, p, **kw: calls.append((kw["batch_index"], kw["max_batch"])) or
-                        bars.append([]) or real(m, p, **{**kw, "on_done": lambda n: bars[-1].append(n) or kw["on_done"](n)}))
+
+    def spy(model, prompts, **kw):  # each call's rows and max_batch, and the steps of the progress bar
+        calls.append((kw["batch_index"], kw["max_batch"]))
+        bars.append([])
+        return real(model, prompts, **{**kw, "on_done": lambda n: (bars[-1].append(n), kw["on_done"](n))})
+    monkeypatch.setattr(evaluate, "generate", spy)
     full, recs = evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=6, batch_size=2, progress=False)
     assert calls == [(list(range(16)), 2), (list(range(16, 20)), 2)]
     assert [sum(b) for b in bars] == [16, 4] and len(bars[0]) > 2  # the bar moves as rows end, not once a window
