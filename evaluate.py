@@ -202,7 +202,8 @@ def main(argv=None):
     problems = with_reward([q for name in args.data.split(",") for q in task_problems(name, args.limit or 0, 0, "test")], args.reward)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # load_model's default, and its dtype
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")} | {
-        "weights": weights_id(args.model), "device": device, "dtype": "bfloat16" if device == "cuda" else "float32", "records": 2}
+        "weights": weights_id(args.model), "device": device, "dtype": "bfloat16" if device == "cuda" else "float32",
+        "records": 2, "window": WINDOW}  # a dir of the code before windows (no window) is not mixed with this one
     # same settings: resume; others refused. The model is keyed by its weights alone (DIR, DIR/, a symlink to it, or
     # smollm2 and no --model are one model); the batch size is a setting, as the numerics of a batch depend on its shape
     with claim_run_dir(args.out, settings, resume=True, overwrite=args.overwrite, mutable=("model",)):

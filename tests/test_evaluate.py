@@ -116,6 +116,21 @@ def test_cli_resumes_the_same_evaluation_and_refuses_to_mix_another(tmp_path, mo
     assert json.load(open(tmp_path / "ev" / "config.json"))["model"] == b
 
 
+def test_cli_refuses_to_resume_an_evaluation_sampled_in_other_windows(tmp_path):
+    """The window (batches of one generate call) is part of what produced the responses: a dir of the code before
+    windows (batches sampled one call each: no "window" key) or of another window is refused by name, not mixed."""
+    args = ["--model", tiny_checkpoint(tmp_path / "a"), "--data", "arithmetic", "--limit", "3", "--k", "2",
+            "--max-new-tokens", "3", "--out", str(tmp_path / "ev")]
+    evaluate.main(args)
+    config = tmp_path / "ev" / "config.json"
+    saved = json.loads(config.read_text())
+    assert saved["window"] == evaluate.WINDOW == 8
+    del saved["window"]
+    config.write_text(json.dumps(saved))
+    with pytest.raises(InputError, match=r"other settings: window \(None there, 8 now\)"):
+        evaluate.main(args)
+
+
 def test_pass_curve_hand_computed():
     """Two problems, n = 4: 2 correct gives pass@1 0.5, pass@2 1 - C(2,2)/C(4,2) = 5/6, pass@4 1; 0 correct gives 0."""
     recs = [dict(source="s", set="s", id=0, correct=c) for c in (True, False, True, False)] + [dict(source="s", set="s", id=1, correct=False)] * 4
