@@ -7,13 +7,16 @@ is a Python number that changes between calls (the call's prompt length and toke
 are tensors), so with static shapes (CUDA) a Decoder is kept across calls and its CUDA
 graphs, one per (bucket, span), are captured once and replayed by every later GRPO step
 (graphs.py: the capture, the opt-in torch.compile of the forward, and the fallbacks). A
-call that needs more rows or slots than the kept Decoder has builds a larger one.
+call that needs more rows or slots than the kept Decoder has builds a larger one. An
+evaluation keeps its Decoders apart (kept_apart) and drops them at its end: the training
+rollout's, and their graphs, live on from step to step.
 
 Continuous batching: at the host's checks, rows that ended hand their outputs over
 (_harvest), the live rows move to the front (_compact) and waiting prompts are prefilled
 into the freed rows (_admit); every row draws its own prompt's uniforms, so a prompt's
 tokens do not depend on the batch it runs in.
 """
+import contextlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ from graphs import Steps
 from sampling import sample
 
 SPAN = 128  # static shapes attend the cache in spans of this many slots: one CUDA graph per (bucket, span)
-KEEP = 2  # Decoders (and sampling copies) kept across calls, the most recent first: a GRPO step's rollout and its evaluation
+KEEP = 2  # Decoders (and sampling copies) kept across calls, the most recent first (evaluations keep theirs apart)
 
 
 @dataclass
@@ -138,6 +141,21 @@ def sampling_copy(model, dtype):
     return copy
 
 
+@contextlib.contextmanager
+def kept_apart():
+    """A block that owns its Decoders: those it builds are kept for its calls (an evaluation's windows) and dropped at
+    its end, memory for training; those kept before (the training rollout's, with their CUDA graphs) are neither used
+    nor dropped. Sampling copies stay shared: refreshed in place from the model, they hold what a new copy would."""
+    global _DECODERS
+    outer, _DECODERS = _DECODERS, OrderedDict()
+    try:
+        yield
+    finally:
+        _DECODERS = outer
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def release():
     """Drop every kept Decoder and sampling copy (their KV caches, graphs and weights): memory for other work."""
     _DECODERS.clear()
@@ -161,12 +179,13 @@ def _span(filled, S, static):
 
 def _harvest(s, out, none):
     """Copy the outputs of the rows that ended to out (tokens, logprobs, lengths, finished by prompt); their rows
-    are free from then on (rows = none)."""
+    are free from then on (rows = none). Returns how many ended."""
     ended = ((s.rows != none) & ~s.alive).nonzero()[:, 0]
     p, n = s.rows[ended], out[0].shape[1]
     for o, x in zip(out, (s.tokens[:, :n], s.logprobs[:, :n], s.lengths, s.finished)):
         o[p] = x[ended]
     s.rows[ended] = none
+    return len(ended)
 
 
 def _compact(s, cache, b, filled):
@@ -192,9 +211,10 @@ def _admit(d, rows, first, prompts, u, pad):
     return padded
 
 
-def decode(d, prompts, u, pad, sync_every, max_rows):
+def decode(d, prompts, u, pad, sync_every, max_rows, on_done=lambda m: None):
     """Sample every prompt on Decoder d, up to max_rows (0: all) at a time; u (n, len(prompts)): each step's uniform
-    draw of each prompt. Returns (tokens, logprobs, lengths, finished) by prompt.
+    draw of each prompt. Returns (tokens, logprobs, lengths, finished) by prompt; on_done(m) hears of the m prompts
+    that ended each time the host moves them out (a progress bar's steps).
 
     One static step per token; the host reads the device every sync_every steps (static shapes, else every
     step), to stop, to move finished rows out (once the bucket can shrink, or 1/8 of the rows ended) and to
@@ -218,7 +238,7 @@ def decode(d, prompts, u, pad, sync_every, max_rows):
             refill = admit > 0 and (admit == n_prompts - waiting or admit * 8 >= B)
             moved = n < b and (refill or (_bucket(n, B, d.static) < b if d.static else (b - n) * 8 >= b))
             if moved:
-                _harvest(s, out, n_prompts)
+                on_done(_harvest(s, out, n_prompts))
                 _compact(s, d.cache, b, P + t_all)
                 t_max = t_live  # only the live rows stay, at [:n]; the bucket's other rows restart at t = 0
             if refill:  # rows at different steps from now on, unless none is live
@@ -233,5 +253,5 @@ def decode(d, prompts, u, pad, sync_every, max_rows):
         span = _span(P + t_max, d.S, d.static)
         d.steps.run((b, span, d.opts["masked"]), lambda fwd: _step(fwd, d.model, d.packed, d.cache, s, b, span, d.opts))
         step, t_max = step + 1, t_max + 1
-    _harvest(s, out, n_prompts)
+    on_done(_harvest(s, out, n_prompts))
     return out

@@ -26,7 +26,10 @@ from models import EMBEDDED, load_model, model_config, weights_id
 from rewards import REWARDS, final_answer, problem_reward
 from problems import TASKS, prompt_ids, task_problems, with_reward
 from stats import markdown_table
+from decode import kept_apart
 from rollout import configure, generate
+
+WINDOW = 8  # batches of rows in a window: one generate call, sampled (and resumed) whole
 
 # ----------------------------------------------------------------------------- benchmarks
 
@@ -92,21 +95,28 @@ def parse_k(text):
 
 
 def evaluate(model, tokenizer, problems, k=1, max_new_tokens=1024, temperature=1.0, top_p=1.0,
-             batch_size=64, seed=0, done=None, on_record=None, progress=True, dtype=None, max_prompt_length=0):
+             batch_size=64, seed=0, done=None, on_record=None, progress=True, dtype=None, max_prompt_length=0,
+             window=WINDOW):
     """Sample k answers per problem with rollout.generate, grade them; returns (summary, records).
 
     k: an int, or {set name: K} (a K per set, 1 for a set it does not name). Each answer is
     graded by its problem's grader (rewards.problem_reward). max_prompt_length: keep a longer
     prompt's last tokens (problems.prompt_ids, verl's left truncation).
 
+    batch_size: rows decoded at once, as the training rollouts' --rollout-batch (generate's
+    max_batch: a row that ends takes the next waiting one, continuous batching). The rows
+    are taken in windows of window x batch_size (default 8 batches), each window one
+    generate call; its Decoders are kept for the next window (decode.kept_apart) and
+    dropped at the end, the training rollout's left as they were.
+
     done: records already graded (resume; the same settings are the caller's duty, see
     main); on_record(record) is called for each new one. Sample j of problem i is row
     i*k+j of one batch sampled with `seed` (rollout.generate's batch_index): its random
     draws depend neither on batch_size nor on what was done before. Its logits may: a
     batch of another shape or other rows sums in another order (BLAS blocking), and a
-    rounding step can flip a draw. So the batches are rows [b, b + batch_size) whatever
-    is done, a batch with any row to do is sampled whole (its new rows kept), and a
-    resumed evaluation samples exactly what an uninterrupted one with the same
+    rounding step can flip a draw. So the windows are rows [w, w + window x batch_size)
+    whatever is done, a window with any row to do is sampled whole (its new rows kept),
+    and a resumed evaluation samples exactly what an uninterrupted one with the same
     batch_size would (main keys a run on it). dtype: sample with a copy of the weights in
     this dtype (rollout.generate's), e.g. bf16 as the training rollouts do.
     """
@@ -114,27 +124,30 @@ def evaluate(model, tokenizer, problems, k=1, max_new_tokens=1024, temperature=1
     have = {(r["set"], r["id"], r["sample"]) for r in records}
     rows = [(p, j) for p in problems for j in range(k if isinstance(k, int) else k.get(p["set"], 1))]
     todo = {i for i, (p, j) in enumerate(rows) if (p["set"], p["id"], j) not in have}
-    bar = tqdm(total=len(todo), desc="evaluate", disable=not progress)
-    for b in range(0, len(rows), batch_size):
-        chunk = list(range(b, min(b + batch_size, len(rows))))  # the uninterrupted run's batch, whole, so its numerics too
-        if not todo.intersection(chunk):
-            continue
-        out = generate(model, prompt_ids(tokenizer, [rows[i][0] for i in chunk], max_prompt_length), max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, seed=seed, batch_index=chunk, batch_rows=len(rows), dtype=dtype)
-        for i, toks, n in zip(chunk, out.tokens.tolist(), out.lengths.tolist()):
-            if i not in todo:
-                continue
-            p, j = rows[i]
-            text = tokenizer.decode(toks[:n], skip_special_tokens=True)
-            rec = dict(source=p["source"], set=p["set"], id=p["id"], sample=j, response=text, pred=final_answer(text, p),
-                       gold=p["answer"], correct=bool(problem_reward(text, p)), length=n, grader=p.get("grader", "math"))
-            records.append(rec)
-            if on_record:
-                on_record(rec)
-            bar.update(1)
+    size = window * batch_size
+    windows = [list(range(b, min(b + size, len(rows)))) for b in range(0, len(rows), size)]
+    windows = [w for w in windows if todo.intersection(w)]  # the uninterrupted run's windows, whole: their numerics too
+    bar = tqdm(total=sum(map(len, windows)), desc="evaluate", unit="row", disable=not progress)  # rows sampled
+    with kept_apart():
+        for chunk in windows:
+            out = generate(model, prompt_ids(tokenizer, [rows[i][0] for i in chunk], max_prompt_length),
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seed=seed,
+                           batch_index=chunk, batch_rows=len(rows), max_batch=batch_size, dtype=dtype,
+                           on_done=bar.update)
+            for i, toks, n in zip(chunk, out.tokens.tolist(), out.lengths.tolist()):
+                if i in todo:
+                    records.append(graded(*rows[i], tokenizer.decode(toks[:n], skip_special_tokens=True), n))
+                    if on_record:
+                        on_record(records[-1])
     bar.close()
     return summarize(records, k if isinstance(k, int) else None), records
+
+
+def graded(p, j, text, n):
+    """The record of sample j of problem p: its response text (n tokens), answer and grade (the problem's grader)."""
+    return dict(source=p["source"], set=p["set"], id=p["id"], sample=j, response=text, pred=final_answer(text, p),
+                gold=p["answer"], correct=bool(problem_reward(text, p)), length=n, grader=p.get("grader", "math"))
 
 
 def benchmark_table(summary, columns):
@@ -162,8 +175,10 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=1024, help="response length limit")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences sampled together; their random draws do not depend on it, "
-                   "but the kernels' rounding does, so a resumed evaluation must keep it")
+    p.add_argument("--batch-size", type=int, default=64, help="rows decoded at once (continuous batching, as "
+                   f"--rollout-batch in training); rows are sampled in windows of {WINDOW} x this, the unit a resume "
+                   "samples whole. The random draws do not depend on it, but the kernels' rounding does, so a resumed "
+                   "evaluation must keep it")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", default="runs/evaluate", help="output dir: responses.jsonl, summary.json, summary.md; "
                    "rerun with the same settings to resume")
@@ -187,7 +202,8 @@ def main(argv=None):
     problems = with_reward([q for name in args.data.split(",") for q in task_problems(name, args.limit or 0, 0, "test")], args.reward)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # load_model's default, and its dtype
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")} | {
-        "weights": weights_id(args.model), "device": device, "dtype": "bfloat16" if device == "cuda" else "float32", "records": 2}
+        "weights": weights_id(args.model), "device": device, "dtype": "bfloat16" if device == "cuda" else "float32",
+        "records": 2, "window": WINDOW}  # a dir of the code before windows (no window) is not mixed with this one
     # same settings: resume; others refused. The model is keyed by its weights alone (DIR, DIR/, a symlink to it, or
     # smollm2 and no --model are one model); the batch size is a setting, as the numerics of a batch depend on its shape
     with claim_run_dir(args.out, settings, resume=True, overwrite=args.overwrite, mutable=("model",)):

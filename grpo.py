@@ -36,7 +36,6 @@ from checkpoints import (StopRequest, check_resume, clear_divergence, load_check
 from cli import Diverged, Stopped, check, claim_run_dir, parse_config, run_main, write_jsonl
 from config import PRESETS, GRPOConfig, check_config, preset_help, resume_safe
 from critic import critic_update, critic_values, make_critic
-from decode import release
 from models import load_model, model_config
 from evaluate import evaluate, parse_k, pass_curve, summarize
 from hardware import clock
@@ -117,7 +116,9 @@ def run_eval(runner, tok, cfg, d, sampled=False):
     cfg.eval_samples_limit questions, giving Avg@K and the unbiased Pass@K curve
     ("sampled/<set>/avg@K", "sampled/<set>/pass@j", "sampled/avg/..."). The answers are
     sampled as the rollouts are, with --rollout-dtype's copy of the weights (bf16 in the
-    CPU preset: 2x faster; a start, GRPO and BuPO are all measured so).
+    CPU preset: 2x faster; a start, GRPO and BuPO are all measured so), --rollout-batch
+    rows decoded at once (256 for 0) with continuous batching; evaluate keeps its Decoders
+    apart, so the rollout's and their CUDA graphs live on.
     """
     names = cfg.eval_data.split(",")
     limit, temperature = (cfg.eval_samples_limit or cfg.eval_limit, 1.0) if sampled else (cfg.eval_limit, 0.0)
@@ -128,7 +129,6 @@ def run_eval(runner, tok, cfg, d, sampled=False):
                               temperature=temperature, batch_size=cfg.rollout_batch or 256, progress=False, seed=cfg.seed,
                               dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None,
                               max_prompt_length=cfg.max_prompt_length)
-    release()  # the evaluation's buffers (kept on CUDA) are not the rollout's: their memory goes back to training
     records = distributed.gather_lists(records)
     if not sampled:
         out = {f"eval/{src}": s["avg@1"] for src, s in sorted(summarize(records, 1).items())}

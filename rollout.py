@@ -80,7 +80,7 @@ def configure(compile=False, attention=""):
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=0,
              seed=None, dtype=None, batch_index=None, batch_rows=None, max_batch=0, static=None, graphs=None, compile=None,
-             attention=None, pack=True, sync_every=8):
+             attention=None, pack=True, sync_every=8, on_done=None):
     """Sample a response for each prompt (a list of token-id lists of any lengths).
 
     dtype: sample with a copy of the weights in dtype (e.g. torch.bfloat16) while the
@@ -92,7 +92,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     batch_index[i]), so a batch split across processes samples what one process would.
     max_batch: decode at most this many prompts at a time (0 = all at once), which bounds
     the KV cache; a row that finishes takes the next waiting prompt (continuous batching),
-    and by the same per-row draws the tokens do not depend on it.
+    and by the same per-row draws the tokens do not depend on it. on_done(m): told each
+    time the host moves m finished prompts out (a progress bar's update).
     static: run the decode step with static shapes, the live rows padded to a bucket and
     the cache attended over spans of decode.SPAN slots, the host checking for stops every
     sync_every steps (the default on CUDA, and with compile or graphs); its buffers (and graphs) are kept for the next
@@ -128,7 +129,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     P, B = max(map(len, prompts)), min(max_batch or len(prompts), len(prompts))
     d = decoder(model, B, P + N, N, opts, static, graphs, compile)
     d.packed, setup = pack_linears(model) if pack and not compile else {}, d.steps.setup_s
-    out = decode(d, prompts, u[:, index.to(dev)], pad_token_id, sync_every, max_batch)
+    out = decode(d, prompts, u[:, index.to(dev)], pad_token_id, sync_every, max_batch, on_done or (lambda m: None))
     return Rollout(*out, setup_s=d.steps.setup_s - setup, mode=d.steps.mode)
 
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+import decode
 import evaluate
 from cli import InputError
 from conftest import FakeTok, tiny_model
@@ -32,18 +33,58 @@ def test_pass_at_k_needs_k_samples():
 def test_evaluate_resumes_where_it_stopped():
     """Records already graded are kept, only the rest is sampled, and the result equals one uninterrupted call."""
     model, tok, problems = tiny_model("llama"), FakeTok(), task_problems("arithmetic", 6, 0, "test")
-    full, recs = evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=5, batch_size=4, progress=False)
+    full, recs = evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=5, batch_size=4, progress=False, window=1)
     calls = []
     real = evaluate.generate
     evaluate.generate = lambda m, prompts, **kw: calls.append(len(prompts)) or real(m, prompts, **kw)
     try:
-        again, recs2 = evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=5, batch_size=4, progress=False, done=recs[:7])
+        again, recs2 = evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=5, batch_size=4, progress=False, done=recs[:7],
+                                         window=1)
     finally:
         evaluate.generate = real
-    assert sum(calls) == 12 - 4 and again == full  # the batch of rows 4..7 is sampled whole (row 7 kept), then rows 8..11
+    assert sum(calls) == 12 - 4 and again == full  # the window of rows 4..7 is sampled whole (row 7 kept), then rows 8..11
     key = lambda r: (r["id"], r["sample"])
     assert sorted((key(r), r["response"]) for r in recs2) == sorted((key(r), r["response"]) for r in recs)  # the same samples
     assert len({r["response"] for r in recs}) > 6  # sampled at temperature 1: a different draw would show
+
+
+def test_windows_of_8_batches_decode_batch_size_rows_at_once_and_sample_what_one_batch_samples(monkeypatch):
+    """20 rows in batches of 2: windows of 16 rows (8 batches), each one generate call decoding 2 rows at a time
+    (continuous batching, as the training rollouts); each row samples what it samples in one batch of all 20 (per-row
+    draws), a resume samples only the window with rows left, whole, and the progress bar counts every row sampled."""
+    model, tok, problems = tiny_model("llama"), FakeTok(), task_problems("arithmetic", 10, 0, "test")
+    one, recs_one = evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=6, batch_size=20, progress=False)
+    calls, bars, real = [], [], evaluate.generate
+
+    def spy(model, prompts, **kw):  # each call's rows and max_batch, and the steps of the progress bar
+        calls.append((kw["batch_index"], kw["max_batch"]))
+        bars.append([])
+        return real(model, prompts, **{**kw, "on_done": lambda n: (bars[-1].append(n), kw["on_done"](n))})
+    monkeypatch.setattr(evaluate, "generate", spy)
+    full, recs = evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=6, batch_size=2, progress=False)
+    assert calls == [(list(range(16)), 2), (list(range(16, 20)), 2)]
+    assert [sum(b) for b in bars] == [16, 4] and len(bars[0]) > 2  # the bar moves as rows end, not once a window
+    assert full == one and [r["response"] for r in recs] == [r["response"] for r in recs_one]
+    assert len({r["response"] for r in recs}) > 10  # sampled at temperature 1: a different draw would show
+    calls.clear()
+    again, recs2 = evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=6, batch_size=2, progress=False, done=recs[:17])
+    assert calls == [(list(range(16, 20)), 2)] and again == full and recs2 == recs  # rows 16..19, row 16 sampled, not kept
+
+
+def test_an_evaluation_keeps_its_decoders_apart_and_leaves_none_kept(monkeypatch):
+    """With static shapes (CUDA's path, run eagerly here) Decoders are kept across calls. The training rollout's, of the
+    same sampling setting as the evaluation, is neither used nor dropped by it (its CUDA graphs stay valid); the
+    evaluation's 4 windows share one Decoder of their own, and it is not left kept after."""
+    model, tok, problems = tiny_model("llama"), FakeTok(), task_problems("arithmetic", 4, 0, "test")
+    decode.release()
+    real = evaluate.generate
+    real(model, [[5, 6, 7]] * 3, max_new_tokens=4, eos_token_id=2, static=True, sync_every=3)  # the rollout's
+    kept, built, make = list(decode._DECODERS.items()), [], decode.Decoder
+    monkeypatch.setattr(decode, "Decoder", lambda *a: built.append(a[1:4]) or make(*a))
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **kw: real(*a, **{**kw, "static": True, "sync_every": 3}))
+    evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=5, batch_size=2, window=1, progress=False)
+    assert len(kept) == 1 and list(decode._DECODERS.items()) == kept and built == [(2, 128, 5)]
+    decode.release()
 
 
 def tiny_checkpoint(path, seed=0):
@@ -73,6 +114,21 @@ def test_cli_resumes_the_same_evaluation_and_refuses_to_mix_another(tmp_path, mo
     monkeypatch.undo()
     evaluate.main(args[:1] + [b] + args[2:] + ["--overwrite"])
     assert json.load(open(tmp_path / "ev" / "config.json"))["model"] == b
+
+
+def test_cli_refuses_to_resume_an_evaluation_sampled_in_other_windows(tmp_path):
+    """The window (batches of one generate call) is part of what produced the responses: a dir of the code before
+    windows (batches sampled one call each: no "window" key) or of another window is refused by name, not mixed."""
+    args = ["--model", tiny_checkpoint(tmp_path / "a"), "--data", "arithmetic", "--limit", "3", "--k", "2",
+            "--max-new-tokens", "3", "--out", str(tmp_path / "ev")]
+    evaluate.main(args)
+    config = tmp_path / "ev" / "config.json"
+    saved = json.loads(config.read_text())
+    assert saved["window"] == evaluate.WINDOW == 8
+    del saved["window"]
+    config.write_text(json.dumps(saved))
+    with pytest.raises(InputError, match=r"other settings: window \(None there, 8 now\)"):
+        evaluate.main(args)
 
 
 def test_pass_curve_hand_computed():

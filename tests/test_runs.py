@@ -233,8 +233,8 @@ def test_5_an_evaluation_resumes_under_another_spelling_of_its_model(tmp_path, c
 
 def test_6_a_resumed_evaluation_keeps_its_batch_size_and_samples_what_an_uninterrupted_one_does(tmp_path, capsys):
     """48 samples in batches of 8, the last record cut: resuming with 3 is refused by name (the numerics of a batch
-    depend on its shape); resuming with 8, as advised, samples the last batch whole again and gives exactly the
-    uninterrupted run's records."""
+    depend on its shape); resuming with 8, as advised, samples the last window (8 batches of 8: all 48 rows) whole
+    again and gives exactly the uninterrupted run's records."""
     model = tiny_checkpoint(tmp_path / "m")
     out = tmp_path / "ev"
     args = ["--model", model, "--data", "arithmetic", "--limit", "6", "--k", "8", "--max-new-tokens", "12", "--out", str(out)]
