@@ -69,8 +69,10 @@ def _step(fwd, model, packed, cache, s, b, span, opts):
     compiled or not), sample its token t (never compiled: sampling.py's scan over the vocabulary stays eager)."""
     slot = s.t[:b] + (s.P - 1)  # (b,)
     mask = None
-    if opts["masked"]:  # padding, rows at different steps, or slots beyond the filled ones (static shapes attend a fixed span)
-        mask = (s.key_ok[:b, :span] & (torch.arange(span, device=slot.device) <= slot[:, None]))[:, None, None]  # (b, 1, 1, span)
+    # padding, rows at different steps, or slots beyond the filled ones (static shapes attend a fixed span)
+    if opts["masked"]:
+        mask = (s.key_ok[:b, :span]
+                & (torch.arange(span, device=slot.device) <= slot[:, None]))[:, None, None]  # (b, 1, 1, span)
     logits = fwd(model, s.tok[:b, None], s.pos[:b, None], cache, slot[:, None], span, mask, packed, opts["sdpa"])
     _record(s, slice(0, b), logits, opts)
     s.pos[:b] += 1
@@ -84,13 +86,16 @@ class Decoder:
         dev, a, long = model.device, model.model.layers[0].self_attn, dict(dtype=torch.long, device=model.device)
         self.model, self.B, self.S, self.n, self.static, self.weights = model, B, S, n, static, _addresses(model)
         shape = (B, model.config.num_key_value_heads, S, a.head_dim)
-        self.cache = [tuple(torch.zeros(shape, dtype=model.dtype, device=dev) for _ in "KV")  # zeros: a masked slot weighs 0,
-                      for _ in model.model.layers]                                            # and 0 * NaN of uninitialized memory is NaN
+        # zeros: a masked slot weighs 0, and 0 * NaN of uninitialized memory is NaN
+        self.cache = [tuple(torch.zeros(shape, dtype=model.dtype, device=dev) for _ in "KV")
+                      for _ in model.model.layers]
         self.s = State(rows=torch.zeros(B, **long), tok=torch.zeros(B, **long), pos=torch.zeros(B, **long),
-                       alive=torch.zeros(B, dtype=torch.bool, device=dev), key_ok=torch.ones(B, S, dtype=torch.bool, device=dev),
+                       alive=torch.zeros(B, dtype=torch.bool, device=dev),
+                       key_ok=torch.ones(B, S, dtype=torch.bool, device=dev),
                        t=torch.zeros(B, **long), u=torch.zeros(B, n, device=dev), tokens=torch.zeros(B, n, **long),
                        logprobs=torch.zeros(B, n, device=dev), lengths=torch.zeros(B, **long),
-                       finished=torch.zeros(B, dtype=torch.bool, device=dev), P=torch.zeros((), **long), N=torch.zeros((), **long))
+                       finished=torch.zeros(B, dtype=torch.bool, device=dev), P=torch.zeros((), **long),
+                       N=torch.zeros((), **long))
         self.opts = {**opts, "index": torch.arange(B, device=dev), "masked": static}
         self.steps = Steps(self.s, forward, graphs, compile)
 
@@ -115,9 +120,11 @@ def decoder(model, B, S, n, opts, static, graphs, compile):
     when it is large enough, else a new one (kept in its place, at least as large); without, a new one per call."""
     if not static:
         return Decoder(model, B, S, n, opts, static, graphs, compile)
-    key = (id(model), opts["temperature"], opts["top_k"], opts["top_p"], tuple(opts["eos"].tolist()), opts["sdpa"], graphs, compile)
+    key = (id(model), opts["temperature"], opts["top_k"], opts["top_p"], tuple(opts["eos"].tolist()), opts["sdpa"],
+           graphs, compile)
     d = _DECODERS.pop(key, None)
-    # the same model with its weights where they were (FSDP's gathered weights, say, may move: a graph would read the old place)
+    # the same model with its weights where they were (FSDP's gathered weights, say, may move: a graph would read
+    # the old place)
     same = d is not None and d.model is model and d.weights == _addresses(model)
     if not (same and d.B >= B and d.S >= S and d.n >= n):
         if same:
@@ -202,11 +209,12 @@ def _admit(d, rows, first, prompts, u, pad):
     """Prefill prompts first, first+1, ... into the free rows `rows` (a slice), each ending at slot P-1, and sample
     their token 0 with their uniforms u (len(prompts), n). Returns whether any of their slots is padding."""
     s, P = d.s, int(d.s.P)
-    logits, next_pos, padded = prefill(d.model, prompts, [(K[rows], V[rows]) for K, V in d.cache], s.key_ok[rows], P, pad, d.packed,
-                                       d.opts["sdpa"])
+    logits, next_pos, padded = prefill(d.model, prompts, [(K[rows], V[rows]) for K, V in d.cache], s.key_ok[rows], P,
+                                       pad, d.packed, d.opts["sdpa"])
     s.rows[rows] = torch.arange(first, first + len(prompts), device=s.rows.device)
     s.pos[rows], s.alive[rows], s.t[rows] = next_pos, True, 0
-    s.u[rows, :u.shape[1]], s.tokens[rows], s.logprobs[rows], s.lengths[rows], s.finished[rows] = u, pad, 0.0, s.N, False
+    s.u[rows, :u.shape[1]], s.tokens[rows], s.logprobs[rows], s.lengths[rows], s.finished[rows] = (
+        u, pad, 0.0, s.N, False)
     _record(s, rows, logits, d.opts)
     return padded
 
@@ -222,7 +230,8 @@ def decode(d, prompts, u, pad, sync_every, max_rows, on_done=lambda m: None):
     s, (N, n_prompts), dev = d.s, u.shape, d.model.device
     B, P = min(max_rows or n_prompts, n_prompts), max(map(len, prompts))
     out = (torch.full((n_prompts, N), pad, dtype=torch.long, device=dev), torch.zeros(n_prompts, N, device=dev),
-           torch.full((n_prompts,), N, dtype=torch.long, device=dev), torch.zeros(n_prompts, dtype=torch.bool, device=dev))
+           torch.full((n_prompts,), N, dtype=torch.long, device=dev),
+           torch.zeros(n_prompts, dtype=torch.bool, device=dev))
     s.rows.fill_(n_prompts)
     s.alive.fill_(False)
     s.P.fill_(P)
@@ -232,7 +241,8 @@ def decode(d, prompts, u, pad, sync_every, max_rows, on_done=lambda m: None):
     every = sync_every if d.static else 1
     while True:
         if step % every == 0:  # the host's only reads of the device
-            n, t_all, t_live = torch.stack([s.alive[:b].sum(), s.t[:b].max(), (s.t[:b] * s.alive[:b]).max()]).tolist() if b else (0,) * 3
+            n, t_all, t_live = (torch.stack([s.alive[:b].sum(), s.t[:b].max(), (s.t[:b] * s.alive[:b]).max()]).tolist()
+                                if b else (0,) * 3)
             t_max = t_all  # the furthest row of [:b]: rows that ended run too, until a compaction drops them
             admit = min(B - n, n_prompts - waiting)
             refill = admit > 0 and (admit == n_prompts - waiting or admit * 8 >= B)

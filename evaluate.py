@@ -11,7 +11,8 @@ grade, resumes an interrupted evaluation, and refuses to mix responses of other 
 
     python evaluate.py --data math500,amc23,aime24,aime25 --limit 8 --k 4
     python evaluate.py --data arithmetic --limit 100 --k 4 --max-new-tokens 64
-    python evaluate.py --model CKPT --k aime24=32,aime25=32,amc23=16,math500=16 --reward verl --max-new-tokens 8192   # Table 1
+    python evaluate.py --model CKPT --k aime24=32,aime25=32,amc23=16,math500=16 --reward verl
+        --max-new-tokens 8192   # Table 1
 """
 import argparse
 import json
@@ -79,14 +80,17 @@ def pass_curve(records, n=None):
     for src, probs in by.items():
         m = len(next(iter(probs.values()))) if n is None else n
         out[src] = {f"avg@{m}": 100 * sum(sum(v) / len(v) for v in probs.values()) / len(probs)}
-        out[src] |= {f"pass@{k}": 100 * sum(pass_at_k(len(v), sum(v), k) for v in probs.values()) / len(probs) for k in pass_ks(m)}
+        out[src] |= {f"pass@{k}": 100 * sum(pass_at_k(len(v), sum(v), k) for v in probs.values()) / len(probs)
+                     for k in pass_ks(m)}
     return out
 
 
 def parse_k(text):
-    """--k: "16" (every set) or "aime24=32,aime25=32,amc23=16,math500=16" (a K per set; other sets 1): an int or a dict."""
+    """--k: "16" (every set) or "aime24=32,aime25=32,amc23=16,math500=16" (a K per set; other sets 1):
+    an int or a dict."""
     try:
-        k = int(text) if "=" not in text else {name.strip(): int(v) for name, v in (kv.split("=") for kv in text.split(","))}
+        k = (int(text) if "=" not in text
+             else {name.strip(): int(v) for name, v in (kv.split("=") for kv in text.split(","))})
     except ValueError:
         raise InputError(f"--k must be a count (16) or a K per set (aime24=32,math500=16), got '{text}'") from None
     if min([k] if isinstance(k, int) else k.values()) < 1:
@@ -163,15 +167,19 @@ def benchmark_table(summary, columns):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmark accuracy (avg@k, pass@k) of a model on math sets.")
-    p.add_argument("--model", default=None, help=f"HF checkpoint dir, hub id or short name ({', '.join(EMBEDDED)}; default: smollm2)")
-    p.add_argument("--data", default="math500,amc23,aime24,aime25", help=f"comma list of sets ({', '.join(TASKS)}) or data files (parquet, JSON, JSONL, CSV) or hub ids; "
+    p.add_argument("--model", default=None, help=f"HF checkpoint dir, hub id or short name ({', '.join(EMBEDDED)}; "
+                   "default: smollm2)")
+    p.add_argument("--data", default="math500,amc23,aime24,aime25", help=f"comma list of sets ({', '.join(TASKS)}) "
+                   "or data files (parquet, JSON, JSONL, CSV) or hub ids; "
                    "arithmetic is the held-out half of the CPU task")
     p.add_argument("--limit", type=int, default=None, help="first N problems of each set (default: all)")
     p.add_argument("--k", default="1", help="samples per problem: a count, or a K per set (the paper's Table 1: "
                    "aime24=32,aime25=32,amc23=16,math500=16; its Pass@K curve: 300)")
-    p.add_argument("--reward", default="math", choices=REWARDS, help="math: grade.py's symbolic grader; verl: the authors' "
-                   "(verl's math.compute_score); Table 9's sets are graded by option letter or exact match either way")
-    p.add_argument("--max-prompt-length", type=int, default=0, help="keep a longer prompt's last N tokens (the authors: 1024; 0 = no cap)")
+    p.add_argument("--reward", default="math", choices=REWARDS, help="math: grade.py's symbolic grader; "
+                   "verl: the authors' (verl's math.compute_score); Table 9's sets are graded by option letter "
+                   "or exact match either way")
+    p.add_argument("--max-prompt-length", type=int, default=0, help="keep a longer prompt's last N tokens "
+                   "(the authors: 1024; 0 = no cap)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="response length limit")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
@@ -183,7 +191,8 @@ def main(argv=None):
     p.add_argument("--out", default="runs/evaluate", help="output dir: responses.jsonl, summary.json, summary.md; "
                    "rerun with the same settings to resume")
     p.add_argument("--overwrite", action="store_true", help="empty --out first (it holds another evaluation)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step's forward with torch.compile (opt-in; graphs.py)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step's forward with torch.compile "
+                   "(opt-in; graphs.py)")
     p.add_argument("--attention", default="", help="sdpa or eager (default: sdpa on CUDA, eager on CPU)")
     args = p.parse_args(argv)
     configure(args.compile, args.attention)
@@ -191,15 +200,18 @@ def main(argv=None):
     check(isinstance(k, int) or set(k) <= set(args.data.split(",")),
           f"--k must name sets of --data ({args.data}) as set=K, got '{args.k}'")
     check(args.max_prompt_length >= 0, f"--max-prompt-length must be >= 0, got {args.max_prompt_length}")
-    check(args.limit is None or args.limit >= 1, f"--limit must be >= 1 (leave it out for all problems), got {args.limit}")
+    check(args.limit is None or args.limit >= 1,
+          f"--limit must be >= 1 (leave it out for all problems), got {args.limit}")
     check(args.batch_size >= 1 and args.max_new_tokens >= 1, "--batch-size and --max-new-tokens must be >= 1")
     check_seed(args.seed)
     check(math.isfinite(args.temperature) and args.temperature >= 0 and 0 < args.top_p <= 1,
           "--temperature must be a finite number >= 0 and --top-p in (0, 1]")
     n_ctx = getattr(model_config(args.model), "max_position_embeddings", None)
-    check(n_ctx is None or args.max_new_tokens < n_ctx, f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
+    check(n_ctx is None or args.max_new_tokens < n_ctx,
+          f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
           f"in the model's context of {n_ctx}; lower it")
-    problems = with_reward([q for name in args.data.split(",") for q in task_problems(name, args.limit or 0, 0, "test")], args.reward)
+    problems = with_reward([q for name in args.data.split(",")
+                            for q in task_problems(name, args.limit or 0, 0, "test")], args.reward)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # load_model's default, and its dtype
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")} | {
         "weights": weights_id(args.model), "device": device, "dtype": "bfloat16" if device == "cuda" else "float32",
@@ -212,8 +224,8 @@ def main(argv=None):
         write_jsonl(path, done)  # drop a line cut off by a killed run before appending
         model, tok = load_model(args.model)
         with open(path, "a") as f:
-            summary, _ = evaluate(model, tok, problems, k=k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  max_prompt_length=args.max_prompt_length,
+            summary, _ = evaluate(model, tok, problems, k=k, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, max_prompt_length=args.max_prompt_length,
                                   top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, done=done,
                                   on_record=lambda r: (f.write(json.dumps(r) + "\n"), f.flush()))
         table = benchmark_table(summary, [q["source"] for q in problems]) + f"\nreward: {args.reward} (rewards.py)\n"

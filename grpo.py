@@ -71,7 +71,8 @@ def train_step(trainer, problems, cfg, step, policy, d):
     # 1. the step's prompts, shuffled into mini-batches (reproducible on resume); this rank's share of each
     order = torch.randperm(cfg.prompts_per_step, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
     mine = distributed.rank_share(order, cfg.mini_batch_prompts, d.rank, d.world)  # (n / world,)
-    step_problems = epoch_problems(problems, step, cfg.prompts_per_step, mine.tolist(), cfg.seed)  # reshuffled each epoch
+    # reshuffled each epoch
+    step_problems = epoch_problems(problems, step, cfg.prompts_per_step, mine.tolist(), cfg.seed)
     # 2. sample and reward the groups
     with distributed.full_weights(runner) as model:
         batch, results = rollout_step(model, tok, step_problems, cfg, step, mine)
@@ -79,16 +80,19 @@ def train_step(trainer, problems, cfg, step, policy, d):
     tc = clock(d.device)
     if critic is not None:
         values = critic_values(critic[0], batch, cfg)  # (N, T)
-        batch.advantages, returns = gae_advantages(results["reward"], values, batch.response_mask, cfg.gamma, cfg.lam, distributed.all_sum)
+        batch.advantages, returns = gae_advantages(results["reward"], values, batch.response_mask, cfg.gamma, cfg.lam,
+                                                   distributed.all_sum)
         m.update(critic_update(*critic, batch, returns, values, cfg), time_critic=clock(d.device) - tc)
     t1 = clock(d.device)
     # 3. old log-probs of the later mini-batches (the first is on-policy), reference log-probs
     first = cfg.mini_batch_prompts // d.world * cfg.group_size
-    old_logp, ent = policy_logprobs(policy, runner, batch, cfg, rows=range(first, batch.input_ids.shape[0]), world=d.world)
+    old_logp, ent = policy_logprobs(policy, runner, batch, cfg, rows=range(first, batch.input_ids.shape[0]),
+                                    world=d.world)
     ref_logp = policy_logprobs(policy, ref, batch, cfg, world=d.world)[0] if ref is not None else None
     # Fig. 7: the output policy's entropy over the whole batch, before the update (as the authors log it); under
     # BuPO's pi_k an extra no-grad pass, under the output policy the entropies above
-    ent_out = policy_logprobs(output_policy, runner, batch, cfg, world=d.world)[1] if policy is not output_policy else None
+    ent_out = (policy_logprobs(output_policy, runner, batch, cfg, world=d.world)[1] if policy is not output_policy
+               else None)
     t2 = clock(d.device)
     # 4. the PPO updates
     stats, ent_first = ppo_update(runner, optimizer, policy, batch, old_logp, ref_logp, cfg, d.world)
@@ -97,10 +101,11 @@ def train_step(trainer, problems, cfg, step, policy, d):
     # the update's on-policy forward (each 0 in the other's rows)
     ent = ent + ent_first
     resp = batch.response_mask
-    sums = torch.stack([(ent * resp).sum().double(), ((ent if ent_out is None else ent_out) * resp).sum().double(), resp.sum().double()])
+    sums = torch.stack([(ent * resp).sum().double(), ((ent if ent_out is None else ent_out) * resp).sum().double(),
+                        resp.sum().double()])
     ent_sum, out_sum, n = distributed.all_sum(sums).tolist()  # one host read for the three, not three
-    m.update(entropy=ent_sum / max(n, 1), entropy_output=out_sum / max(n, 1), lr=cfg.lr, time_rollout=tc - t0, time_old_logprobs=t2 - t1,
-             time_update=clock(d.device) - t2)
+    m.update(entropy=ent_sum / max(n, 1), entropy_output=out_sum / max(n, 1), lr=cfg.lr, time_rollout=tc - t0,
+             time_old_logprobs=t2 - t1, time_update=clock(d.device) - t2)
     if d.device.type == "cuda":
         m["gpu_peak_gb"] = torch.cuda.max_memory_allocated(d.device) / 1e9
     return batch, m
@@ -122,12 +127,13 @@ def run_eval(runner, tok, cfg, d, sampled=False):
     """
     names = cfg.eval_data.split(",")
     limit, temperature = (cfg.eval_samples_limit or cfg.eval_limit, 1.0) if sampled else (cfg.eval_limit, 0.0)
-    k = {name: eval_ks(cfg).get(name, cfg.eval_samples) if sampled else 1 for name in names}  # the paper: 32 on AIME, 16 else
+    # the paper: 32 on AIME, 16 else
+    k = {name: eval_ks(cfg).get(name, cfg.eval_samples) if sampled else 1 for name in names}
     problems = with_reward([p for name in names for p in task_problems(name, limit, cfg.seed, "test")], cfg.reward)
     with distributed.full_weights(runner) as model:
         _, records = evaluate(model, tok, problems[d.rank::d.world], k=k, max_new_tokens=cfg.eval_max_new_tokens,
-                              temperature=temperature, batch_size=cfg.rollout_batch or 256, progress=False, seed=cfg.seed,
-                              dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None,
+                              temperature=temperature, batch_size=cfg.rollout_batch or 256, progress=False,
+                              seed=cfg.seed, dtype=getattr(torch, cfg.rollout_dtype) if cfg.rollout_dtype else None,
                               max_prompt_length=cfg.max_prompt_length)
     records = distributed.gather_lists(records)
     if not sampled:
@@ -135,14 +141,17 @@ def run_eval(runner, tok, cfg, d, sampled=False):
         return out | {"eval/avg": sum(out.values()) / len(out)}
     curve = pass_curve(records)  # each set at its own K
     out = {f"sampled/{src}/{key}": v for src, s in sorted(curve.items()) for key, v in s.items()}
-    avg = {f"avg@{cfg.eval_samples}": sum(next(iter(s.values())) for s in curve.values()) / len(curve)}  # each set's Avg@K
+    # each set's Avg@K
+    avg = {f"avg@{cfg.eval_samples}": sum(next(iter(s.values())) for s in curve.values()) / len(curve)}
     common = set.intersection(*(set(s) for s in curve.values()))  # Pass@K averaged over the sets where all have that K
     return out | {f"sampled/avg/{key}": v for key, v in avg.items()} | {
-        f"sampled/avg/{key}": sum(s[key] for s in curve.values()) / len(curve) for key in sorted(common) if key.startswith("pass@")}
+        f"sampled/avg/{key}": sum(s[key] for s in curve.values()) / len(curve)
+        for key in sorted(common) if key.startswith("pass@")}
 
 
 def eval_ks(cfg):
-    """{held-out set: K} of --eval-k (the paper's aime24=32,aime25=32,amc23=16,math500=16); sets not named: --eval-samples."""
+    """{held-out set: K} of --eval-k (the paper's aime24=32,aime25=32,amc23=16,math500=16);
+    sets not named: --eval-samples."""
     return parse_k(cfg.eval_k) if cfg.eval_k else {}
 
 
@@ -158,17 +167,20 @@ def setup(cfg, d, model=None, tok=None, find_unused=False, upper_k=None, mutable
     random.seed(cfg.seed)
     if model is None and (not cfg.resume or cfg.kl_coef):
         model, tok = load_model(cfg.model, dtype=torch.float32, device=d.device)
-    ref = distributed.wrap(copy.deepcopy(model).eval().requires_grad_(False), d, cfg.fsdp, train=False) if cfg.kl_coef else None
+    ref = (distributed.wrap(copy.deepcopy(model).eval().requires_grad_(False), d, cfg.fsdp, train=False) if cfg.kl_coef
+           else None)
     state = None
     if cfg.resume:
         model, tok, state = load_checkpoint(cfg.out, d.device)
-    critic = make_critic(model, cfg) if cfg.adv_estimator == "gae" else None  # the policy's architecture (its state: below)
+    # the policy's architecture (its state: below)
+    critic = make_critic(model, cfg) if cfg.adv_estimator == "gae" else None
     check(tok is not None, f"{cfg.model} has no tokenizer to write prompts with; see models.random_model")
     if cfg.activation_checkpointing:  # Hugging Face's, per decoder layer (the old name before transformers 5.2x)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     runner = distributed.wrap(model.train(), d, cfg.fsdp, find_unused=find_unused)
-    optimizer = torch.optim.AdamW(param_groups(runner, upper_k), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=not cfg.fsdp)  # fused: 5x faster on CPU
+    optimizer = torch.optim.AdamW(param_groups(runner, upper_k), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=not cfg.fsdp)  # fused: 5x faster on CPU
     start = 0
     if state is not None:
         distributed.load_optimizer_state(runner, optimizer, state["optimizer"])
@@ -183,7 +195,8 @@ def setup(cfg, d, model=None, tok=None, find_unused=False, upper_k=None, mutable
     if state is not None:
         check_resume(cfg.out, state, asdict(cfg), mutable, history)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr  # the run's (lowered after a non-finite stop), not the saved state's; scale_upper sets the upper group's
+            # the run's (lowered after a non-finite stop), not the saved state's; scale_upper sets the upper group's
+            group["lr"] = cfg.lr
     if d.main:
         write_jsonl(path, history)  # a resumed run drops what was logged after its checkpoint
     return Trainer(runner, tok, optimizer, ref, critic, start, history)
@@ -201,7 +214,8 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
     policy_for_step = policy_for_step or (lambda step: output_policy)
     check_config(cfg, model.config if model is not None else model_config(cfg.model), d.world)
     configure_sampling(cfg.compile, cfg.attention)  # every rollout and evaluation of the run
-    partial = any(policy_for_step(s) is not output_policy for s in range(cfg.steps))  # a policy that may skip parameters
+    # a policy that may skip parameters
+    partial = any(policy_for_step(s) is not output_policy for s in range(cfg.steps))
     problems = with_reward(task_problems(cfg.task, 0, cfg.seed, "train"), cfg.reward)
     for name in cfg.eval_data.split(",") if cfg.eval_every or cfg.eval_samples else []:
         task_problems(name, 1, 0, "test")  # a bad held-out set fails now, not after the first step
@@ -212,7 +226,8 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
         bad_in_a_row, saved = 0, trainer.start if cfg.resume else None  # saved: where the checkpoint on disk resumes
         bar = tqdm(range(trainer.start, cfg.steps), desc=desc, initial=trainer.start, total=cfg.steps,
                    disable=not d.main)
-        log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if d.main else contextlib.nullcontext()  # only rank 0 writes
+        # only rank 0 writes
+        log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if d.main else contextlib.nullcontext()
         with StopRequest(d.world) as stop, log_file as log:
             for step in bar:
                 t0, last = clock(d.device), step == cfg.steps - 1
@@ -254,9 +269,11 @@ def train(cfg, policy_for_step=None, on_step=None, model=None, tok=None, desc="G
 def stopped(cfg, step, saved):
     """The stop request's end: the checkpoint saved after this step (or, in a run of non-finite steps, the last one)."""
     if saved is None:
-        return Stopped(f"after step {step} of {cfg.steps}; its weights gave only non-finite losses and no checkpoint is kept",
+        return Stopped(f"after step {step} of {cfg.steps}; its weights gave only non-finite losses "
+                       "and no checkpoint is kept",
                        "start afresh with a lower --lr, rerunning with --overwrite")
-    what = "checkpoint saved" if saved == step + 1 else f"the checkpoint after step {saved - 1} kept (later weights gave non-finite losses)"
+    what = ("checkpoint saved" if saved == step + 1
+            else f"the checkpoint after step {saved - 1} kept (later weights gave non-finite losses)")
     return Stopped(f"after step {step} of {cfg.steps}, {what}", f"continue with --resume --out {cfg.out}")
 
 
@@ -265,12 +282,15 @@ def diverged(cfg, step, bad, saved, d):
     out/nonfinite.json lets a --resume lower --lr (its metrics record the lr of each step), else start afresh."""
     first = step - bad + 1
     what = (f"steps {first}..{step} had only non-finite losses or gradients ({bad} in a row, --max-nonfinite "
-            f"{cfg.max_nonfinite}): the run diverged at lr {cfg.lr:g}, and its weights since step {first} are not saved")
+            f"{cfg.max_nonfinite}): the run diverged at lr {cfg.lr:g}, "
+            f"and its weights since step {first} are not saved")
     if saved is None or saved >= first:  # the checkpoint's weights gave step `first` its non-finite losses
-        return Diverged(what, f"no checkpoint from before step {first} is kept (--save-every N keeps one every N steps): "
+        return Diverged(what, f"no checkpoint from before step {first} is kept "
+                        "(--save-every N keeps one every N steps): "
                         f"start afresh with a lower learning rate, rerunning with --overwrite --lr {cfg.lr / 10:g}")
     if d.main:
-        mark_divergence(cfg.out, {"lr": cfg.lr, "first_bad_step": first, "stopped_after": step, "checkpoint_step": saved})
+        mark_divergence(cfg.out, {"lr": cfg.lr, "first_bad_step": first, "stopped_after": step,
+                                  "checkpoint_step": saved})
     return Diverged(what, f"resume from the checkpoint after step {saved - 1} with a lower learning rate: "
                     f"--resume --out {cfg.out} --lr {cfg.lr / 10:g}")
 
@@ -282,7 +302,8 @@ def evaluations(runner, tok, cfg, d, sampled):
 
 
 def main(argv=None):
-    cfg = parse_config(GRPOConfig, PRESETS, "GRPO training (the baseline of BuPO, arXiv 2512.19673). " + preset_help(PRESETS), argv)
+    cfg = parse_config(GRPOConfig, PRESETS,
+                       "GRPO training (the baseline of BuPO, arXiv 2512.19673). " + preset_help(PRESETS), argv)
     check(not cfg.bench, "grpo.py --bench moved: python bench.py grpo (the same flags)")
     d = distributed.init()
     try:

@@ -46,7 +46,7 @@ class Rollout:
     logprobs: torch.Tensor  # (B, N) log-prob of each token under the sampling distribution, 0 after the end
     lengths: torch.Tensor   # (B,) tokens generated, the EOS token included
     finished: torch.Tensor  # (B,) True where EOS was hit
-    setup_s: float = 0.0    # seconds of this call spent compiling and capturing CUDA graphs (once per shape), not sampling
+    setup_s: float = 0.0    # this call's seconds compiling and capturing CUDA graphs (once per shape), not sampling
     mode: str = "eager"     # the step's path at the call's end: graphs+compile, graphs, compile or eager (graphs.py)
 
 
@@ -57,30 +57,34 @@ def check_args(model, prompts, max_new_tokens, temperature, top_p, top_k):
     empty = [i for i, p in enumerate(prompts) if len(p) == 0]
     check(not empty, f"prompt {empty[0] if empty else 0} is empty: every prompt needs at least one token")
     n_ctx, longest = getattr(model.config, "max_position_embeddings", None), max(len(p) for p in prompts)
-    check(not n_ctx or longest + max_new_tokens <= n_ctx, f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
+    check(not n_ctx or longest + max_new_tokens <= n_ctx,
+          f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
           f"exceeds the model's context of {n_ctx}; shorten the prompt or lower max_new_tokens")
     check(max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check(0 <= temperature < float("inf"), f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     check(0 < top_p <= 1, f"top_p must lie in (0, 1], got {top_p}")
     check(top_k >= 0, f"top_k must be >= 0 (0 = off), got {top_k}")
-    check(not getattr(model.config, "attn_logit_softcapping", None), "attention logit soft-capping (Gemma 2) is not supported by rollout.py")
+    check(not getattr(model.config, "attn_logit_softcapping", None),
+          "attention logit soft-capping (Gemma 2) is not supported by rollout.py")
 
 
 ATTENTION = ("sdpa", "eager")
-DEFAULTS = dict(compile=False, attention=None)  # the process's: set by the CLIs that sample (configure), read by generate
+# the process's: set by the CLIs that sample (configure), read by generate
+DEFAULTS = dict(compile=False, attention=None)
 
 
 def configure(compile=False, attention=""):
     """The process's sampling defaults, from a CLI's --compile and --attention, for every generate call that does not
     name them (those inside grpo.py's steps and evaluations included)."""
-    check(attention in ("",) + ATTENTION, f"--attention must be sdpa or eager (default: sdpa on CUDA, eager on CPU), got '{attention}'")
+    check(attention in ("",) + ATTENTION,
+          f"--attention must be sdpa or eager (default: sdpa on CUDA, eager on CPU), got '{attention}'")
     DEFAULTS.update(compile=bool(compile), attention=attention or None)
 
 
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=0,
-             seed=None, dtype=None, batch_index=None, batch_rows=None, max_batch=0, static=None, graphs=None, compile=None,
-             attention=None, pack=True, sync_every=8, on_done=None):
+             seed=None, dtype=None, batch_index=None, batch_rows=None, max_batch=0, static=None, graphs=None,
+             compile=None, attention=None, pack=True, sync_every=8, on_done=None):
     """Sample a response for each prompt (a list of token-id lists of any lengths).
 
     dtype: sample with a copy of the weights in dtype (e.g. torch.bfloat16) while the
@@ -110,11 +114,14 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     check_args(model, prompts, max_new_tokens, temperature, top_p, top_k)
     index = torch.arange(len(prompts)) if batch_index is None else torch.as_tensor(batch_index)  # (B,)
     batch_rows = batch_rows or len(prompts)
-    if len(index) != len(prompts) or int(index.min()) < 0 or int(index.max()) >= batch_rows or len(set(index.tolist())) < len(index):
-        raise InputError(f"batch_index must be {len(prompts)} distinct rows in 0..{batch_rows - 1} (batch_rows), one per prompt")
+    if (len(index) != len(prompts) or int(index.min()) < 0 or int(index.max()) >= batch_rows
+            or len(set(index.tolist())) < len(index)):
+        raise InputError(f"batch_index must be {len(prompts)} distinct rows in 0..{batch_rows - 1} (batch_rows), "
+                         "one per prompt")
     cuda = model.device.type == "cuda"
     compile = DEFAULTS["compile"] if compile is None else compile
-    static = cuda or bool(compile) or bool(graphs) if static is None else static  # compile and graphs ask for fixed shapes
+    # compile and graphs ask for fixed shapes
+    static = cuda or bool(compile) or bool(graphs) if static is None else static
     graphs = static and cuda if graphs is None else graphs
     attention = attention or DEFAULTS["attention"] or ("sdpa" if cuda else "eager")
     check(static or not (compile or graphs), "compile=True and graphs=True need static=True (fixed shapes)")
@@ -125,7 +132,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
     u = torch.rand(N, batch_rows, generator=gen, device=dev) if temperature else torch.zeros(N, batch_rows, device=dev)
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos=torch.tensor(eos, dtype=torch.long, device=dev), sdpa=attention == "sdpa")
+    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos=torch.tensor(eos, dtype=torch.long, device=dev),
+                sdpa=attention == "sdpa")
     P, B = max(map(len, prompts)), min(max_batch or len(prompts), len(prompts))
     d = decoder(model, B, P + N, N, opts, static, graphs, compile)
     d.packed, setup = pack_linears(model) if pack and not compile else {}, d.steps.setup_s
@@ -134,10 +142,13 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Batched KV-cache sampling: answer one prompt greedily (the benchmark: python bench.py rollout).")
+    p = argparse.ArgumentParser(description="Batched KV-cache sampling: answer one prompt greedily "
+                                "(the benchmark: python bench.py rollout).")
     p.add_argument("--bench", action="store_true", help="moved: python bench.py rollout")
-    p.add_argument("--model", default=None, help=f"HF checkpoint dir, hub id or short name ({', '.join(EMBEDDED)}; default: smollm2)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step's forward with torch.compile (opt-in; graphs.py)")
+    p.add_argument("--model", default=None, help=f"HF checkpoint dir, hub id or short name ({', '.join(EMBEDDED)}; "
+                   "default: smollm2)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step's forward with torch.compile "
+                   "(opt-in; graphs.py)")
     p.add_argument("--attention", default="", help="sdpa or eager (default: sdpa on CUDA, eager on CPU)")
     p.add_argument("--prompt", default="What is 12 + 7?", help="a user turn to answer, greedily")
     args, extra = p.parse_known_args(argv)
