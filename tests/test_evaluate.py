@@ -38,13 +38,15 @@ def test_evaluate_resumes_where_it_stopped():
     real = evaluate.generate
     evaluate.generate = lambda m, prompts, **kw: calls.append(len(prompts)) or real(m, prompts, **kw)
     try:
-        again, recs2 = evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=5, batch_size=4, progress=False, done=recs[:7],
-                                         window=1)
+        again, recs2 = evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=5, batch_size=4, progress=False,
+                                         done=recs[:7], window=1)
     finally:
         evaluate.generate = real
-    assert sum(calls) == 12 - 4 and again == full  # the window of rows 4..7 is sampled whole (row 7 kept), then rows 8..11
+    # the window of rows 4..7 is sampled whole (row 7 kept), then rows 8..11
+    assert sum(calls) == 12 - 4 and again == full
     key = lambda r: (r["id"], r["sample"])
-    assert sorted((key(r), r["response"]) for r in recs2) == sorted((key(r), r["response"]) for r in recs)  # the same samples
+    # the same samples
+    assert sorted((key(r), r["response"]) for r in recs2) == sorted((key(r), r["response"]) for r in recs)
     assert len({r["response"] for r in recs}) > 6  # sampled at temperature 1: a different draw would show
 
 
@@ -67,8 +69,10 @@ def test_windows_of_8_batches_decode_batch_size_rows_at_once_and_sample_what_one
     assert full == one and [r["response"] for r in recs] == [r["response"] for r in recs_one]
     assert len({r["response"] for r in recs}) > 10  # sampled at temperature 1: a different draw would show
     calls.clear()
-    again, recs2 = evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=6, batch_size=2, progress=False, done=recs[:17])
-    assert calls == [(list(range(16, 20)), 2)] and again == full and recs2 == recs  # rows 16..19, row 16 sampled, not kept
+    again, recs2 = evaluate.evaluate(model, tok, problems, k=2, max_new_tokens=6, batch_size=2, progress=False,
+                                     done=recs[:17])
+    # rows 16..19, row 16 sampled, not kept
+    assert calls == [(list(range(16, 20)), 2)] and again == full and recs2 == recs
 
 
 def test_an_evaluation_keeps_its_decoders_apart_and_leaves_none_kept(monkeypatch):
@@ -92,7 +96,8 @@ def tiny_checkpoint(path, seed=0):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
     tiny_model("llama", seed=seed).save_pretrained(path)
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")), eos_token="<unk>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")),
+                                  eos_token="<unk>")
     tok.save_pretrained(path)
     return str(path)
 
@@ -101,7 +106,8 @@ def test_cli_resumes_the_same_evaluation_and_refuses_to_mix_another(tmp_path, mo
     """Responses are keyed to what produced them: a rerun with the same settings samples nothing new; another model,
     temperature or k is refused with the fields that differ; --overwrite starts over."""
     a, b = tiny_checkpoint(tmp_path / "a"), tiny_checkpoint(tmp_path / "b", seed=1)
-    args = ["--model", a, "--data", "arithmetic", "--limit", "3", "--k", "2", "--max-new-tokens", "3", "--out", str(tmp_path / "ev")]
+    args = ["--model", a, "--data", "arithmetic", "--limit", "3", "--k", "2", "--max-new-tokens", "3",
+            "--out", str(tmp_path / "ev")]
     evaluate.main(args)
     lines = (tmp_path / "ev" / "responses.jsonl").read_text().splitlines()
     assert len(lines) == 6
@@ -133,7 +139,8 @@ def test_cli_refuses_to_resume_an_evaluation_sampled_in_other_windows(tmp_path):
 
 def test_pass_curve_hand_computed():
     """Two problems, n = 4: 2 correct gives pass@1 0.5, pass@2 1 - C(2,2)/C(4,2) = 5/6, pass@4 1; 0 correct gives 0."""
-    recs = [dict(source="s", set="s", id=0, correct=c) for c in (True, False, True, False)] + [dict(source="s", set="s", id=1, correct=False)] * 4
+    recs = ([dict(source="s", set="s", id=0, correct=c) for c in (True, False, True, False)]
+            + [dict(source="s", set="s", id=1, correct=False)] * 4)
     got = pass_curve(recs, 4)["s"]
     assert got == pytest.approx({"avg@4": 25.0, "pass@1": 25.0, "pass@2": 100 * (5 / 6) / 2, "pass@4": 50.0})
     assert pass_ks(64) == [1, 2, 4, 8, 16, 32, 64] and pass_ks(6) == [1, 2, 4, 6]
@@ -159,13 +166,15 @@ def test_cli_two_files_without_data_source_cut_line_and_rewritten_weights(tmp_pa
     """Two parquet files without data_source are two columns and 2 x 2 problems; a last line cut by a kill is
     dropped before the resume appends (the file stays valid, nothing is lost); a checkpoint dir that now holds
     other weights is another model (refused), and --max-new-tokens beyond the context is refused before --out exists."""
-    a, one, two = tiny_checkpoint(tmp_path / "a"), parquet_set(tmp_path / "one.parquet", [3, 4]), parquet_set(tmp_path / "two.parquet", [5, 6])
+    a, one, two = (tiny_checkpoint(tmp_path / "a"), parquet_set(tmp_path / "one.parquet", [3, 4]),
+                   parquet_set(tmp_path / "two.parquet", [5, 6]))
     out = tmp_path / "ev"
     args = ["--model", a, "--data", f"{one},{two}", "--k", "2", "--max-new-tokens", "3", "--out", str(out)]
     evaluate.main(args)
     path = out / "responses.jsonl"
     lines = path.read_text().splitlines()
-    assert len(lines) == 8 and {(r["set"], r["id"]) for r in map(json.loads, lines)} == {(f, i) for f in (one, two) for i in (0, 1)}
+    assert (len(lines) == 8
+            and {(r["set"], r["id"]) for r in map(json.loads, lines)} == {(f, i) for f in (one, two) for i in (0, 1)})
     assert set(json.load(open(out / "summary.json"))["summary"]) == {"one", "two"}
     path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # killed while writing the last record
     evaluate.main(args)
@@ -194,7 +203,8 @@ def test_a_k_per_set_as_the_paper():
     assert max(int(k[5:]) for k in curve["aime24"] if k.startswith("pass@")) == 32 and "pass@32" not in curve["math500"]
     assert curve["math500"]["pass@1"] == 12.5 and curve["math500"]["pass@16"] == 50.0
     table = benchmark_table(s, ["aime24", "math500"])
-    assert "| K | 32 | 16 |  |" in table and "| avg@K | 25.0 | 12.5 | 18.8 |" in table and "| pass@K | 100.0 | 50.0 | 75.0 |" in table
+    assert ("| K | 32 | 16 |  |" in table and "| avg@K | 25.0 | 12.5 | 18.8 |" in table
+            and "| pass@K | 100.0 | 50.0 | 75.0 |" in table)
 
 
 def test_table9_files_are_graded_by_their_answer_type(tmp_path):
@@ -206,11 +216,12 @@ def test_table9_files_are_graded_by_their_answer_type(tmp_path):
     (tmp_path / "bbh.jsonl").write_text(json.dumps({"problem": "True or False?", "answer": "True"}) + "\n")
     sets = [str(tmp_path / "mmlu.jsonl"), str(tmp_path / "bbh.jsonl"), "arithmetic"]
     problems = [p for name in sets for p in task_problems(name, 2, 0, "test")]
-    _, recs = evaluate.evaluate(tiny_model("llama"), FakeTok(), problems, k={sets[0]: 3, "arithmetic": 2}, max_new_tokens=4,
-                                progress=False)
+    _, recs = evaluate.evaluate(tiny_model("llama"), FakeTok(), problems, k={sets[0]: 3, "arithmetic": 2},
+                                max_new_tokens=4, progress=False)
     count = lambda s: sum(r["set"] == s for r in recs)
     assert (count(sets[0]), count(sets[1]), count("arithmetic")) == (6, 1, 4)
-    assert {r["grader"] for r in recs if r["set"] == sets[0]} == {"choice"} and {r["grader"] for r in recs if r["set"] == sets[1]} == {"exact"}
+    assert ({r["grader"] for r in recs if r["set"] == sets[0]} == {"choice"}
+            and {r["grader"] for r in recs if r["set"] == sets[1]} == {"exact"})
     by_key = {(p["set"], p["id"]): p for p in problems}
     assert all(r["correct"] == bool(rewards.problem_reward(r["response"], by_key[r["set"], r["id"]])) for r in recs)
     assert rewards.problem_reward("the answer is (B)", by_key[sets[0], 0]) == 1.0

@@ -69,11 +69,13 @@ def test_micro_batches_add_up_to_the_mini_batch_gradient(agg):
 
 
 def test_on_policy_first_mini_batch_equals_a_separate_old_pass():
-    """The first mini-batch's old log-probs taken from the update itself (detached) change nothing: same stats and weights,
-    to float rounding (the old pass groups rows into other micro-batches, so its products have other shapes)."""
+    """The first mini-batch's old log-probs taken from the update itself (detached) change nothing: same stats and
+    weights, to float rounding (the old pass groups rows into other micro-batches, so its products have other
+    shapes)."""
     model = tiny_model("qwen3")
     batch = fixed_batch(model)
-    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=3, max_new_tokens=6, precision="float32", clip_low=0.1)
+    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=3, max_new_tokens=6, precision="float32",
+                          clip_low=0.1)
     runs = []
     for on_policy in (True, False):
         m = tiny_model("qwen3")
@@ -85,7 +87,8 @@ def test_on_policy_first_mini_batch_equals_a_separate_old_pass():
     (s1, e1, p1), (s2, e2, p2) = runs
     assert s1 == pytest.approx(s2, rel=1e-4, abs=1e-7) and s1["approx_kl"] > 1e-2  # the 2nd mini-batch is off-policy
     torch.testing.assert_close(e1, e2, atol=1e-5, rtol=1e-5)
-    for a, b, p0 in zip(p1, p2, tiny_model("qwen3").parameters()):  # whole updates: Adam turns rounding noise on ~0 gradients into ~lr
+    # whole updates: Adam turns rounding noise on ~0 gradients into ~lr
+    for a, b, p0 in zip(p1, p2, tiny_model("qwen3").parameters()):
         assert (a - b).norm() <= 1e-3 * (a - p0).norm()
 
 
@@ -130,17 +133,20 @@ def test_logged_entropy_is_the_whole_batch_before_the_update(tmp_path, monkeypat
 
 
 def test_kl_term_by_hand():
-    """The logged KL is k3 between the policy and the reference on the sampled tokens, token-mean over the mini-batch."""
+    """The logged KL is k3 between the policy and the reference on the sampled tokens, token-mean over the
+    mini-batch."""
     model, ref = tiny_model("llama"), tiny_model("llama", seed=1)
     batch = fixed_batch(model)
-    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=2, micro_batch=3, max_new_tokens=6, precision="float32", kl_coef=0.1)
+    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=2, micro_batch=3, max_new_tokens=6, precision="float32",
+                          kl_coef=0.1)
     ref_logp, _ = update.policy_logprobs(output_policy, Wrapped(ref), batch, cfg)
     _, stats, old = update_grads(model, batch, cfg, ref=ref_logp)
     lp = old[batch.response_mask]  # the policy before the update: the first (only) mini-batch is on-policy
     r = torch.exp(ref_logp[batch.response_mask] - lp)
     k3 = r - 1 - torch.log(r)
     assert (k3 > 10).any()  # this pair of random models has tokens past verl's bound
-    assert stats["kl"] == pytest.approx(k3.clamp(max=10).mean().item(), rel=1e-5)  # verl's low_var_kl clamps to [-10, 10]
+    # verl's low_var_kl clamps to [-10, 10]
+    assert stats["kl"] == pytest.approx(k3.clamp(max=10).mean().item(), rel=1e-5)
 
 
 def test_kl_estimators_hand_computed():
@@ -156,7 +162,8 @@ def test_kl_estimators_hand_computed():
 def test_updates_on_a_fixed_batch_lower_the_loss():
     model = tiny_model("qwen3")
     model.train()
-    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=3, lr=3e-3, max_new_tokens=8, precision="float32")
+    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=3, lr=3e-3, max_new_tokens=8,
+                          precision="float32")
     batch = fixed_batch(model)
     runner = Wrapped(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -185,20 +192,25 @@ def ctrl_c_at(at):
     return on_step
 
 
-@pytest.mark.parametrize("kl,est", [(0.0, "grpo"), (0.1, "grpo"), (0.0, "gae"), (0.0, "rloo"), (0.0, "reinforce_plus_plus")])
+@pytest.mark.parametrize("kl,est", [(0.0, "grpo"), (0.1, "grpo"), (0.0, "gae"), (0.0, "rloo"),
+                                    (0.0, "reinforce_plus_plus")])
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, kl, est):
     """Also with a KL term: the resumed run's reference is still the initial policy, not the checkpoint's weights;
     with PPO (gae) the critic and its optimizer resume too; every estimator of Table 1 resumes exactly."""
     monkeypatch.setattr(update, "problem_reward", text_reward)
-    full, _, _ = grpo.train(tiny_cfg(tmp_path / "a", kl_coef=kl, save_every=0, adv_estimator=est), model=tiny_model("llama"), tok=FakeTok())
+    full, _, _ = grpo.train(tiny_cfg(tmp_path / "a", kl_coef=kl, save_every=0, adv_estimator=est),
+                            model=tiny_model("llama"), tok=FakeTok())
     cfg = tiny_cfg(tmp_path / "b", kl_coef=kl, save_every=0, adv_estimator=est)
-    with pytest.raises(Stopped, match="after step 1 of 3, checkpoint saved"):  # at the end of step 1, checkpoint saved on Ctrl-C
+    # at the end of step 1, checkpoint saved on Ctrl-C
+    with pytest.raises(Stopped, match="after step 1 of 3, checkpoint saved"):
         grpo.train(cfg, on_step=ctrl_c_at(1), model=tiny_model("llama"), tok=FakeTok())
     assert [json.loads(x)["step"] for x in open(tmp_path / "b" / "run" / "metrics.jsonl")] == [0, 1]
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
-    resumed, _, _ = grpo.train(replace(cfg, resume=True), model=tiny_model("llama") if kl else None, tok=FakeTok() if kl else None)
+    resumed, _, _ = grpo.train(replace(cfg, resume=True), model=tiny_model("llama") if kl else None,
+                               tok=FakeTok() if kl else None)
     assert strip(resumed) == strip(full)  # bit-identical metrics after the interruption
-    assert all(m["reward_std"] > 0 and m["pg_loss"] != 0 for m in full)  # real updates, so resuming restored the optimizer
+    # real updates, so resuming restored the optimizer
+    assert all(m["reward_std"] > 0 and m["pg_loss"] != 0 for m in full)
     assert not kl or all(m["kl"] > 0 for m in full[1:])
     assert (est == "gae") == all(m.get("critic_loss", 0) > 0 for m in full)
     lines = [json.loads(x) for x in open(tmp_path / "b" / "run" / "metrics.jsonl")]
@@ -266,22 +278,24 @@ def test_nan_loss_is_skipped_and_reported(tmp_path, capsys):
         return logp * float("nan"), ent
     model = tiny_model("llama")
     before = [p.clone() for p in model.parameters()]
-    hist, _, _ = grpo.train(tiny_cfg(tmp_path, steps=1, max_nonfinite=5), policy_for_step=lambda s: nan_policy, model=model, tok=FakeTok())
+    hist, _, _ = grpo.train(tiny_cfg(tmp_path, steps=1, max_nonfinite=5), policy_for_step=lambda s: nan_policy,
+                            model=model, tok=FakeTok())
     assert hist[0]["skipped_updates"] == 2 and hist[0]["updates"] == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert "skipped" in capsys.readouterr().out
     with pytest.raises(Diverged, match="non-finite"):
-        grpo.train(tiny_cfg(tmp_path / "2", steps=3, max_nonfinite=2), policy_for_step=lambda s: nan_policy, model=tiny_model("llama"), tok=FakeTok())
+        grpo.train(tiny_cfg(tmp_path / "2", steps=3, max_nonfinite=2), policy_for_step=lambda s: nan_policy,
+                   model=tiny_model("llama"), tok=FakeTok())
 
 
 def test_one_step_on_the_default_model(default_model, tmp_path):
-    """The real model, tokenizer, chat template and reward: one tiny step runs, rewards are graded answers, and (no weight
-    decay) the weights move exactly when the loss has a gradient: when the group's rewards differ."""
+    """The real model, tokenizer, chat template and reward: one tiny step runs, rewards are graded answers, and (no
+    weight decay) the weights move exactly when the loss has a gradient: when the group's rewards differ."""
     model, tok = default_model
     import copy
     start = copy.deepcopy(model)
-    cfg = tiny_cfg(tmp_path, steps=1, prompts_per_step=2, group_size=4, mini_batch_prompts=1, micro_batch=4, max_new_tokens=24,
-                   lr=1e-5, precision="bfloat16", save_final=False, weight_decay=0.0)
+    cfg = tiny_cfg(tmp_path, steps=1, prompts_per_step=2, group_size=4, mini_batch_prompts=1, micro_batch=4,
+                   max_new_tokens=24, lr=1e-5, precision="bfloat16", save_final=False, weight_decay=0.0)
     hist, trained, _ = grpo.train(cfg, model=start, tok=tok)
     m = hist[0]
     assert m["updates"] == 2 and 0 <= m["reward_mean"] <= 1 and m["response_len_mean"] > 1 and m["entropy"] > 0
@@ -293,7 +307,8 @@ def test_one_step_on_the_default_model(default_model, tmp_path):
 
 
 def test_held_out_set_without_a_limit_is_the_whole_split(tmp_path):
-    """--eval-limit 0 means all problems: for arithmetic the whole held-out half (it used to be none, and a division by 0)."""
+    """--eval-limit 0 means all problems: for arithmetic the whole held-out half (it used to be none, and a
+    division by 0)."""
     from distributed import Dist
     from problems import task_problems
     cfg = tiny_cfg(tmp_path, eval_limit=0, eval_max_new_tokens=2)
@@ -312,8 +327,9 @@ def test_sigterm_stops_grpo_py_with_its_checkpoint_and_a_nonzero_exit(tmp_path, 
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
     real = grpo.train_step
     monkeypatch.setattr(grpo, "train_step", lambda *a, **k: (os.kill(os.getpid(), signal.SIGTERM), real(*a, **k))[1])
-    argv = ["--steps=3", "--eval-every=0", "--eval-samples=0", "--prompts-per-step=4", "--group-size=4", "--mini-batch-prompts=2",
-            "--micro-batch=5", "--max-new-tokens=6", "--precision=float32", "--lr=0.01", "--rollout-dtype=", f"--out={tmp_path / 'run'}"]
+    argv = ["--steps=3", "--eval-every=0", "--eval-samples=0", "--prompts-per-step=4", "--group-size=4",
+            "--mini-batch-prompts=2", "--micro-batch=5", "--max-new-tokens=6", "--precision=float32", "--lr=0.01",
+            "--rollout-dtype=", f"--out={tmp_path / 'run'}"]
     with pytest.raises(SystemExit) as stop:
         cli.run_main(grpo.main, argv)
     assert stop.value.code == 130 and (tmp_path / "run" / "checkpoint" / "trainer.pt").exists()
@@ -343,7 +359,8 @@ def test_old_logprobs_run_the_updates_micro_batches(micro):
     lr 0 every ratio is 1 and nothing is clipped."""
     model = tiny_model("qwen3")
     batch = fixed_batch(model)
-    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=micro, max_new_tokens=6, precision="bfloat16", lr=0.0)
+    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_batch=micro, max_new_tokens=6, precision="bfloat16",
+                          lr=0.0)
     old_pass, update_pass = CallRecorder(Wrapped(model)), CallRecorder(Wrapped(model))
     old, _ = update.policy_logprobs(output_policy, old_pass, batch, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
@@ -373,8 +390,9 @@ def test_run_dirs_survive_what_users_do_to_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(grpo, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
     run = tmp_path / "run"
-    argv = ["--steps=2", "--eval-every=0", "--eval-samples=0", "--prompts-per-step=4", "--group-size=4", "--mini-batch-prompts=2",
-            "--micro-batch=5", "--max-new-tokens=6", "--precision=float32", "--lr=0.01", "--rollout-dtype=", "--save-every=1", f"--out={run}"]
+    argv = ["--steps=2", "--eval-every=0", "--eval-samples=0", "--prompts-per-step=4", "--group-size=4",
+            "--mini-batch-prompts=2", "--micro-batch=5", "--max-new-tokens=6", "--precision=float32", "--lr=0.01",
+            "--rollout-dtype=", "--save-every=1", f"--out={run}"]
     cli.run_main(grpo.main, argv)
     metrics, good = (run / "metrics.jsonl").read_text(), (run / "config.json").read_text()
     (run / "config.json").write_text(good[:40])
@@ -394,22 +412,25 @@ def test_run_dirs_survive_what_users_do_to_them(tmp_path, monkeypatch, capsys):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(checkpoints.torch, "save", full)
     err = one_line_error(grpo.main, argv[:-1] + [f"--out={tmp_path / 'run2'}"], capsys)
-    assert "could not save the checkpoint after step 1" in err and "No space left" in err and "no checkpoint was kept" in err
+    assert ("could not save the checkpoint after step 1" in err and "No space left" in err
+            and "no checkpoint was kept" in err)
     assert not list((tmp_path / "run2").glob("checkpoint*"))
 
 
 def test_a_kv_cache_beyond_memory_is_refused_with_the_batch_that_fits():
-    """Qwen3-4B's shape at the paper's batch (128 prompts x 8, 8192 new tokens, bf16): 2 x 1024 x 8192 x 36 layers x 8
-    KV heads x 128 x 2 bytes = 1237 GB by hand, refused on an 80 GB card with the --rollout-batch that fits half of it."""
+    """Qwen3-4B's shape at the paper's batch (128 prompts x 8, 8192 new tokens, bf16):
+    2 x 1024 x 8192 x 36 layers x 8 KV heads x 128 x 2 bytes = 1237 GB by hand, refused on an 80 GB card with the
+    --rollout-batch that fits half of it."""
     from transformers import AutoConfig
     from config import check_rollout_memory, kv_cache_bytes
-    qwen3_4b = AutoConfig.for_model("qwen3", num_hidden_layers=36, num_key_value_heads=8, head_dim=128, hidden_size=2560,
-                                    num_attention_heads=32)
+    qwen3_4b = AutoConfig.for_model("qwen3", num_hidden_layers=36, num_key_value_heads=8, head_dim=128,
+                                    hidden_size=2560, num_attention_heads=32)
     assert kv_cache_bytes(qwen3_4b, 1024, 8192, 2) == 2 * 1024 * 8192 * 36 * 8 * 128 * 2 == 1_236_950_581_248
     cfg = grpo.GRPOConfig(rollout_dtype="bfloat16")
     per_row = 2 * 8192 * 36 * 8 * 128 * 2
     fit = int(40e9 // per_row) // 8 * 8  # 32 rows
-    with pytest.raises(InputError, match=rf"needs at least 1237.0 GB \(1024 rows x 8192 slots\).* --rollout-batch {fit}$"):
+    with pytest.raises(InputError,
+                       match=rf"needs at least 1237.0 GB \(1024 rows x 8192 slots\).* --rollout-batch {fit}$"):
         check_rollout_memory(cfg, qwen3_4b, memory=80e9)
     check_rollout_memory(replace(cfg, rollout_batch=fit), qwen3_4b, memory=80e9)
     with pytest.raises(InputError, match="lower --max-new-tokens or --group-size"):
@@ -445,8 +466,9 @@ def test_cudas_sampling_flow_kept_across_steps_trains_what_the_per_call_flow_tra
 
 
 def hf_update_grads(model, batch, cfg, mini):
-    """The trusted reference of one update's gradients: each row through Hugging Face's plain forward alone (no padding,
-    no prompt sharing, no chunking), log_softmax(logits / T), verl's loss over the whole mini-batch of rows `mini`, clipped."""
+    """The trusted reference of one update's gradients: each row through Hugging Face's plain forward alone (no
+    padding, no prompt sharing, no chunking), log_softmax(logits / T), verl's loss over the whole mini-batch of rows
+    `mini`, clipped."""
     ids, resp = batch.input_ids[mini], batch.response_mask[mini]
     logp = torch.zeros(ids.shape)
     for i, n in enumerate(batch.attention_mask[mini].sum(1).tolist()):
@@ -504,7 +526,8 @@ def test_one_host_sync_per_mini_batch(precision, monkeypatch):
     b = fixed_batch(model)
     lengths = (b.attention_mask.sum(1).tolist(), b.response_mask.sum(1).tolist())
     batch = Batch(b.input_ids, b.attention_mask, b.response_mask, b.advantages, lengths)
-    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_tokens=30, max_new_tokens=6, precision=precision, kl_coef=0.1)
+    cfg = grpo.GRPOConfig(group_size=4, mini_batch_prompts=1, micro_tokens=30, max_new_tokens=6, precision=precision,
+                          kl_coef=0.1)
     runner, opt = Wrapped(model), torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     with HostReads(monkeypatch) as reads:
         old, _ = update.policy_logprobs(output_policy, runner, batch, cfg, rows=range(4, 8))

@@ -64,8 +64,9 @@ def tiny_experiment(tmp_path, monkeypatch, methods):
     monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
     out = tmp_path / "exp"
-    argv = GRPO_ARGS + ["--steps=2", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2", "--seeds=0,", f"--methods={methods}",
-            "--task=arithmetic", "--eval-data=arithmetic", "--eval-limit=4", "--eval-max-new-tokens=4", "--lr=0.01", f"--out={out}"]
+    argv = GRPO_ARGS + ["--steps=2", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2",
+                        "--seeds=0,", f"--methods={methods}", "--task=arithmetic", "--eval-data=arithmetic",
+                        "--eval-limit=4", "--eval-max-new-tokens=4", "--lr=0.01", f"--out={out}"]
     return out, argv
 
 
@@ -122,7 +123,8 @@ def test_2_a_log_line_lost_before_the_checkpoint_is_refused_by_name_and_its_advi
     assert steps_logged(out) == [0, 1, 2, 3, 4]
 
 
-def test_2_each_metrics_line_is_on_the_disk_before_a_checkpoint_of_a_later_step(tmp_path, tiny_grpo, monkeypatch, capsys):
+def test_2_each_metrics_line_is_on_the_disk_before_a_checkpoint_of_a_later_step(tmp_path, tiny_grpo, monkeypatch,
+                                                                                 capsys):
     """metrics.jsonl is fsynced after each step's line, before the checkpoint (itself fsynced) that follows it: a power
     loss cannot leave a checkpoint ahead of the log."""
     events, real_fsync, real_save = [], os.fsync, checkpoints.save_checkpoint
@@ -137,7 +139,8 @@ def test_2_each_metrics_line_is_on_the_disk_before_a_checkpoint_of_a_later_step(
     run(grpo.main, GRPO_ARGS + ["--steps=3", "--save-every=1", "--lr=0.01", f"--out={tmp_path / 'run'}"], capsys, 0)
     saves = [i for i, e in enumerate(events) if e[0] == "save"]
     assert [events[i][1] for i in saves] == [1, 2, 3]
-    assert all(events[i - 1] == ("fsync", "metrics.jsonl", events[i][1]) for i in saves)  # the log holds the step's line
+    # the log holds the step's line
+    assert all(events[i - 1] == ("fsync", "metrics.jsonl", events[i][1]) for i in saves)
 
 
 # ----------------------------------------------------------------------------- 3. the non-finite stop and its recovery
@@ -180,7 +183,8 @@ def test_3_a_non_finite_stop_is_one_line_and_its_advised_recovery_works(tmp_path
     assert "other settings: lr" in run(grpo.main, ["--resume", f"--out={out}", "--steps=7", "--lr=0.0001"], capsys, 2)
 
 
-def test_3_a_non_finite_stop_without_an_earlier_checkpoint_advises_starting_afresh(tmp_path, tiny_grpo, monkeypatch, capsys):
+def test_3_a_non_finite_stop_without_an_earlier_checkpoint_advises_starting_afresh(tmp_path, tiny_grpo, monkeypatch,
+                                                                                     capsys):
     """No checkpoint from before the first bad step (the default: none until the end): the advice is a fresh run with a
     lower lr, which, followed as printed, finishes."""
     monkeypatch.setattr(grpo, "train_step", nan_from(1, above_lr=5e-3))
@@ -203,8 +207,9 @@ def test_4_a_hand_edited_config_is_refused_by_name(tmp_path, tiny_grpo, capsys):
     cfg = json.load(open(out / "config.json"))
     json.dump({**cfg, "lr": 0.02, "clip_high": 0.3}, open(out / "config.json", "w"))
     last = run(grpo.main, ["--resume", f"--out={out}", "--steps=3"], capsys, 2)
-    assert "config.json was changed after its checkpoint was saved: clip_high (0.2 in the checkpoint, 0.3 in config.json), " \
-           "lr (0.01 in the checkpoint, 0.02 in config.json)" in last and "put the checkpoint's value(s) back" in last
+    assert ("config.json was changed after its checkpoint was saved: clip_high (0.2 in the checkpoint, "
+            "0.3 in config.json), lr (0.01 in the checkpoint, 0.02 in config.json)" in last
+            and "put the checkpoint's value(s) back" in last)
     json.dump({**json.load(open(out / "config.json")), "lr": 0.01, "clip_high": 0.2}, open(out / "config.json", "w"))
     run(grpo.main, ["--resume", f"--out={out}", "--steps=3"], capsys, 0)
     assert [json.loads(x)["lr"] for x in open(out / "metrics.jsonl")] == [0.01] * 3
@@ -225,7 +230,8 @@ def test_5_an_evaluation_resumes_under_another_spelling_of_its_model(tmp_path, c
         path.write_text("\n".join(lines[:-1]) + "\n")  # the last record lost: resumed under the other spelling
         run(evaluate.main, ["--model", spelling] + args, capsys, 0)
         assert path.read_text().splitlines() == lines
-    default = ["--data", "arithmetic", "--limit", "1", "--k", "1", "--max-new-tokens", "1", "--out", str(tmp_path / "ev2")]
+    default = ["--data", "arithmetic", "--limit", "1", "--k", "1", "--max-new-tokens", "1",
+               "--out", str(tmp_path / "ev2")]
     run(evaluate.main, ["--model", "smollm2"] + default, capsys, 0)
     run(evaluate.main, default, capsys, 0)  # no --model: the same, resumed (nothing to sample)
     assert len((tmp_path / "ev2" / "responses.jsonl").read_text().splitlines()) == 1
@@ -237,7 +243,8 @@ def test_6_a_resumed_evaluation_keeps_its_batch_size_and_samples_what_an_uninter
     again and gives exactly the uninterrupted run's records."""
     model = tiny_checkpoint(tmp_path / "m")
     out = tmp_path / "ev"
-    args = ["--model", model, "--data", "arithmetic", "--limit", "6", "--k", "8", "--max-new-tokens", "12", "--out", str(out)]
+    args = ["--model", model, "--data", "arithmetic", "--limit", "6", "--k", "8", "--max-new-tokens", "12",
+            "--out", str(out)]
     run(evaluate.main, args + ["--batch-size", "8"], capsys, 0)
     path = out / "responses.jsonl"
     lines = path.read_text().splitlines()
@@ -265,9 +272,11 @@ def test_7_a_model_dir_without_weights_is_one_line_before_the_out_dir_is_claimed
     ("grpo", ["--seed", "-1"], "--seed must lie in 0..4294967295"),
     ("evaluate", ["--seed", "99999999999999999999999"], "--seed must lie in 0..4294967295"),
     ("experiment", ["--seeds", "3,99999999999999999999999"], "--seeds must lie in 0..4294967295"),
-    ("experiment", ["--seed", "4294967295", "--seeds", "2"], "--seed + --seeds - 1 must lie in 0..4294967295, got 4294967296"),
+    ("experiment", ["--seed", "4294967295", "--seeds", "2"],
+     "--seed + --seeds - 1 must lie in 0..4294967295, got 4294967296"),
 ])
-def test_8_a_seed_out_of_range_is_one_line_before_the_out_dir_is_claimed(tmp_path, monkeypatch, capsys, script, argv, want):
+def test_8_a_seed_out_of_range_is_one_line_before_the_out_dir_is_claimed(tmp_path, monkeypatch, capsys, script,
+                                                                            argv, want):
     for module in (grpo, experiment):
         monkeypatch.setattr(module, "model_config", lambda *a: tiny_model("llama").config)
     main = {"grpo": grpo.main, "evaluate": evaluate.main, "experiment": experiment.main}[script]
@@ -278,7 +287,8 @@ def test_8_a_seed_out_of_range_is_one_line_before_the_out_dir_is_claimed(tmp_pat
 # ----------------------------------------------------------------------------- 9. a trainer.pt of random bytes
 
 @pytest.mark.parametrize("content", ["random", "another object", "truncated"])
-def test_9_an_unreadable_trainer_state_is_damaged_in_one_line_and_its_advice_works(tmp_path, tiny_grpo, capsys, content):
+def test_9_an_unreadable_trainer_state_is_damaged_in_one_line_and_its_advice_works(tmp_path, tiny_grpo, capsys,
+                                                                                   content):
     out = tmp_path / "run"
     argv = GRPO_ARGS + ["--steps=2", "--lr=0.01", f"--out={out}"]
     run(grpo.main, argv, capsys, 0)
@@ -297,18 +307,20 @@ def test_9_an_unreadable_trainer_state_is_damaged_in_one_line_and_its_advice_wor
 
 
 def test_9_a_damaged_run_of_an_experiment_names_the_experiments_way_on(tmp_path, monkeypatch, capsys):
-    """In experiment.py a stopped run's trainer.pt overwritten with random bytes: one line naming the run; moving it aside and
-    resuming the experiment, as advised, trains that run again and reports."""
+    """In experiment.py a stopped run's trainer.pt overwritten with random bytes: one line naming the run; moving it
+    aside and resuming the experiment, as advised, trains that run again and reports."""
     out, argv = tiny_experiment(tmp_path, monkeypatch, "grpo")
     real = bupo.readout_entropies
-    monkeypatch.setattr(bupo, "readout_entropies", lambda *a, **kw: (os.kill(os.getpid(), signal.SIGINT), real(*a, **kw))[1])
+    monkeypatch.setattr(bupo, "readout_entropies",
+                        lambda *a, **kw: (os.kill(os.getpid(), signal.SIGINT), real(*a, **kw))[1])
     run(experiment.main, argv, capsys, 130)
     monkeypatch.setattr(bupo, "readout_entropies", real)
     run_dir = out / "seed0" / "grpo"
     (run_dir / "checkpoint" / "trainer.pt").write_bytes(random.Random(1).randbytes(1000))
     last = run(experiment.main, argv + ["--resume"], capsys, 2)
     assert "GRPO, seed 0:" in last and "trainer.pt is damaged" in last
-    aside, advice = re.search(r"move (\S+) aside .* continue the experiment with (--resume --out \S+): that run", last).groups()
+    aside, advice = re.search(r"move (\S+) aside .* continue the experiment with (--resume --out \S+): that run",
+                              last).groups()
     assert aside == str(run_dir)
     os.rename(aside, str(run_dir) + ".damaged")
     run(experiment.main, shlex.split(advice), capsys, 0)
@@ -316,26 +328,31 @@ def test_9_a_damaged_run_of_an_experiment_names_the_experiments_way_on(tmp_path,
 
 
 def test_4_a_hand_edited_experiment_config_is_refused_by_name(tmp_path, monkeypatch, capsys):
-    """experiment.py: the experiment's config.json with another lr used to train the next runs with it beside the finished
-    ones (one report, two settings); now the run that disagrees is named, and putting the value back resumes."""
+    """experiment.py: the experiment's config.json with another lr used to train the next runs with it beside the
+    finished ones (one report, two settings); now the run that disagrees is named, and putting the value back
+    resumes."""
     monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
     out = tmp_path / "exp"
-    argv = GRPO_ARGS + ["--steps=1", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2", "--seeds=2",
-                        "--methods=grpo", "--task=arithmetic", "--eval-data=arithmetic", "--eval-limit=4", "--eval-max-new-tokens=4",
-                        "--lr=0.01", f"--out={out}"]
+    argv = GRPO_ARGS + ["--steps=1", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2",
+                        "--seeds=2", "--methods=grpo", "--task=arithmetic", "--eval-data=arithmetic", "--eval-limit=4",
+                        "--eval-max-new-tokens=4", "--lr=0.01", f"--out={out}"]
     real, calls = bupo.readout_entropies, []
-    monkeypatch.setattr(bupo, "readout_entropies", lambda *a, **kw: (calls.append(1), len(calls) == 2 and os.kill(os.getpid(), signal.SIGINT), real(*a, **kw))[2])
+    monkeypatch.setattr(bupo, "readout_entropies",
+                        lambda *a, **kw: (calls.append(1), len(calls) == 2 and os.kill(os.getpid(), signal.SIGINT),
+                                          real(*a, **kw))[2])
     run(experiment.main, argv, capsys, 130)  # seed 0 finished, seed 1 stopped in its (last) step
     cfg = json.load(open(out / "config.json"))
     json.dump({**cfg, "lr": 0.02}, open(out / "config.json", "w"))
     last = run(experiment.main, ["--resume", f"--out={out}"], capsys, 2)
-    assert f"{out}/seed0/grpo/config.json and {out}/config.json disagree: lr (0.01 in the run, 0.02 in the experiment)" in last
+    assert (f"{out}/seed0/grpo/config.json and {out}/config.json disagree: "
+            "lr (0.01 in the run, 0.02 in the experiment)" in last)
     json.dump(cfg, open(out / "config.json", "w"))
     run(experiment.main, ["--resume", f"--out={out}"], capsys, 0)
-    assert (out / "results.md").exists() and len(calls) == 2  # seed 1 stopped after its last step: nothing to train again
+    # seed 1 stopped after its last step: nothing to train again
+    assert (out / "results.md").exists() and len(calls) == 2
 
 
 def test_3_a_non_finite_stop_in_an_experiment_advises_a_fresh_experiment_that_works(tmp_path, monkeypatch, capsys):
@@ -346,9 +363,10 @@ def test_3_a_non_finite_stop_in_an_experiment_advises_a_fresh_experiment_that_wo
     monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(grpo, "train_step", nan_from(1, above_lr=5e-3))
     out = tmp_path / "exp"
-    argv = GRPO_ARGS + ["--steps=3", "--max-nonfinite=2", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2",
-                        "--seeds=0,", "--methods=grpo", "--task=arithmetic", "--eval-data=arithmetic", "--eval-limit=4",
-                        "--eval-max-new-tokens=4", "--lr=0.01", f"--out={out}"]
+    argv = GRPO_ARGS + ["--steps=3", "--max-nonfinite=2", "--eval-every=1", "--inter-steps=1", "--layer=1",
+                        "--profile-samples=2", "--seeds=0,", "--methods=grpo", "--task=arithmetic",
+                        "--eval-data=arithmetic", "--eval-limit=4", "--eval-max-new-tokens=4", "--lr=0.01",
+                        f"--out={out}"]
     last = run(experiment.main, argv, capsys, 1)
     assert "GRPO, seed 0: steps 1..2 had only non-finite losses" in last
     advice = re.search(r"start it afresh with a lower --lr \(e.g. (--lr \S+)\) and (--overwrite)", last).groups()
