@@ -4,9 +4,9 @@ The defaults are the paper's (Tan et al., arXiv 2512.19673, Sec. 3, as the autho
 scripts: Qwen3-4B, 128 prompts x 8 responses of up to 8k tokens, mini-batches of 32
 prompts, lr 1e-6, clip 0.2 / 0.2, dual clip 10, token-mean, no KL, s_inter = 30 of 300);
 the "cpu" preset scales them to a 2-core CPU and the default 135M model, where the whole
-BuPO-vs-GRPO experiment (3 paired seeds) takes about 15 minutes. Every field is a flag
-(cli.parse_config: --field-name, help from the comment beside it); check_config refuses a
-bad setting before any work.
+BuPO-vs-GRPO experiment (3 paired seeds) takes minutes (README: the main job). Every field
+is a flag (cli.parse_config: --field-name, help from the comment beside it, with the comment
+lines below it); check_config refuses a bad setting before any work.
 """
 import math
 import os

@@ -8,7 +8,7 @@ each seed, the mean, and the paired difference BuPO - GRPO with its 95% interval
 ablations. Interrupted, --resume skips the finished runs and continues the others.
 One run of BuPO itself is bupo.py.
 
-    python experiment.py                 # CPU: 3 seeds of BuPO (k=4, s_inter=3) and GRPO, 10 steps each (~16 min)
+    python experiment.py                 # CPU: 3 seeds of BuPO (k=4, s_inter=3) and GRPO, 10 steps each (README)
     python experiment.py --resume --sweep layer=4,14,24   # then the layer ablation on the same seeds
     python experiment.py --preset paper --methods bupo   # the paper's setting: Qwen3-4B, k=5, s_inter=30, on one H200
     torchrun --nproc_per_node=8 experiment.py --preset paper-qwen3-8b

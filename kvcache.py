@@ -131,10 +131,11 @@ def _attend(layer, h, cos_sin, K, V, slots, mask, packed, sdpa):
     if slots.dim() == 1:  # the same slots for every row
         K.index_copy_(2, slots, k)
         V.index_copy_(2, slots, v)
-    else:  # (B, 1): a slot per row (rows at different steps)
-        at = slots.view(B, 1, 1, 1).expand(B, K.shape[1], 1, K.shape[3])
-        K.scatter_(2, at, k)
-        V.scatter_(2, at, v)
+    else:  # (B, 1): a slot per row (rows at different steps), T = 1; an index_put: scatter_ along dim 2 with an
+        # expanded index ran ~50x slower on CPU (1.1 ms a call at B = 256), 10 s of a 5-minute experiment
+        rows = torch.arange(B, device=slots.device)
+        K[rows, :, slots[:, 0]] = k[:, :, 0]  # (B, Hkv, hd) into row b's slot
+        V[rows, :, slots[:, 0]] = v[:, :, 0]
     o = _attention(q, K, V, mask, a.scaling, sdpa)  # (B, H, T, hd)
     return _linear(packed, a.o_proj, o.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
