@@ -20,6 +20,7 @@ import fcntl
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import asdict, fields
@@ -129,10 +130,9 @@ def int_or_auto(flag, value):
     """The value of an `int | None` setting from its flag's text (or a saved config): an integer, or None for auto."""
     if value is None or type(value) is int:
         return value
-    try:
-        return None if value == "auto" else int(value)
-    except ValueError:
-        raise InputError(f"{flag} must be an integer or auto, got '{value}'") from None
+    if value != "auto" and not re.fullmatch(r"-?\d+", str(value)):  # not int()'s "+4", " 4" or "4_0" (= 40)
+        raise InputError(f"{flag} must be an integer or auto, got '{value}'")
+    return None if value == "auto" else int(value)
 
 
 def read_json(path):

@@ -133,6 +133,18 @@ PRESETS = {
 def check_config(cfg, config, world=1, memory=None):
     """Every setting, against the model's config where needed, before any work (InputError names the flag).
     memory: the device's bytes (default: the GPU's, else this machine's RAM)."""
+    _check_sizes(cfg, world)
+    _check_objective(cfg, world)
+    _check_sampling(cfg, config)
+    _check_evaluation(cfg, config)
+    check(not (cfg.resume and cfg.overwrite), "--resume continues the run in --out, --overwrite deletes it: give one")
+    check_rollout_memory(cfg, config, world, memory)
+    if cfg.adv_estimator == "gae":
+        check_ppo_memory(config, memory)
+
+
+def _check_sizes(cfg, world):
+    """Numbers, steps, the seed, and how a step's prompts split into groups, mini-batches, micro-batches and ranks."""
     for f in fields(cfg):
         v = getattr(cfg, f.name)
         check(not isinstance(v, float) or math.isfinite(v),
@@ -154,6 +166,10 @@ def check_config(cfg, config, world=1, memory=None):
           f"without splitting a group (a group stays on one rank): use a multiple of {world}, or fewer ranks")
     check(cfg.eval_limit >= 0 and cfg.eval_every >= 0 and cfg.save_every >= 0,
           "--eval-limit, --eval-every and --save-every must be >= 0")
+
+
+def _check_objective(cfg, world):
+    """The loss (clip, aggregation, KL, entropy), the optimizer, the advantage estimator and PPO's critic."""
     check(0 <= cfg.clip_low < 1 and cfg.clip_high >= 0,
           f"--clip-low must lie in [0, 1) and --clip-high be >= 0, got {cfg.clip_low}, {cfg.clip_high}")
     check(cfg.clip_c > 1, f"--clip-c must be > 1 (the dual clip bounds -A r at -A c), got {cfg.clip_c}")
@@ -162,26 +178,15 @@ def check_config(cfg, config, world=1, memory=None):
     check(0 < cfg.top_p <= 1 and cfg.lr > 0 and cfg.grad_clip > 0,
           "--top-p must lie in (0, 1], --lr and --grad-clip be > 0")
     check(cfg.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision}")
-    check(cfg.attention in ("", "sdpa", "eager"),
-          f"--attention must be sdpa or eager (default: sdpa on CUDA, eager on CPU), got '{cfg.attention}'")
-    check(cfg.rollout_dtype in ("", "float32", "bfloat16", "float16"),
-          f"--rollout-dtype must be float32, bfloat16 or float16, got {cfg.rollout_dtype}")
-    check(not (cfg.fsdp and cfg.rollout_dtype),
-          "--rollout-dtype copies the model, which --fsdp does not allow: drop one of them")
-    check(not (cfg.resume and cfg.overwrite), "--resume continues the run in --out, --overwrite deletes it: give one")
-    check(config.max_position_embeddings >= cfg.max_new_tokens + cfg.max_prompt_length,
-          f"--max-new-tokens {cfg.max_new_tokens} (+ --max-prompt-length {cfg.max_prompt_length}) "
-          f"exceeds the model's context ({config.max_position_embeddings})")
     check(cfg.loss_agg in AGGREGATIONS,
           f"--loss-agg must be one of {', '.join(AGGREGATIONS)} (a loss aggregation), got {cfg.loss_agg}")
     check(cfg.kl_coef >= 0 and cfg.entropy_coef >= 0 and cfg.weight_decay >= 0,
           f"--kl-coef, --entropy-coef and --weight-decay must be >= 0, "
           f"got {cfg.kl_coef}, {cfg.entropy_coef}, {cfg.weight_decay}")
+    check(cfg.kl_estimator in KL_ESTIMATORS,
+          f"--kl-estimator must be one of {', '.join(KL_ESTIMATORS)}, got {cfg.kl_estimator}")
     check(cfg.max_nonfinite >= 1,
           f"--max-nonfinite must be >= 1 (non-finite updates in a row before stopping), got {cfg.max_nonfinite}")
-    check(config.max_position_embeddings >= cfg.eval_max_new_tokens,
-          f"--eval-max-new-tokens {cfg.eval_max_new_tokens} exceeds the model's context "
-          f"({config.max_position_embeddings})")
     check(cfg.adv_estimator in ESTIMATORS,
           f"--adv-estimator must be one of {', '.join(ESTIMATORS)}, got {cfg.adv_estimator}")
     check(cfg.critic_lr > 0 and cfg.cliprange_value > 0, "--critic-lr and --cliprange-value must be > 0")
@@ -189,17 +194,32 @@ def check_config(cfg, config, world=1, memory=None):
           f"--gamma and --lam must lie in [0, 1], got {cfg.gamma}, {cfg.lam}")
     check(cfg.adv_estimator != "gae" or world == 1,
           "PPO (--adv-estimator gae) trains its critic on one process: run it without torchrun")
+
+
+def _check_sampling(cfg, config):
+    """The rollout: its attention, the dtype of its weights' copy, and prompt plus response within the context."""
+    check(cfg.attention in ("", "sdpa", "eager"),
+          f"--attention must be sdpa or eager (default: sdpa on CUDA, eager on CPU), got '{cfg.attention}'")
+    check(cfg.rollout_dtype in ("", "float32", "bfloat16", "float16"),
+          f"--rollout-dtype must be float32, bfloat16 or float16, got {cfg.rollout_dtype}")
+    check(not (cfg.fsdp and cfg.rollout_dtype),
+          "--rollout-dtype copies the model, which --fsdp does not allow: drop one of them")
+    check(cfg.max_prompt_length >= 0, f"--max-prompt-length must be >= 0 (0 = no cap), got {cfg.max_prompt_length}")
+    check(config.max_position_embeddings >= cfg.max_new_tokens + cfg.max_prompt_length,
+          f"--max-new-tokens {cfg.max_new_tokens} (+ --max-prompt-length {cfg.max_prompt_length}) "
+          f"exceeds the model's context ({config.max_position_embeddings})")
+
+
+def _check_evaluation(cfg, config):
+    """The held-out evaluation: its response limit, the sampled metric's K, and the grader."""
+    check(config.max_position_embeddings >= cfg.eval_max_new_tokens,
+          f"--eval-max-new-tokens {cfg.eval_max_new_tokens} exceeds the model's context "
+          f"({config.max_position_embeddings})")
     check(cfg.eval_samples >= 0 and cfg.eval_samples_limit >= 0, "--eval-samples and --eval-samples-limit must be >= 0")
     check(cfg.reward in REWARDS, f"--reward must be one of {', '.join(REWARDS)}, got {cfg.reward}")
-    check(cfg.max_prompt_length >= 0, f"--max-prompt-length must be >= 0 (0 = no cap), got {cfg.max_prompt_length}")
     ks = parse_k(cfg.eval_k) if cfg.eval_k else {}
     check(isinstance(ks, dict) and set(ks) <= set(cfg.eval_data.split(",")),
           f"--eval-k must name held-out sets of --eval-data ({cfg.eval_data}) as set=K, got '{cfg.eval_k}'")
-    check(cfg.kl_estimator in KL_ESTIMATORS,
-          f"--kl-estimator must be one of {', '.join(KL_ESTIMATORS)}, got {cfg.kl_estimator}")
-    check_rollout_memory(cfg, config, world, memory)
-    if cfg.adv_estimator == "gae":
-        check_ppo_memory(config, memory)
 
 
 def kv_cache_bytes(config, rows, slots, itemsize):

@@ -11,7 +11,7 @@ grade, resumes an interrupted evaluation, and refuses to mix responses of other 
 
     python evaluate.py --data math500,amc23,aime24,aime25 --limit 8 --k 4
     python evaluate.py --data arithmetic --limit 100 --k 4 --max-new-tokens 64
-    python evaluate.py --model CKPT --k aime24=32,aime25=32,amc23=16,math500=16 --reward verl
+    python evaluate.py --model CKPT --k aime24=32,aime25=32,amc23=16,math500=16 --reward verl \
         --max-new-tokens 8192   # Table 1
 """
 import argparse
@@ -165,7 +165,8 @@ def benchmark_table(summary, columns):
     return markdown_table(["metric"] + cols + ["avg"], rows)
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The CLI's flags."""
     p = argparse.ArgumentParser(description="Benchmark accuracy (avg@k, pass@k) of a model on math sets.")
     p.add_argument("--model", default=None, help=f"HF checkpoint dir, hub id or short name ({', '.join(EMBEDDED)}; "
                    "default: smollm2)")
@@ -194,8 +195,11 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="compile the decode step's forward with torch.compile "
                    "(opt-in; graphs.py)")
     p.add_argument("--attention", default="", help="sdpa or eager (default: sdpa on CUDA, eager on CPU)")
-    args = p.parse_args(argv)
-    configure(args.compile, args.attention)
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """The flags' values, before any work; returns --k parsed (an int or {set: K})."""
     k = parse_k(args.k)
     check(isinstance(k, int) or set(k) <= set(args.data.split(",")),
           f"--k must name sets of --data ({args.data}) as set=K, got '{args.k}'")
@@ -210,6 +214,13 @@ def main(argv=None):
     check(n_ctx is None or args.max_new_tokens < n_ctx,
           f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
           f"in the model's context of {n_ctx}; lower it")
+    return k
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    configure(args.compile, args.attention)
+    k = check_args(args)
     problems = with_reward([q for name in args.data.split(",")
                             for q in task_problems(name, args.limit or 0, 0, "test")], args.reward)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # load_model's default, and its dtype

@@ -3,6 +3,7 @@ run dirs never mixed."""
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -189,8 +190,8 @@ def test_an_int_or_none_setting_is_parsed_once(tmp_path):
     assert parse_config(LayerCfg, presets, argv=[]).layer == 4
     assert parse_config(LayerCfg, presets, argv=["--layer", "auto"]).layer is None
     assert parse_config(LayerCfg, presets, argv=["--layer", "7"]).layer == 7
-    for bad in ("x", "4.0", ""):
-        with pytest.raises(InputError, match=f"--layer must be an integer or auto, got '{bad}'"):
+    for bad in ("x", "4.0", "", "4_0", "+4", " 4"):
+        with pytest.raises(InputError, match=re.escape(f"--layer must be an integer or auto, got '{bad}'")):
             parse_config(LayerCfg, presets, argv=["--layer", bad])
     cfg = parse_config(LayerCfg, presets, argv=["--layer", "auto", "--out", str(tmp_path)])
     with claim_run_dir(str(tmp_path), cfg):

@@ -93,9 +93,10 @@ def test_a_grpo_runs_calls_stay_within_the_recompile_limit(monkeypatch):
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (4, 9, 6, 7)]
     group = [p for p in prompts for _ in range(4)]  # 16 rows
     kw = dict(pack=False, static=True, sync_every=3, compile=True, eos_token_id=[5, 6])
-    for step in range(2):  # two training steps, 8 rows at a time, then their evaluation
+    for step in range(2):  # two training steps, 8 rows at a time, then their evaluation (evaluate.evaluate's way)
         generate(model, group, max_new_tokens=12, seed=step, dtype=torch.bfloat16, max_batch=8, **kw)
-        generate(model, prompts, max_new_tokens=8, temperature=0, dtype=torch.bfloat16, **kw)
+        with decode.kept_apart():
+            generate(model, prompts, max_new_tokens=8, temperature=0, dtype=torch.bfloat16, max_batch=8, **kw)
     generate(model, prompts[:1], max_new_tokens=8, seed=0, dtype=torch.bfloat16, **kw)  # bucket 1
     r = generate(model, prompts, max_new_tokens=8, temperature=0, top_k=5, **kw)  # the float32 model
     assert not graphs.FELL_BACK and r.mode == "compile"
