@@ -219,7 +219,7 @@ def _admit(d, rows, first, prompts, u, pad):
     return padded
 
 
-def decode(d, prompts, u, pad, sync_every, max_rows, on_done=lambda m: None):
+def decode(d, prompts, u, pad, sync_every, max_rows, on_done):
     """Sample every prompt on Decoder d, up to max_rows (0: all) at a time; u (n, len(prompts)): each step's uniform
     draw of each prompt. Returns (tokens, logprobs, lengths, finished) by prompt; on_done(m) hears of the m prompts
     that ended each time the host moves them out (a progress bar's steps).

@@ -57,15 +57,16 @@ def steps_logged(out):
     return [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def tiny_experiment(tmp_path, monkeypatch, methods):
-    """(out dir, argv) of a 2-step experiment.py run of `methods` on a tiny Llama with the text reward."""
+def tiny_experiment(tmp_path, monkeypatch, methods, steps=2, seeds="0,"):
+    """(out dir, argv) of an experiment.py run of `methods` (2 steps, seed 0 by default) on a tiny Llama with the
+    text reward."""
     monkeypatch.setattr(update, "problem_reward", text_reward)
     monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
     monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
     monkeypatch.setattr(checkpoints, "load_model", fake_load)
     out = tmp_path / "exp"
-    argv = GRPO_ARGS + ["--steps=2", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2",
-                        "--seeds=0,", f"--methods={methods}", "--task=arithmetic", "--eval-data=arithmetic",
+    argv = GRPO_ARGS + [f"--steps={steps}", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2",
+                        f"--seeds={seeds}", f"--methods={methods}", "--task=arithmetic", "--eval-data=arithmetic",
                         "--eval-limit=4", "--eval-max-new-tokens=4", "--lr=0.01", f"--out={out}"]
     return out, argv
 
@@ -331,14 +332,7 @@ def test_4_a_hand_edited_experiment_config_is_refused_by_name(tmp_path, monkeypa
     """experiment.py: the experiment's config.json with another lr used to train the next runs with it beside the
     finished ones (one report, two settings); now the run that disagrees is named, and putting the value back
     resumes."""
-    monkeypatch.setattr(update, "problem_reward", text_reward)
-    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: (tiny_model("llama"), FakeTok()))
-    monkeypatch.setattr(experiment, "model_config", lambda *a: tiny_model("llama").config)
-    monkeypatch.setattr(checkpoints, "load_model", fake_load)
-    out = tmp_path / "exp"
-    argv = GRPO_ARGS + ["--steps=1", "--eval-every=1", "--inter-steps=1", "--layer=1", "--profile-samples=2",
-                        "--seeds=2", "--methods=grpo", "--task=arithmetic", "--eval-data=arithmetic", "--eval-limit=4",
-                        "--eval-max-new-tokens=4", "--lr=0.01", f"--out={out}"]
+    out, argv = tiny_experiment(tmp_path, monkeypatch, "grpo", steps=1, seeds="2")
     real, calls = bupo.readout_entropies, []
     monkeypatch.setattr(bupo, "readout_entropies",
                         lambda *a, **kw: (calls.append(1), len(calls) == 2 and os.kill(os.getpid(), signal.SIGINT),
